@@ -1,5 +1,55 @@
-"""Run a Django request's async ORM queries in parallel, within a budget."""
+"""Run a Django request's async ORM queries in parallel, within a budget.
+
+::
+
+    application = DBSetMiddleware(get_asgi_application())
+
+    @db_parallelism(3)
+    async def dashboard(request):
+        a, b, c = await asyncio.gather(q1.acount(), q2.afirst(), q3.aaggregate(...))
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ConnectionSet",
+    "DBSetMiddleware",
+    "OrphanedIteratorError",
+    "active_set",
+    "connection_set",
+    "db_parallelism",
+    "get_stats",
+]
+
+if TYPE_CHECKING:
+    from .api import active_set, connection_set, db_parallelism
+    from .dbset import ConnectionSet
+    from .errors import OrphanedIteratorError
+    from .middleware import DBSetMiddleware
+    from .stats import get_stats
+
+# Imported lazily: `import asgi_dbset` (as INSTALLED_APPS does) must not touch
+# Django's models before the app registry is ready.
+_LAZY = {
+    "ConnectionSet": ".dbset",
+    "DBSetMiddleware": ".middleware",
+    "OrphanedIteratorError": ".errors",
+    "active_set": ".api",
+    "connection_set": ".api",
+    "db_parallelism": ".api",
+    "get_stats": ".stats",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'asgi_dbset' has no attribute {name!r}")

@@ -1,0 +1,126 @@
+"""What user code writes: ``connection_set()``, ``db_parallelism``, ``active_set()``.
+
+The settings layer: these read ``ASGI_DBSET`` and map it onto the explicit
+keyword arguments of :class:`~.dbset.ConnectionSet`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any, TypeVar
+
+from asgiref.sync import iscoroutinefunction
+
+from .conf import conf
+from .context import current_set
+from .dbset import ConnectionSet, validate_parallelism
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def active_set() -> ConnectionSet | None:
+    """The connection set that ORM calls made here would use, or None."""
+    dbset = current_set.get()
+    if dbset is None or dbset.closed:
+        return None
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return dbset
+
+
+def connection_set(
+    *, parallelism: int | None = None, lease_timeout: float | None = None
+) -> ConnectionSet:
+    """A new connection set for ``async with``, outside or inside requests.
+
+    ``parallelism`` defaults to ``ASGI_DBSET["DEFAULT_PARALLELISM"]`` and is
+    capped by ``MAX_PARALLELISM``; ``lease_timeout`` defaults to
+    ``LEASE_TIMEOUT``::
+
+        async with connection_set(parallelism=4):
+            a, b = await asyncio.gather(A.objects.acount(), B.objects.acount())
+    """
+    if parallelism is None:
+        parallelism = conf.DEFAULT_PARALLELISM
+    validate_parallelism(parallelism, what="connection_set(parallelism=...)")
+    return ConnectionSet(
+        parallelism=min(parallelism, conf.MAX_PARALLELISM),
+        lease_timeout=conf.LEASE_TIMEOUT if lease_timeout is None else lease_timeout,
+    )
+
+
+class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
+    """Run a view's (or a block's) ORM calls on up to ``n`` connections.
+
+    As a decorator on an async view (function, ``View.as_view()`` result, or
+    through ``method_decorator``)::
+
+        @db_parallelism(3)
+        async def dashboard(request): ...
+
+    or around a block: ``async with db_parallelism(3): ...``.
+
+    Inside a request served through ``DBSetMiddleware`` it sets the request's
+    set to ``n`` for the view or block (then restores it); elsewhere - the
+    test clients, scripts - it opens a set of its own for that time. ``n`` is
+    capped by ``ASGI_DBSET["MAX_PARALLELISM"]``.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = validate_parallelism(n, what="db_parallelism(n)")
+        # One stack per task, so one instance may be entered concurrently.
+        self._entered: ContextVar[tuple[tuple[ConnectionSet, int | None], ...]] = ContextVar(
+            "asgi_dbset.db_parallelism", default=()
+        )
+
+    def __repr__(self) -> str:
+        return f"db_parallelism({self.n})"
+
+    def __call__(self, view: F) -> F:
+        if not callable(view):
+            raise TypeError(
+                f"@db_parallelism({self.n}) decorates an async view; got {view!r}. "
+                f"Write @db_parallelism({self.n}) directly above `async def`."
+            )
+        if not iscoroutinefunction(view):
+            name = getattr(view, "__qualname__", repr(view))
+            raise TypeError(
+                f"@db_parallelism({self.n}) needs an async view, but {name} is "
+                f"synchronous. Write it as `async def` and use the async ORM "
+                f"(aget, acount, async for ...), or remove the decorator: a sync "
+                f"view runs its queries on one connection."
+            )
+
+        @functools.wraps(view)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            async with self:
+                return await view(*args, **kwargs)
+
+        wrapper.db_parallelism = self.n  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    async def __aenter__(self) -> ConnectionSet:
+        n = min(self.n, conf.MAX_PARALLELISM)
+        dbset = active_set()
+        if dbset is not None:
+            previous: int | None = dbset.parallelism
+            dbset.parallelism = n
+        else:
+            dbset = ConnectionSet(parallelism=n, lease_timeout=conf.LEASE_TIMEOUT)
+            previous = None
+            await dbset.__aenter__()
+        self._entered.set((*self._entered.get(), (dbset, previous)))
+        return dbset
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        *rest, (dbset, previous) = self._entered.get()
+        self._entered.set(tuple(rest))
+        if previous is None:
+            await dbset.__aexit__(*exc_info)
+        elif not dbset.closed:
+            dbset.parallelism = previous

@@ -1,0 +1,94 @@
+"""How many extra connections the sets of this process may hold at once.
+
+An *extra lane* is a connection a set leases beyond the request's own one. The
+budget counts them per database alias and in total:
+
+- per alias, never more than ``max_size - 1`` of that alias's pool: at least one
+  pooled connection always remains for some request's own connection, so a
+  request that waits for its own connection while other requests hold extra
+  lanes is always eventually served (extra lanes are only taken with a short
+  bounded wait, so their holders always make progress and give them back);
+- in total, at most ``ASGI_DBSET["BUDGET"]`` when it is set; when it is not,
+  each alias gets half of its pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+from django.conf import settings
+
+from .conf import conf
+
+# psycopg_pool.ConnectionPool's own defaults.
+_POOL_MIN_SIZE = 4
+
+
+def pool_options(alias: str) -> dict[str, Any] | None:
+    """The ``OPTIONS["pool"]`` of *alias* as a dict, or None when it is not pooled."""
+    options = settings.DATABASES.get(alias, {}).get("OPTIONS", {}).get("pool")
+    if not options:
+        return None
+    return {} if options is True else dict(options)
+
+
+def pool_max_size(alias: str) -> int | None:
+    """The pool's ``max_size`` as psycopg_pool computes it, or None without a pool."""
+    options = pool_options(alias)
+    if options is None:
+        return None
+    min_size = int(options.get("min_size", _POOL_MIN_SIZE))
+    max_size = options.get("max_size")
+    return min_size if max_size is None else int(max_size)
+
+
+class Budget:
+    """Counts extra lanes per alias; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: Counter[str] = Counter()
+
+    def __repr__(self) -> str:
+        held = ", ".join(f"{alias}={n}" for alias, n in sorted(self._held.items()))
+        return f"<Budget held: {held or 'none'} total={self.total}>"
+
+    @property
+    def total(self) -> int:
+        return sum(self._held.values())
+
+    def held(self, alias: str) -> int:
+        return self._held[alias]
+
+    def limit(self, alias: str) -> int:
+        """Extra lanes *alias* may have across the process (0 without a pool)."""
+        max_size = pool_max_size(alias)
+        if max_size is None:
+            return 0
+        budget = conf.BUDGET
+        if budget is None:
+            return max_size // 2
+        return max(0, min(budget, max_size - 1))
+
+    def try_acquire(self, alias: str) -> bool:
+        """Take one extra lane for *alias* if the budget allows, without waiting."""
+        limit = self.limit(alias)
+        budget = conf.BUDGET
+        with self._lock:
+            if self._held[alias] >= limit:
+                return False
+            if budget is not None and self.total >= budget:
+                return False
+            self._held[alias] += 1
+            return True
+
+    def release(self, alias: str) -> None:
+        with self._lock:
+            self._held[alias] -= 1
+            if self._held[alias] <= 0:
+                del self._held[alias]
+
+
+budget = Budget()

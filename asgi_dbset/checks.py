@@ -1,0 +1,153 @@
+"""System checks for ``ASGI_DBSET`` and the databases it runs on.
+
+Registered in ``AppConfig.ready``; also run by ``DBSetMiddleware`` at startup,
+so a bad configuration stops the server before it serves a request.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning
+
+from .budget import pool_max_size, pool_options
+from .conf import DEFAULTS
+from .routing import install
+
+_POSTGRES = "django.db.backends.postgresql"
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    raw = getattr(settings, "ASGI_DBSET", {})
+    if not isinstance(raw, dict):
+        return [
+            Error(
+                f"ASGI_DBSET must be a dict, not {type(raw).__name__}.",
+                hint='Write ASGI_DBSET = {"DEFAULT_PARALLELISM": 1, "MAX_PARALLELISM": 8}.',
+                id="asgi_dbset.E001",
+            )
+        ]
+    errors: list[CheckMessage] = []
+    for key in raw:
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(str(key), DEFAULTS, n=1)
+            hint = f"Did you mean {close[0]!r}?" if close else f"Known keys: {', '.join(DEFAULTS)}."
+            errors.append(Error(f"ASGI_DBSET has an unknown key {key!r}.", hint=hint, id="asgi_dbset.E002"))
+    values = {**DEFAULTS, **raw}
+
+    default, maximum = values["DEFAULT_PARALLELISM"], values["MAX_PARALLELISM"]
+    for key, value, check_id in (
+        ("DEFAULT_PARALLELISM", default, "asgi_dbset.E003"),
+        ("MAX_PARALLELISM", maximum, "asgi_dbset.E004"),
+    ):
+        if not _is_positive_int(value):
+            errors.append(
+                Error(
+                    f"ASGI_DBSET[{key!r}] must be a whole number of at least 1, not {value!r}.",
+                    hint=f'For example "{key}": {DEFAULTS[key]}. 1 runs a request\'s '
+                    "queries one at a time, as stock Django does.",
+                    id=check_id,
+                )
+            )
+    if _is_positive_int(default) and _is_positive_int(maximum) and default > maximum:
+        errors.append(
+            Error(
+                f"ASGI_DBSET['DEFAULT_PARALLELISM'] ({default}) is larger than "
+                f"MAX_PARALLELISM ({maximum}).",
+                hint=f"Lower DEFAULT_PARALLELISM to at most {maximum}, or raise MAX_PARALLELISM.",
+                id="asgi_dbset.E005",
+            )
+        )
+
+    budget = values["BUDGET"]
+    if budget is not None and not _is_positive_int(budget):
+        errors.append(
+            Error(
+                f"ASGI_DBSET['BUDGET'] must be None or a whole number of at least 1, not {budget!r}.",
+                hint="It counts the extra connections all requests of a process may hold "
+                "together; None gives each database half of its pool.",
+                id="asgi_dbset.E006",
+            )
+        )
+
+    lease_timeout = values["LEASE_TIMEOUT"]
+    if isinstance(lease_timeout, bool) or not isinstance(lease_timeout, int | float) or lease_timeout < 0:
+        errors.append(
+            Error(
+                f"ASGI_DBSET['LEASE_TIMEOUT'] must be a number of seconds, 0 or more, "
+                f"not {lease_timeout!r}.",
+                hint='For example "LEASE_TIMEOUT": 0.1.',
+                id="asgi_dbset.E007",
+            )
+        )
+
+    parallel = _is_positive_int(maximum) and maximum > 1
+    for alias, db in settings.DATABASES.items():
+        engine = db.get("ENGINE", "")
+        if engine != _POSTGRES:
+            if parallel:
+                errors.append(
+                    Warning(
+                        f"Database {alias!r} uses {engine or 'no engine'}; asgi_dbset runs "
+                        "only PostgreSQL (psycopg 3) calls in parallel.",
+                        hint="Calls on this database run one at a time, as stock Django does.",
+                        id="asgi_dbset.W002",
+                    )
+                )
+            continue
+        options = pool_options(alias)
+        if options is None:
+            if parallel:
+                errors.append(
+                    Error(
+                        f"Database {alias!r} has no connection pool, so its queries "
+                        "cannot run in parallel.",
+                        hint=f'Add DATABASES[{alias!r}]["OPTIONS"]["pool"] = '
+                        '{"min_size": 4, "max_size": 20} (psycopg[pool] is required), '
+                        'or set ASGI_DBSET["MAX_PARALLELISM"] = 1.',
+                        id="asgi_dbset.E008",
+                    )
+                )
+            continue
+        if db.get("CONN_MAX_AGE", 0) != 0:
+            errors.append(
+                Error(
+                    f"Database {alias!r} is pooled but has CONN_MAX_AGE = {db.get('CONN_MAX_AGE')!r}.",
+                    hint=f'Set DATABASES[{alias!r}]["CONN_MAX_AGE"] = 0: the pool keeps '
+                    "connections open; Django refuses both together.",
+                    id="asgi_dbset.E009",
+                )
+            )
+        max_size = pool_max_size(alias)
+        if _is_positive_int(budget) and max_size is not None and budget >= max_size:
+            errors.append(
+                Error(
+                    f"ASGI_DBSET['BUDGET'] ({budget}) does not fit the pool of database "
+                    f"{alias!r} (max_size {max_size}): extra lanes must leave at least one "
+                    "connection for requests' own connections.",
+                    hint=f"Set BUDGET to at most {max_size - 1}, or raise "
+                    f'DATABASES[{alias!r}]["OPTIONS"]["pool"]["max_size"] above {budget}.',
+                    id="asgi_dbset.E010",
+                )
+            )
+    return errors
+
+
+def check_routing(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    return [
+        Warning(
+            f"asgi_dbset could not route the async ORM calls of {name}: its "
+            "sync_to_async is not asgiref's. Those calls run as stock Django.",
+            hint="Report this with your Django version; another library may patch the same name.",
+            id="asgi_dbset.W001",
+        )
+        for name in install()
+    ]

@@ -1,0 +1,58 @@
+"""The ``ASGI_DBSET`` setting, read lazily so ``override_settings`` works.
+
+Every property reads ``django.conf.settings`` when it is accessed; nothing is
+cached at import time. Values are validated by the system checks in
+:mod:`asgi_dbset.checks`; the properties return them as written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+
+DEFAULTS: dict[str, Any] = {
+    # Parallelism of a request whose view sets none.
+    "DEFAULT_PARALLELISM": 1,
+    # Upper bound for any request's parallelism, including @db_parallelism(n).
+    "MAX_PARALLELISM": 8,
+    # Extra connections that all sets of the process may hold together.
+    # None: half of each alias's pool (max_size // 2).
+    "BUDGET": None,
+    # Seconds a set waits for the pool when it asks for an extra connection.
+    "LEASE_TIMEOUT": 0.1,
+}
+
+
+class Settings:
+    """Typed, lazy view of ``settings.ASGI_DBSET`` merged over :data:`DEFAULTS`."""
+
+    @property
+    def raw(self) -> Any:
+        return getattr(django_settings, "ASGI_DBSET", {})
+
+    def _get(self, name: str) -> Any:
+        raw = self.raw
+        if isinstance(raw, dict) and name in raw:
+            return raw[name]
+        return DEFAULTS[name]
+
+    @property
+    def DEFAULT_PARALLELISM(self) -> int:  # noqa: N802 - mirrors the setting's key
+        return int(self._get("DEFAULT_PARALLELISM"))
+
+    @property
+    def MAX_PARALLELISM(self) -> int:  # noqa: N802
+        return int(self._get("MAX_PARALLELISM"))
+
+    @property
+    def BUDGET(self) -> int | None:  # noqa: N802
+        value = self._get("BUDGET")
+        return None if value is None else int(value)
+
+    @property
+    def LEASE_TIMEOUT(self) -> float:  # noqa: N802
+        return float(self._get("LEASE_TIMEOUT"))
+
+
+conf = Settings()

@@ -1,0 +1,459 @@
+"""A connection set: the lanes one request (or block) may run ORM calls on.
+
+Data path of one call, all on the set's event loop::
+
+    routing.sync_to_async(f)(...)   # a Django async ORM entry point
+      -> ConnectionSet.call()       # stock Django when the set is inactive
+        -> _acquire()               # an idle lane that may run it, else queue
+           (_grow() leases another lane in the background when allowed)
+        -> Lane.run()               # on the lane's thread and connection
+        -> _free()                  # hand the lane to the first queued call
+
+Rules the scheduler keeps:
+
+- A lane runs one call at a time; queued calls are served first come, first
+  served, each by the first lane that may run it.
+- At most ``parallelism`` lanes, lane 0 included. Extra lanes are leased only
+  from the budget and with a wait of at most ``lease_timeout``; a request never
+  waits for another connection while holding one - its calls queue instead.
+- Extra lanes are used only once lane 0 has reported that its connection for
+  that alias is outside a transaction; inside one, every call of that alias
+  runs on lane 0 and so sees the transaction's rows.
+- Every chunk of one ``aiterator()`` runs on the lane that opened its cursor.
+- Closing returns every extra lane's connection from its own thread after the
+  calls already on it, shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import types
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable
+from contextvars import Token
+from dataclasses import dataclass, field
+from typing import Any
+
+from asgiref.sync import sync_to_async as stock_sync_to_async
+
+from . import stats
+from .aio import finish_shielded
+from .budget import budget, pool_max_size
+from .context import current_set
+from .errors import OrphanedIteratorError
+from .lanes import Lane, PooledLane, RequestLane
+from .targets import Target, target_of
+from .workers import workers
+
+logger = logging.getLogger("asgi_dbset")
+
+#: aiterator() generators whose cursor was closed with a lane's connection.
+orphaned_cursors: weakref.WeakSet[types.GeneratorType[Any, None, None]] = weakref.WeakSet()
+
+# The most calls a set keeps a record of (for introspection and timelines).
+_MAX_RECORDS = 512
+
+
+def validate_parallelism(value: object, *, what: str = "parallelism") -> int:
+    """Return *value* if it is a usable parallelism, else raise with a fix."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{what} must be a whole number of connections such as 1, 2 or 4, "
+            f"not {type(value).__name__} {value!r}."
+        )
+    if value < 1:
+        raise ValueError(
+            f"{what} must be at least 1 (1 runs the calls one at a time, as stock "
+            f"Django does), not {value!r}."
+        )
+    return value
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One call a set ran: which lane, which alias, when (perf_counter seconds)."""
+
+    lane: int
+    alias: str
+    name: str
+    queued: float
+    started: float
+    ended: float = 0.0
+
+
+@dataclass(slots=True)
+class _Waiter:
+    target: Target
+    future: asyncio.Future[Lane | None]
+    since: float = field(default_factory=time.perf_counter)
+
+
+class ConnectionSet:
+    """The lanes of one request or block; see the module docstring.
+
+    Create it with explicit arguments and use it with ``async with``, which
+    makes it the active set of the current context; or use
+    :func:`asgi_dbset.connection_set`, which reads the defaults from settings.
+    """
+
+    def __init__(self, *, parallelism: int = 1, lease_timeout: float = 0.1) -> None:
+        self._parallelism = validate_parallelism(parallelism)
+        if isinstance(lease_timeout, bool) or not isinstance(lease_timeout, int | float):
+            raise TypeError(f"lease_timeout must be a number of seconds, not {lease_timeout!r}.")
+        if lease_timeout < 0:
+            raise ValueError(f"lease_timeout must be 0 or more seconds, not {lease_timeout!r}.")
+        self.lease_timeout = float(lease_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._token: Token[ConnectionSet | None] | None = None
+        self._closed = False
+        self._lane0 = RequestLane(self._report_transactions)
+        self._lanes: list[Lane] = [self._lane0]
+        self._waiters: deque[_Waiter] = deque()
+        self._growing: Counter[str] = Counter()
+        self._retry_at: dict[str, float] = {}
+        # Aliases whose lane-0 connection is inside a transaction; None until
+        # lane 0 has reported (no extra lane is used before that).
+        self._in_transaction: frozenset[str] | None = None
+        self._cursors: weakref.WeakKeyDictionary[Any, Lane] = weakref.WeakKeyDictionary()
+        self._background: set[asyncio.Future[Any]] = set()
+        self._next_index = 1
+        self.records: list[CallRecord] = []
+        self.calls = 0
+        self.wait_time = 0.0
+
+    # -- introspection -------------------------------------------------------
+
+    def __repr__(self) -> str:
+        busy = sum(lane.busy for lane in self._lanes)
+        state = "closed" if self._closed else "open" if self._loop else "new"
+        return (
+            f"<ConnectionSet {state} parallelism={self._parallelism} | "
+            f"lanes: {busy} busy, {len(self._lanes) - busy} idle, "
+            f"{sum(self._growing.values())} leasing | "
+            f"calls: {len(self._waiters)} queued, {self.calls} run>"
+        )
+
+    @property
+    def parallelism(self) -> int:
+        return self._parallelism
+
+    @parallelism.setter
+    def parallelism(self, value: int) -> None:
+        self._parallelism = validate_parallelism(value)
+        if self._loop is not None and not self._closed:
+            self._maybe_grow()
+
+    @property
+    def lanes(self) -> tuple[Lane, ...]:
+        """The lanes open now, lane 0 first."""
+        return tuple(self._lanes)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def lanes_used(self) -> int:
+        """How many lanes ran at least one call."""
+        return len({record.lane for record in self.records})
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def __aenter__(self) -> ConnectionSet:
+        self.open()
+        self._token = current_set.set(self)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await self.aclose()
+        finally:
+            if self._token is not None:
+                current_set.reset(self._token)
+                self._token = None
+
+    def open(self) -> None:
+        """Bind the set to the running loop. Leases nothing: lanes come on demand."""
+        if self._loop is not None:
+            raise RuntimeError("This ConnectionSet was already opened; create a new one.")
+        self._loop = asyncio.get_running_loop()
+        stats.incr("sets_opened")
+        stats.incr("sets_open")
+
+    async def aclose(self) -> None:
+        """Return every extra lane; safe to call twice; shielded from cancellation.
+
+        Calls still queued fall back to stock Django. Calls running on a lane
+        finish first (abandoned ones were already cancelled on the server).
+        """
+        if self._closed or self._loop is None:
+            self._closed = True
+            return
+        self._closed = True
+        try:
+            await finish_shielded(self._release_all())
+        finally:
+            stats.incr("sets_open", -1)
+
+    async def _release_all(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        extra = [lane for lane in self._lanes if isinstance(lane, PooledLane)]
+        self._lanes = [self._lane0]
+        for lane in extra:
+            for gen, pinned in list(self._cursors.items()):
+                if pinned is lane:
+                    orphaned_cursors.add(gen)
+        results = await asyncio.gather(
+            *(self._retire(lane, close_cursors=True) for lane in extra), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.warning("asgi_dbset: error releasing a lane", exc_info=result)
+
+    async def _retire(self, lane: PooledLane, *, close_cursors: bool = False) -> None:
+        try:
+            if close_cursors:
+                cursors = [gen for gen, pinned in list(self._cursors.items()) if pinned is lane]
+                if cursors:
+                    await asyncio.get_running_loop().run_in_executor(
+                        lane.worker, _close_generators, cursors
+                    )
+            await lane.close()
+        finally:
+            budget.release(lane.alias or "")
+            stats.incr("lanes_open", -1)
+
+    # -- the call path -------------------------------------------------------
+
+    async def call(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run one ORM call on a lane of this set, or as stock Django when the
+        set cannot take it (closed, another loop, parallelism 1, unknown call)."""
+        target = None
+        if (self._parallelism > 1 or self._cursors) and not self._closed:
+            try:
+                running = asyncio.get_running_loop() is self._loop
+            except RuntimeError:
+                running = False
+            if running:
+                target = target_of(func, args, kwargs)
+        if target is None:
+            return await stock_sync_to_async(func)(*args, **kwargs)
+
+        queued = time.perf_counter()
+        lane = await self._acquire(target)
+        if lane is None:  # the set closed while the call waited
+            stats.incr("fallbacks")
+            return await stock_sync_to_async(func)(*args, **kwargs)
+        started = time.perf_counter()
+        record = CallRecord(lane.index, target.alias, getattr(func, "__name__", "?"), queued, started)
+        self.calls += 1
+        self.wait_time += started - queued
+        if len(self.records) < _MAX_RECORDS:
+            self.records.append(record)
+        lane.calls += 1
+        stats.incr("calls")
+        if target.cursor is not None and target.cursor not in self._cursors:
+            self._cursors[target.cursor] = lane
+        elif target.cursor is not None or target.alias in (self._in_transaction or ()):
+            stats.incr("pinned_calls")
+        try:
+            result = await lane.run(func, args, kwargs, target.alias, self._abandoned_done)
+        except asyncio.CancelledError:
+            if lane.give_up():
+                self._abandon(lane)
+            else:
+                self._free(lane)
+            raise
+        except BaseException:
+            self._free(lane)
+            raise
+        finally:
+            record.ended = time.perf_counter()
+        self._free(lane)
+        return result
+
+    async def _acquire(self, target: Target) -> Lane | None:
+        # Every change of lane state ends in _dispatch(), so an idle lane that
+        # this call may use is one no queued call may use: taking it is fair.
+        lane = self._idle_lane_for(target)
+        if lane is not None:
+            lane.busy = True
+            return lane
+        assert self._loop is not None
+        waiter = _Waiter(target, self._loop.create_future())
+        self._waiters.append(waiter)
+        stats.incr("waits")
+        self._maybe_grow()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                lane = waiter.future.result()
+                if lane is not None:
+                    self._free(lane)  # handed a lane just as the caller gave up
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def _may_run(self, lane: Lane, target: Target) -> bool:
+        if lane.busy or lane.quarantined:
+            return False
+        if target.cursor is not None:
+            pinned = self._cursors.get(target.cursor)
+            if pinned is not None:
+                return pinned is lane
+        if lane is self._lane0:
+            return True
+        if lane.alias != target.alias or self._in_transaction is None:
+            return False
+        return target.alias not in self._in_transaction
+
+    def _idle_lane_for(self, target: Target) -> Lane | None:
+        for lane in self._lanes:
+            if self._may_run(lane, target):
+                return lane
+        return None
+
+    def _free(self, lane: Lane) -> None:
+        """The lane's call is over: retire it if broken, else serve the queue."""
+        lane.busy = False
+        lane.job = None
+        if isinstance(lane, PooledLane) and lane.broken and lane in self._lanes:
+            self._lanes.remove(lane)
+            lane.busy = True  # never again
+            for gen, pinned in list(self._cursors.items()):
+                if pinned is lane:
+                    orphaned_cursors.add(gen)
+                    del self._cursors[gen]
+            self._spawn(self._retire(lane))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        for waiter in list(self._waiters):
+            if waiter.future.done():
+                self._waiters.remove(waiter)
+                continue
+            lane = self._idle_lane_for(waiter.target)
+            if lane is not None:
+                lane.busy = True
+                self._waiters.remove(waiter)
+                waiter.future.set_result(lane)
+        self._maybe_grow()
+
+    # -- abandoned calls -----------------------------------------------------
+
+    def _abandon(self, lane: Lane) -> None:
+        """A caller was cancelled while its call runs: cancel it on the server,
+        and keep the lane out of use until both the cancel and the call end."""
+        lane.quarantined = True
+        self._spawn(self._cancel(lane))
+
+    async def _cancel(self, lane: Lane) -> None:
+        try:
+            await lane.cancel_query()
+        finally:
+            lane.quarantined = False
+            if not lane.busy:
+                self._dispatch()
+
+    def _abandoned_done(self, lane: Lane) -> None:
+        # Called on the loop by the lane's thread when an abandoned call ends.
+        self._free(lane)
+
+    # -- growing -------------------------------------------------------------
+
+    def _report_transactions(self, aliases: frozenset[str]) -> None:
+        # Runs on lane 0's thread: hand the news to the loop.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._transactions_reported, aliases)
+
+    def _transactions_reported(self, aliases: frozenset[str]) -> None:
+        self._in_transaction = aliases
+        if not self._closed:
+            self._dispatch()
+
+    def _maybe_grow(self) -> None:
+        """Lease extra lanes for queued calls, within parallelism and budget."""
+        if self._closed or self._in_transaction is None or not self._waiters:
+            return
+        demand: Counter[str] = Counter()
+        for waiter in self._waiters:
+            target = waiter.target
+            if target.alias in self._in_transaction:
+                continue
+            if target.cursor is not None and target.cursor in self._cursors:
+                continue
+            demand[target.alias] += 1
+        now = time.monotonic()
+        for alias, wanted in demand.items():
+            while (
+                self._growing[alias] < wanted
+                and len(self._lanes) + sum(self._growing.values()) < self._parallelism
+                and now >= self._retry_at.get(alias, 0.0)
+            ):
+                if pool_max_size(alias) is None:
+                    break  # not pooled: the checks said so; calls stay serial
+                if not budget.try_acquire(alias):
+                    break
+                self._growing[alias] += 1
+                self._spawn(self._grow(alias))
+
+    async def _grow(self, alias: str) -> None:
+        lane = PooledLane(self._next_index, alias, workers.acquire())
+        self._next_index += 1
+        try:
+            await lane.open(self.lease_timeout)
+        except Exception as exc:
+            self._growing[alias] -= 1
+            # Back off as long as the lease waited, so a busy pool is not polled.
+            self._retry_at[alias] = time.monotonic() + max(self.lease_timeout, 0.01)
+            stats.incr("lease_failures")
+            logger.debug("asgi_dbset: no extra lane for %r: %s", alias, exc)
+            try:
+                await lane.close()
+            finally:
+                budget.release(alias)
+            return
+        self._growing[alias] -= 1
+        stats.incr("lanes_leased")
+        stats.incr("lanes_open")
+        if self._closed:
+            await self._retire(lane)
+            return
+        self._lanes.append(lane)
+        self._dispatch()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _close_generators(gens: list[types.GeneratorType[Any, None, None]]) -> None:
+    # Runs on the lane's thread: closing the generator closes its cursor.
+    for gen in gens:
+        try:
+            gen.close()
+        except Exception:
+            logger.debug("asgi_dbset: error closing an iterator", exc_info=True)
+
+
+def check_cursor(gen: object) -> None:
+    """Refuse to resume an aiterator() whose cursor went with its set."""
+    if gen in orphaned_cursors:
+        raise OrphanedIteratorError(
+            "This aiterator() was opened inside a connection set that has ended, "
+            "and its cursor was closed with that set's connection. Finish the "
+            "iteration inside the set (for a streaming response, iterate in the "
+            "response body while the request is open), or fetch the rows first."
+        )

@@ -1,0 +1,276 @@
+"""Lanes: the places a connection set runs an ORM call, one call at a time each.
+
+- :class:`RequestLane` (lane 0) is the request's own thread and connection,
+  reached through ``sync_to_async(thread_sensitive=True)`` exactly as stock
+  Django reaches it. The set never opens or returns its connection.
+- :class:`PooledLane` (lanes 1..n) pairs a borrowed :class:`~.workers.Worker`
+  thread with a connection leased from the alias's psycopg pool. Everything a
+  pooled lane does with its connection - lease, queries, release - runs on its
+  worker thread, in order, so the connection is never returned while a query
+  runs on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from asgiref.sync import SyncToAsync
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+from . import stats
+from .context import current_set
+from .workers import Worker, workers
+
+logger = logging.getLogger("asgi_dbset")
+
+_thread = threading.local()
+
+
+class Job:
+    """One ORM call on a lane; its state moves PENDING -> RUNNING -> DONE, or
+    PENDING -> SKIPPED when its caller gave up before a thread picked it up.
+
+    The lock makes "the caller gave up" and "the thread started it" exclusive,
+    so exactly one side frees the lane: the caller when the job never ran or
+    has finished, the thread when it finishes a job its caller abandoned.
+    """
+
+    __slots__ = ("abandoned", "lock", "state")
+
+    PENDING, RUNNING, DONE, SKIPPED = range(4)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state = Job.PENDING
+        self.abandoned = False
+
+
+class Lane:
+    """Common state; the owning :class:`~.dbset.ConnectionSet` mutates it on
+    its event loop only."""
+
+    #: The alias whose connection this lane holds; None for lane 0 (any alias).
+    alias: str | None = None
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.busy = False
+        # True while a server-side cancel for an abandoned call is in flight:
+        # no new call may start before it lands, or it could cancel that call.
+        self.quarantined = False
+        self.calls = 0
+        self.job: Job | None = None
+        # The Django wrapper the running job uses, for a server-side cancel.
+        self.wrapper: BaseDatabaseWrapper | None = None
+
+    def __repr__(self) -> str:
+        state = "busy" if self.busy else "idle"
+        return f"<{type(self).__name__} {self.index} {self.alias or '*'} {state} calls={self.calls}>"
+
+    def _executor_options(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _before(self, alias: str) -> None:
+        """Runs on the lane's thread before each call."""
+
+    def _after(self, alias: str) -> None:
+        """Runs on the lane's thread after each call."""
+
+    async def run(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        alias: str,
+        on_abandoned_done: Callable[[Lane], None],
+    ) -> Any:
+        """Run ``func(*args, **kwargs)`` on this lane's thread.
+
+        Returns when the call has finished. If the caller is cancelled while
+        the call runs, the call is marked abandoned and ``on_abandoned_done``
+        is called on the loop once its thread is done with it.
+        """
+        loop = asyncio.get_running_loop()
+        job = self.job = Job()
+
+        def call() -> Any:
+            with job.lock:
+                if job.state == Job.SKIPPED:
+                    return None
+                job.state = Job.RUNNING
+            # Code on a lane does not see the set: an async_to_sync inside it
+            # runs its ORM calls on this very thread, as stock Django does.
+            token = current_set.set(None)
+            try:
+                self.wrapper = connections[alias]
+                self._before(alias)
+                return func(*args, **kwargs)
+            finally:
+                current_set.reset(token)
+                self._after(alias)
+                with job.lock:
+                    job.state = Job.DONE
+                    abandoned = job.abandoned
+                if abandoned:
+                    loop.call_soon_threadsafe(on_abandoned_done, self)
+
+        return await SyncToAsync(call, **self._executor_options())()
+
+    def give_up(self) -> bool:
+        """The caller was cancelled: return True if the call is still running
+        (the lane stays busy until it ends), False if the lane is free now."""
+        job = self.job
+        assert job is not None
+        with job.lock:
+            if job.state == Job.PENDING:
+                job.state = Job.SKIPPED
+                return False
+            if job.state == Job.RUNNING:
+                job.abandoned = True
+                return True
+            return False
+
+    async def cancel_query(self, timeout: float = 5.0) -> None:
+        """Ask the server to cancel what the lane's connection is running."""
+        wrapper = self.wrapper
+        conn = wrapper.connection if wrapper is not None else None
+        if not isinstance(conn, psycopg.Connection) or conn.closed:
+            return
+        stats.incr("cancels")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, lambda: conn.cancel_safe(timeout=timeout))
+        except Exception:  # the query may have ended or the connection died
+            logger.debug("cancel on lane %s failed", self.index, exc_info=True)
+
+
+class RequestLane(Lane):
+    """Lane 0: the request's own thread-sensitive thread and its connections."""
+
+    def __init__(self, report_transactions: Callable[[frozenset[str]], None]) -> None:
+        super().__init__(0)
+        self._report = report_transactions
+        self._reported: frozenset[str] | None = None
+
+    def _executor_options(self) -> dict[str, Any]:
+        return {"thread_sensitive": True}
+
+    def _before(self, alias: str) -> None:
+        # The set may only use other connections while this one is outside a
+        # transaction: tell it which aliases are inside one whenever it changes.
+        in_transaction = frozenset(
+            w.alias for w in connections.all(initialized_only=True) if w.in_atomic_block
+        )
+        if in_transaction != self._reported:
+            self._reported = in_transaction
+            self._report(in_transaction)
+
+
+def _bounded_getconn(pool: Any) -> None:
+    """Make ``pool.getconn()`` wait at most the lane's lease timeout when it is
+    called from a lane thread; other threads keep the pool's own timeout.
+
+    Django opens a pooled connection with ``pool.getconn()`` and no timeout,
+    so this is the one place where a lane can bound its wait without copying
+    Django's connect logic.
+    """
+    if getattr(pool.getconn, "_asgi_dbset_bounded", False):
+        return
+    original = pool.getconn
+
+    def getconn(timeout: float | None = None) -> Any:
+        if timeout is None:
+            timeout = getattr(_thread, "lease_timeout", None)
+        return original(timeout)
+
+    getconn._asgi_dbset_bounded = True  # type: ignore[attr-defined]
+    pool.getconn = getconn
+
+
+class PooledLane(Lane):
+    """A worker thread with a connection leased from ``alias``'s pool."""
+
+    def __init__(self, index: int, alias: str, worker: Worker) -> None:
+        super().__init__(index)
+        self.alias = alias
+        self.worker = worker
+        self.broken = False
+
+    def _executor_options(self) -> dict[str, Any]:
+        return {"thread_sensitive": False, "executor": self.worker}
+
+    def _after(self, alias: str) -> None:
+        conn = connections[alias].connection
+        if conn is None or conn.closed or conn.broken:
+            # Never hand a dead connection to another call: the set retires
+            # this lane and returns (the pool discards) its connection.
+            self.broken = True
+
+    async def open(self, lease_timeout: float) -> None:
+        """Lease the connection on the worker thread, waiting at most
+        ``lease_timeout`` seconds for the pool; raises if it is not had."""
+        alias = self.alias
+        assert alias is not None
+
+        def lease() -> None:
+            _thread.lease_timeout = lease_timeout
+            wrapper = connections[alias]
+            _bounded_getconn(wrapper.pool)  # type: ignore[attr-defined]
+            wrapper.ensure_connection()
+
+        await asyncio.get_running_loop().run_in_executor(self.worker, lease)
+
+    async def close(self) -> None:
+        """Return every connection of the worker thread to its pool, after the
+        calls already queued on it, and give the worker back."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.worker, release_thread_connections)
+        finally:
+            workers.release(self.worker)
+
+
+def release_thread_connections() -> None:
+    """Return the calling thread's Django connections to their pools.
+
+    Runs on the thread that owns them. A connection left inside a transaction
+    is rolled back by the pool; one that is broken is discarded by it.
+    """
+    for wrapper in connections.all(initialized_only=True):
+        conn = wrapper.connection
+        if conn is None:
+            continue
+        try:
+            if conn.broken or conn.closed:
+                stats.incr("connections_discarded")
+                logger.warning(
+                    "asgi_dbset: discarding a broken connection of database %r", wrapper.alias
+                )
+            elif conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                stats.incr("rollbacks")
+                logger.warning(
+                    "asgi_dbset: a connection of database %r was returned inside a "
+                    "transaction; it is rolled back",
+                    wrapper.alias,
+                )
+            wrapper.close()
+        except Exception:
+            logger.warning(
+                "asgi_dbset: error returning a connection of database %r",
+                wrapper.alias,
+                exc_info=True,
+            )
+        finally:
+            # The thread serves another set next: start it from a clean state.
+            wrapper.connection = None
+            wrapper.in_atomic_block = False
+            wrapper.savepoint_ids = []
+            wrapper.atomic_blocks = []
+            wrapper.needs_rollback = False
+            wrapper.closed_in_transaction = False
+            wrapper.run_on_commit = []

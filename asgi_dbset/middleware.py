@@ -1,0 +1,139 @@
+"""``DBSetMiddleware``: a connection set for each HTTP request.
+
+Pure ASGI. For an ``http`` scope it opens a set (``DEFAULT_PARALLELISM``),
+runs the app inside it - until the response is complete, streaming bodies
+included - and closes it on every path: success, exception, client disconnect,
+cancellation. It also gives the request its own thread-sensitive context, as
+Django's handler does, so apps that do not (Starlette, FastAPI) get one
+connection per request that is returned at the end.
+
+``lifespan`` goes to the app; if the app does not handle it (Django's handler
+rejects it), the middleware answers it. Either way it opens the pools at
+startup and closes them at shutdown. Other scopes (``websocket``...) pass
+through without a set: no connection is held for the life of a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from asgiref.sync import SyncToAsync, ThreadSensitiveContext
+from asgiref.sync import sync_to_async as stock_sync_to_async
+from django.conf import settings
+from django.db import close_old_connections, connections
+
+from .aio import finish_shielded
+from .api import connection_set
+from .budget import pool_options
+from .types import ASGIApp, Message, Receive, Scope, Send
+from .workers import workers
+
+logger = logging.getLogger("asgi_dbset")
+
+
+class DBSetMiddleware:
+    """Wrap an ASGI app: ``application = DBSetMiddleware(get_asgi_application())``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        from .apps import prepare
+
+        # Fails here, at startup, on bad settings - not at request time.
+        prepare()
+
+    def __repr__(self) -> str:
+        return f"DBSetMiddleware({self.app!r})"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with ThreadSensitiveContext() as context:
+            try:
+                async with connection_set() as dbset:
+                    scope["asgi_dbset"] = dbset
+                    await self.app(scope, receive, send)
+            finally:
+                await finish_shielded(_return_request_thread_connections(context))
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app_received = False
+
+        async def app_receive() -> Message:
+            nonlocal app_received
+            app_received = True
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await open_pools()
+            return message
+
+        async def app_send(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await close_pools()
+            await send(message)
+
+        try:
+            await self.app(scope, app_receive, app_send)
+        except Exception:
+            if app_received:
+                raise
+            logger.debug("asgi_dbset: the app does not handle lifespan; answering it")
+        else:
+            if app_received:
+                return
+        await _serve_lifespan(receive, send)
+
+
+async def _serve_lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                await open_pools()
+            except Exception as exc:
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await close_pools()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _pooled_aliases() -> list[str]:
+    return [alias for alias in settings.DATABASES if pool_options(alias) is not None]
+
+
+async def open_pools() -> None:
+    """Open every alias's pool (filling to ``min_size`` in the background)."""
+
+    def open_all() -> None:
+        for alias in _pooled_aliases():
+            connections[alias].pool.open(wait=False)  # type: ignore[attr-defined]
+
+    await asyncio.to_thread(open_all)
+
+
+async def close_pools() -> None:
+    """Close every alias's pool and stop idle lane workers."""
+
+    def close_all() -> None:
+        for alias in _pooled_aliases():
+            connections[alias].close_pool()  # type: ignore[attr-defined]
+        workers.shutdown()
+
+    await asyncio.to_thread(close_all)
+
+
+async def _return_request_thread_connections(context: Any) -> None:
+    # Only when the app used this context's thread (Starlette); Django's
+    # handler uses its own nested context and returns its connections itself.
+    if context in SyncToAsync.context_to_thread_executor:
+        await stock_sync_to_async(close_old_connections, thread_sensitive=True)()

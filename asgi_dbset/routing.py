@@ -1,0 +1,98 @@
+"""Route Django's async ORM entry points through the active connection set.
+
+Every async entry point of the ORM ends in ``sync_to_async(f)(...)``, with the
+name ``sync_to_async`` looked up at call time in the globals of four Django
+modules (see ``shared/notes/django-internals.md``). :func:`install` points that
+name, in those modules only, at :func:`sync_to_async` below, which asks the
+active :class:`~.dbset.ConnectionSet` to run the call. Without an active set it
+is asgiref's ``sync_to_async``, plus one context-variable read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from asgiref.sync import sync_to_async as stock_sync_to_async
+
+from .context import current_set
+from .dbset import check_cursor
+
+#: The modules whose ``sync_to_async`` global is routed.
+MODULES = (
+    "django.db.models.query",
+    "django.db.models.base",
+    "django.db.models.fields.related_descriptors",
+    "django.contrib.contenttypes.fields",
+)
+
+
+def sync_to_async(
+    func: Callable[..., Any] | None = None,
+    *,
+    thread_sensitive: bool = True,
+    context: Any = None,
+    executor: Any = None,
+) -> Any:
+    """asgiref's ``sync_to_async`` for Django's ORM modules, set-aware.
+
+    Only the plain thread-sensitive form is routed; any other form is
+    asgiref's own.
+    """
+    if func is None or not thread_sensitive or context is not None or executor is not None:
+        return stock_sync_to_async(
+            func, thread_sensitive=thread_sensitive, context=context, executor=executor
+        )
+
+    def routed(*args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        if args and type(args[0]) is types.GeneratorType:
+            check_cursor(args[0])
+        dbset = current_set.get()
+        if dbset is None:
+            return stock_sync_to_async(func)(*args, **kwargs)
+        return dbset.call(func, args, kwargs)
+
+    return routed
+
+
+def _routable_modules() -> list[str]:
+    from django.apps import apps
+
+    # Generic relations exist only with contenttypes installed; importing the
+    # module without it fails.
+    contenttypes = apps.is_installed("django.contrib.contenttypes")
+    return [name for name in MODULES if contenttypes or ".contenttypes." not in name]
+
+
+def install() -> list[str]:
+    """Route the ORM modules' ``sync_to_async``; idempotent.
+
+    Returns the modules that could not be routed (an unexpected Django layout);
+    the system check ``asgi_dbset.W001`` reports them.
+    """
+    missing = []
+    for name in _routable_modules():
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+            continue
+        current = getattr(module, "sync_to_async", None)
+        if current is sync_to_async:
+            continue
+        if current is not stock_sync_to_async:
+            missing.append(name)
+            continue
+        module.sync_to_async = sync_to_async  # type: ignore[attr-defined]
+    return missing
+
+
+def installed() -> bool:
+    """True when every ORM module routes through the active set."""
+    for name in _routable_modules():
+        module = importlib.import_module(name)
+        if getattr(module, "sync_to_async", None) is not sync_to_async:
+            return False
+    return True

@@ -1,0 +1,36 @@
+"""Process-wide counters, readable with :func:`asgi_dbset.get_stats`."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+_lock = threading.Lock()
+_counters: Counter[str] = Counter()
+
+#: Counter names, with what they count.
+COUNTERS = {
+    "sets_opened": "connection sets opened",
+    "sets_open": "connection sets open now",
+    "lanes_leased": "extra lanes leased (a worker thread and a pooled connection)",
+    "lanes_open": "extra lanes held now",
+    "lease_failures": "extra lanes refused: pool busy past LEASE_TIMEOUT",
+    "calls": "ORM calls run through a set",
+    "waits": "calls that queued for a lane",
+    "pinned_calls": "calls that had to run on one lane (cursor or transaction)",
+    "fallbacks": "calls that ran as stock Django although a set was active",
+    "cancels": "server-side cancels sent for abandoned queries",
+    "connections_discarded": "lane connections found broken and discarded",
+    "rollbacks": "lane connections returned inside a transaction and rolled back",
+}
+
+
+def incr(name: str, n: int = 1) -> None:
+    with _lock:
+        _counters[name] += n
+
+
+def get_stats() -> dict[str, int]:
+    """Return a snapshot of the process-wide counters (every name in COUNTERS)."""
+    with _lock:
+        return {name: _counters[name] for name in COUNTERS}

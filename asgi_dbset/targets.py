@@ -1,0 +1,95 @@
+"""What an async ORM call will touch: its database alias, and its cursor if any.
+
+Django's async entry points all end in ``sync_to_async(f)(*args, **kwargs)``
+where ``f`` is a bound method of a QuerySet, RawQuerySet, model instance or
+related manager, ``prefetch_related_objects``, or ``aiterator()``'s local
+``next_slice(generator)``. This module reads the alias from those objects the
+way Django itself will (routers included) without running any query.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS, router
+from django.db.models import Manager, Model, QuerySet
+from django.db.models.query import RawQuerySet, prefetch_related_objects
+
+# QuerySet / manager methods that Django runs against the write database.
+_WRITES = frozenset(
+    {
+        "create",
+        "get_or_create",
+        "update_or_create",
+        "bulk_create",
+        "bulk_update",
+        "update",
+        "delete",
+        "add",
+        "remove",
+        "clear",
+        "set",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a call goes: ``alias``; ``cursor`` is the generator of an open
+    ``aiterator()`` whose chunks must all run on the connection that opened it."""
+
+    alias: str
+    cursor: types.GeneratorType[Any, None, None] | None = None
+
+
+def _queryset_alias(qs: QuerySet[Any] | Manager[Any], write: bool) -> str:
+    if qs._db:  # type: ignore[union-attr]
+        return str(qs._db)  # type: ignore[union-attr]
+    hints = getattr(qs, "_hints", {})
+    if write:
+        return str(router.db_for_write(qs.model, **hints))
+    return str(router.db_for_read(qs.model, **hints))
+
+
+def _generator_alias(gen: types.GeneratorType[Any, None, None]) -> str:
+    # A generator that has not started yet holds its arguments in its frame:
+    # BaseIterable.__iter__(self) keeps the iterable, which knows its queryset.
+    frame = gen.gi_frame
+    owner = frame.f_locals.get("self") if frame is not None else None
+    queryset = getattr(owner, "queryset", None)
+    if isinstance(queryset, QuerySet | RawQuerySet):
+        return str(queryset.db)
+    return DEFAULT_DB_ALIAS
+
+
+def target_of(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Target | None:
+    """Return where *func* will run its queries, or None when it is no ORM call
+    this library knows (the call then runs as stock Django)."""
+    owner = getattr(func, "__self__", None)
+    name = getattr(func, "__name__", "")
+    if isinstance(owner, QuerySet):
+        return Target(_queryset_alias(owner, name in _WRITES))
+    if isinstance(owner, RawQuerySet):
+        return Target(str(owner.db))
+    if isinstance(owner, Model):
+        using = kwargs.get("using")
+        if using:
+            return Target(str(using))
+        if name == "refresh_from_db":
+            alias = owner._state.db or router.db_for_read(type(owner), instance=owner)
+        else:
+            alias = router.db_for_write(type(owner), instance=owner)
+        return Target(str(alias))
+    if isinstance(owner, Manager):
+        return Target(_queryset_alias(owner, name in _WRITES))
+    if func is prefetch_related_objects:
+        instances = args[0] if args else kwargs.get("model_instances")
+        first = next(iter(instances), None) if instances else None
+        alias = first._state.db if isinstance(first, Model) else None
+        return Target(str(alias or DEFAULT_DB_ALIAS))
+    if args and isinstance(args[0], types.GeneratorType):
+        return Target(_generator_alias(args[0]), cursor=args[0])
+    return None

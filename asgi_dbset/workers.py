@@ -1,0 +1,100 @@
+"""Long-lived worker threads that lanes borrow, one lane at a time.
+
+A lane's connection belongs to Django's thread-local ``connections`` of the
+thread that opened it, so every job of a lane must run on that one thread, in
+submission order. A :class:`Worker` is such a thread with a FIFO queue; it is
+an ``Executor`` so that ``asgiref``'s ``SyncToAsync`` can run ORM calls on it
+exactly as it runs them on Django's own thread.
+
+Workers are created on demand and kept for reuse: a lane is leased per request,
+a thread is not. Their number is bounded by the number of lanes that can be
+open at once, which the budget bounds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_names = itertools.count(1)
+_STOP = object()
+
+
+class Worker(Executor):
+    """A daemon thread running submitted callables one after another, in order."""
+
+    def __init__(self) -> None:
+        self.name = f"asgi_dbset-lane-{next(_names)}"
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.name} alive={self._thread.is_alive()}>"
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._queue.put(_STOP)
+        if wait:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the waiting coroutine
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+
+class WorkerPool:
+    """Idle workers kept for the next lane; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[Worker] = []
+        self._created = 0
+
+    def __repr__(self) -> str:
+        return f"<WorkerPool created={self._created} idle={len(self._idle)}>"
+
+    def acquire(self) -> Worker:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            self._created += 1
+        return Worker()
+
+    def release(self, worker: Worker) -> None:
+        with self._lock:
+            self._idle.append(worker)
+
+    def shutdown(self) -> None:
+        """Stop the idle workers (at lifespan shutdown). Busy ones stop when returned."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._created -= len(idle)
+        for worker in idle:
+            worker.shutdown(wait=True)
+
+
+workers = WorkerPool()
