@@ -1,0 +1,69 @@
+"""Django settings for the test suite.
+
+The server comes from, in order: ``ASGI_DBSET_TEST_DSN``, ``DATABASE_URL``, or the
+embedded PostgreSQL in ``<repo>/.pgdata/`` (started on first use, then reused).
+Tests never skip for want of a database: without one, importing this module fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+from django.core.exceptions import ImproperlyConfigured
+
+from example_site.dbserver import (
+    DatabaseServerError,
+    django_database,
+    embedded_database_url,
+)
+
+
+def _server_url() -> tuple[str, str]:
+    for variable in ("ASGI_DBSET_TEST_DSN", "DATABASE_URL"):
+        url = os.environ.get(variable, "").strip()
+        if url:
+            return url, variable
+    try:
+        return embedded_database_url(), "embedded"
+    except DatabaseServerError as exc:
+        raise ImproperlyConfigured(
+            "The tests need a PostgreSQL server and none is available: "
+            f"{exc}\nEither set ASGI_DBSET_TEST_DSN=postgresql://user@host:port/db "
+            "(the role must be allowed to create databases), "
+            "or run `pip install pgserver` to use the embedded server."
+        ) from exc
+
+
+# Where the server came from: "ASGI_DBSET_TEST_DSN", "DATABASE_URL" or "embedded".
+DATABASE_URL, DATABASE_SOURCE = _server_url()
+
+_POOL = {"min_size": 2, "max_size": 8, "timeout": 10}
+
+DATABASES = {
+    "default": {
+        **django_database(
+            DATABASE_URL, pool=_POOL, application_name="asgi_dbset_tests"
+        ),
+        "TEST": {"NAME": "test_asgi_dbset"},
+    },
+    "other": {
+        **django_database(
+            DATABASE_URL, pool=_POOL, application_name="asgi_dbset_tests"
+        ),
+        "TEST": {"NAME": "test_asgi_dbset_other"},
+    },
+}
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "asgi_dbset",
+    "tests.testapp",
+]
+
+SECRET_KEY = "asgi-dbset-tests-not-secret"
+USE_TZ = True
+ROOT_URLCONF = "tests.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1"]
+MIDDLEWARE: list[str] = []
