@@ -37,6 +37,9 @@ def _server_url() -> tuple[str, str]:
 # Where the server came from: "ASGI_DBSET_TEST_DSN", "DATABASE_URL" or "embedded".
 DATABASE_URL, DATABASE_SOURCE = _server_url()
 
+# Lets two runs share one server (two checkouts, a matrix run beside a dev run).
+_SUFFIX = os.environ.get("ASGI_DBSET_TEST_DB_SUFFIX", "")
+
 _POOL = {"min_size": 2, "max_size": 8, "timeout": 10}
 
 DATABASES = {
@@ -44,13 +47,13 @@ DATABASES = {
         **django_database(
             DATABASE_URL, pool=_POOL, application_name="asgi_dbset_tests"
         ),
-        "TEST": {"NAME": "test_asgi_dbset"},
+        "TEST": {"NAME": f"test_asgi_dbset{_SUFFIX}"},
     },
     "other": {
         **django_database(
             DATABASE_URL, pool=_POOL, application_name="asgi_dbset_tests"
         ),
-        "TEST": {"NAME": "test_asgi_dbset_other"},
+        "TEST": {"NAME": f"test_asgi_dbset_other{_SUFFIX}"},
     },
 }
 

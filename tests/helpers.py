@@ -1,0 +1,33 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+from django.db import connections
+from django.db.models.expressions import RawSQL
+
+from tests.testapp.models import Author
+
+
+def sleeping(seconds: float, model: Any = Author) -> Any:
+    """A queryset whose evaluation spends ``seconds`` on the server (pg_sleep)."""
+    return model.objects.filter(id__gte=RawSQL("(SELECT 0 FROM pg_sleep(%s))", [seconds]))
+
+
+def pool_stats(alias: str = "default") -> dict[str, int]:
+    return dict(connections[alias].pool.get_stats())
+
+
+def checked_out(alias: str = "default") -> int:
+    stats = pool_stats(alias)
+    return stats.get("pool_size", 0) - stats.get("pool_available", 0)
+
+
+async def timed(awaitable: Awaitable[Any]) -> tuple[Any, float]:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await awaitable
+    return result, loop.time() - started
