@@ -7,14 +7,20 @@ from collections.abc import Awaitable
 from typing import Any
 
 from django.db import connections
+from django.db.models import BooleanField
 from django.db.models.expressions import RawSQL
 
 from tests.testapp.models import Author
 
 
 def sleeping(seconds: float, model: Any = Author) -> Any:
-    """A queryset whose evaluation spends ``seconds`` on the server (pg_sleep)."""
-    return model.objects.filter(id__gte=RawSQL("(SELECT 0 FROM pg_sleep(%s))", [seconds]))
+    """A queryset whose evaluation spends ``seconds`` on the server (pg_sleep).
+
+    The sleep is a one-time filter of the plan, so it runs once per query even
+    on an empty table.
+    """
+    gate = RawSQL("(SELECT true FROM pg_sleep(%s))", [seconds], output_field=BooleanField())
+    return model.objects.filter(gate)
 
 
 def pool_stats(alias: str = "default") -> dict[str, int]:
