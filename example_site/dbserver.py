@@ -11,7 +11,9 @@ This module must not touch Django settings: it is imported by settings modules.
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,13 +64,13 @@ def embedded_database_url() -> str:
                         message="XDG_RUNTIME_DIR is not set",
                         category=UserWarning,
                     )
-                    import pgserver
+                    from pgserver.postgres_server import get_server
             except ImportError as exc:
                 raise DatabaseServerError(
                     f"The embedded PostgreSQL server is not installed. {HOW_TO_PROVIDE}"
                 ) from exc
             try:
-                server = pgserver.get_server(PGDATA, cleanup_mode=None)
+                server = get_server(PGDATA, cleanup_mode=None)
                 _embedded_url = str(server.get_uri())
             except Exception as exc:
                 raise DatabaseServerError(
@@ -77,6 +79,28 @@ def embedded_database_url() -> str:
                     f"{HOW_TO_PROVIDE}"
                 ) from exc
         return _embedded_url
+
+
+def stop_embedded_server(timeout: float = 10.0) -> bool:
+    """Stop the embedded server of ``<repo>/.pgdata/``; False if it was not running."""
+    pidfile = PGDATA / "postmaster.pid"
+    try:
+        pid = int(pidfile.read_text().split()[0])
+        os.kill(pid, signal.SIGINT)  # PostgreSQL's "fast" shutdown
+    except (FileNotFoundError, IndexError, ValueError, ProcessLookupError):
+        print(f"No embedded PostgreSQL is running in {PGDATA}.")
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"Stopped the embedded PostgreSQL in {PGDATA}.")
+            return True
+        time.sleep(0.1)
+    raise DatabaseServerError(
+        f"The embedded PostgreSQL (pid {pid}) did not stop within {timeout} s."
+    )
 
 
 def django_database(

@@ -37,9 +37,8 @@ def test_django_connections_come_from_a_pool() -> None:
     assert pool.max_size == 8
     assert pool.timeout == 10
     assert pool.get_stats()["pool_size"] >= 1
-    assert connections["default"].connection.info.parameter_status(
-        "application_name"
-    ) == (b"asgi_dbset_tests")
+    info = connections["default"].connection.info
+    assert info.parameter_status("application_name") == "asgi_dbset_tests"
 
 
 def test_raw_psycopg_connection_is_postgresql() -> None:

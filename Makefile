@@ -1,0 +1,55 @@
+# asgi_dbset: `make demo` serves the example shop, `make test` runs the whole suite.
+#
+#   make demo                        .venv, migrations, seed data, uvicorn on :8000
+#   make test                        ruff, mypy, then pytest in every Django x Python cell
+#   make test PYTEST_ARGS="-k smoke" extra pytest arguments, passed to every cell
+#   make test CELLS=A                only some cells (A: Django 5.2/Py3.11,
+#                                    B: Django 6.1/Py3.12, C: Django 6.1/Py3.13)
+#   make test-embedded               smoke tests on the embedded server, main cell
+#   make db-stop                     stop the embedded PostgreSQL (.pgdata/)
+#
+# The server: ASGI_DBSET_TEST_DSN (tests) or DATABASE_URL; without them an embedded
+# PostgreSQL is started in .pgdata/ and left running for the next run.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+PYTEST_ARGS ?=
+CELLS ?= A,B,C
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+VENV := .venv
+VPY := $(VENV)/bin/python
+MATRIX := $(PYTHON) scripts/matrix.py --python $(PYTHON)
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo lint typecheck test test-embedded db-stop
+
+help:
+	@sed -n '1,13p' Makefile | sed 's/^# \{0,1\}//'
+
+venv:
+	@$(MATRIX) venv A
+
+demo: venv
+	$(VPY) -m example_site migrate --noinput
+	$(VPY) -m example_site seed_shop
+	@echo "Serving the example shop on http://$(HOST):$(PORT)/ (Ctrl-C stops it)"
+	$(VENV)/bin/uvicorn example_site.asgi:application --host $(HOST) --port $(PORT)
+
+lint: venv
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+typecheck: venv
+	$(VPY) -m mypy --strict asgi_dbset
+
+test: lint typecheck
+	$(MATRIX) test --cells $(CELLS) -- $(PYTEST_ARGS)
+
+test-embedded: venv
+	env -u ASGI_DBSET_TEST_DSN -u DATABASE_URL \
+		$(MATRIX) test --cells A -- -m embedded $(PYTEST_ARGS)
+
+db-stop: venv
+	$(VPY) -c 'from example_site.dbserver import stop_embedded_server; stop_embedded_server()'
