@@ -44,8 +44,14 @@ lint: venv
 typecheck: venv
 	$(VPY) -m mypy --strict asgi_dbset
 
-test: lint typecheck
-	$(MATRIX) test --cells $(CELLS) -- $(PYTEST_ARGS)
+# Every step runs even when an earlier one fails, so one run shows everything.
+test: venv
+	@failed=""; \
+	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \
+	$(MAKE) --no-print-directory typecheck || failed="$$failed typecheck"; \
+	$(MATRIX) test --cells $(CELLS) -- $(PYTEST_ARGS) || failed="$$failed pytest"; \
+	if [ -n "$$failed" ]; then echo "make test FAILED:$$failed"; exit 1; fi; \
+	echo "make test passed: lint, typecheck, pytest"
 
 test-embedded: venv
 	env -u ASGI_DBSET_TEST_DSN -u DATABASE_URL \
