@@ -54,6 +54,13 @@ def connection_set(
     )
 
 
+def _is_method_decorator_dummy(func: Callable[..., Any]) -> bool:
+    # method_decorator() applies the decorator once to a synchronous dummy, only
+    # to copy its attributes (Django 5.2); the real method is checked on the
+    # class, where the decorated coroutine is wrapped.
+    return getattr(func, "__module__", None) == "django.utils.decorators"
+
+
 class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
     """Run a view's (or a block's) ORM calls on up to ``n`` connections.
 
@@ -65,10 +72,11 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
 
     or around a block: ``async with db_parallelism(3): ...``.
 
-    Inside a request served through ``DBSetMiddleware`` it sets the request's
-    set to ``n`` for the view or block (then restores it); elsewhere - the
-    test clients, scripts - it opens a set of its own for that time. ``n`` is
-    capped by ``ASGI_DBSET["MAX_PARALLELISM"]``.
+    Inside a request served through ``DBSetMiddleware``, the decorator sets the
+    request's parallelism to ``n`` for the rest of the request (a streaming body
+    included), and the block form sets it for the block, then restores it.
+    Elsewhere - the test clients, scripts - either opens a set of its own for
+    the view or block. ``n`` is capped by ``ASGI_DBSET["MAX_PARALLELISM"]``.
     """
 
     def __init__(self, n: int) -> None:
@@ -87,7 +95,7 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
                 f"@db_parallelism({self.n}) decorates an async view; got {view!r}. "
                 f"Write @db_parallelism({self.n}) directly above `async def`."
             )
-        if not iscoroutinefunction(view):
+        if not iscoroutinefunction(view) and not _is_method_decorator_dummy(view):
             name = getattr(view, "__qualname__", repr(view))
             raise TypeError(
                 f"@db_parallelism({self.n}) needs an async view, but {name} is "
@@ -98,6 +106,11 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
 
         @functools.wraps(view)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            dbset = active_set()
+            if dbset is not None:
+                # The request's parallelism from here on, streaming body included.
+                dbset.parallelism = min(self.n, conf.MAX_PARALLELISM)
+                return await view(*args, **kwargs)
             async with self:
                 return await view(*args, **kwargs)
 

@@ -1,5 +1,14 @@
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver
+from django.urls import URLPattern, URLResolver, path
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from tests import views
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("dashboard/", views.dashboard),
+    path("plain/", views.plain),
+    path("cbv/", views.DashboardView.as_view()),
+    path("cbv-as-view/", views.db_parallelism(3)(views.PlainView.as_view())),
+    path("stream/", views.stream),
+    path("fail/", views.fail),
+]

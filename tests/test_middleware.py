@@ -1,0 +1,211 @@
+"""DBSetMiddleware around Django's handler and around a Starlette app."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+from django.conf import settings
+from django.core.asgi import get_asgi_application
+from django.db.backends.postgresql.base import DatabaseWrapper
+
+from asgi_dbset import DBSetMiddleware, active_set
+from asgi_dbset.budget import budget
+from asgi_dbset.types import Message, Receive, Scope, Send
+from tests.asgi import request
+from tests.helpers import checked_out, timed
+from tests.starlette_app import starlette_app
+from tests.testapp.models import Author, Book, Tag
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def django_app() -> DBSetMiddleware:
+    return DBSetMiddleware(get_asgi_application())
+
+
+@pytest.fixture
+def rows(transactional_db: None) -> None:
+    author = Author.objects.create(name="a")
+    Book.objects.create(title="b", author=author)
+    Book.objects.create(title="c", author=author)
+    Tag.objects.create(name="t")
+
+
+EXPECTED = {"authors": 1, "books": 2, "tags": 1}
+
+
+def _counts(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: data[key] for key in EXPECTED}
+
+
+@pytest.mark.usefixtures("rows")
+@pytest.mark.parametrize("path", ["/dashboard/", "/cbv/", "/cbv-as-view/"])
+async def test_django_views_run_in_parallel(django_app: DBSetMiddleware, path: str) -> None:
+    response, parallel = await timed(request(django_app, path, "sleep=0.2"))
+    assert response.status == 200, response.body
+    assert _counts(response.json()) == EXPECTED
+    assert response.json()["lanes_used"] == 3
+    # The same view without the decorator, side by side: one query at a time.
+    plain, serial = await timed(request(django_app, "/plain/", "sleep=0.2"))
+    assert _counts(plain.json()) == EXPECTED
+    assert plain.json()["parallelism"] == 1
+    assert parallel < serial / 2, (parallel, serial)
+
+
+@pytest.mark.usefixtures("rows")
+async def test_the_same_view_in_a_starlette_app() -> None:
+    app = DBSetMiddleware(starlette_app)
+    before = checked_out()
+    response, parallel = await timed(request(app, "/dashboard", "sleep=0.2"))
+    assert response.status == 200
+    assert _counts(response.json()) == EXPECTED
+    assert response.json()["lanes_used"] == 3
+    plain, serial = await timed(request(app, "/plain", "sleep=0.2"))
+    assert _counts(plain.json()) == EXPECTED
+    assert parallel < serial / 2, (parallel, serial)
+    # The middleware gave each Starlette request its own thread and connection,
+    # and returned that connection at the end, as Django's handler does.
+    assert checked_out() == before
+    assert budget.total == 0
+
+
+@pytest.mark.usefixtures("rows")
+async def test_a_streaming_response_keeps_its_lanes_until_the_body_is_sent(
+    django_app: DBSetMiddleware,
+) -> None:
+    during: list[int] = []
+    response = await request(
+        django_app, "/stream/", "chunks=4", on_chunk=lambda _: during.append(budget.total)
+    )
+    assert response.status == 200
+    lines = response.body.decode().splitlines()
+    assert len(lines) == 4
+    # Every chunk was made while the request still held its extra lanes...
+    assert all("lanes=3" in line for line in lines), lines
+    assert min(during) >= 2
+    # ...and they went back once the body was complete.
+    assert budget.total == 0
+
+
+async def test_a_view_raising_while_its_siblings_run(django_app: DBSetMiddleware) -> None:
+    response = await request(django_app, "/fail/")
+    assert response.status == 500
+    assert budget.total == 0
+
+
+def _active_sleeps() -> int:
+    name = settings.DATABASES["default"]["NAME"]
+    with psycopg.connect(settings.DATABASE_URL, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
+            "AND query LIKE %s AND pid <> pg_backend_pid()",
+            [name, "%pg_sleep%"],
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.mark.usefixtures("rows")
+async def test_a_client_disconnect_cancels_the_queries_on_the_server(
+    django_app: DBSetMiddleware,
+) -> None:
+    task = asyncio.ensure_future(
+        request(django_app, "/dashboard/", "sleep=20", disconnect_after=0.5)
+    )
+    await asyncio.sleep(0.3)
+    assert await asyncio.to_thread(_active_sleeps) == 3
+    _, elapsed = await timed(task)
+    assert elapsed < 5
+    for _ in range(50):
+        if await asyncio.to_thread(_active_sleeps) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await asyncio.to_thread(_active_sleeps) == 0
+    assert budget.total == 0
+
+
+@pytest.mark.usefixtures("rows")
+async def test_many_requests_against_a_small_pool(django_app: DBSetMiddleware) -> None:
+    max_size = settings.DATABASES["default"]["OPTIONS"]["pool"]["max_size"]
+    samples: list[int] = []
+
+    async def sample() -> None:
+        while True:
+            samples.append(checked_out())
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.ensure_future(sample())
+    try:
+        responses = await asyncio.wait_for(
+            asyncio.gather(
+                *(request(django_app, "/dashboard/", "sleep=0.05") for _ in range(24))
+            ),
+            timeout=30,
+        )
+    finally:
+        sampler.cancel()
+    assert [r.status for r in responses] == [200] * 24
+    assert all(_counts(r.json()) == EXPECTED for r in responses)
+    assert max(samples) <= max_size
+    assert budget.total == 0
+
+
+class Recorder:
+    """A bare ASGI app that records what it was called with."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.calls.append((scope["type"], active_set()))
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept"})
+
+
+async def test_websocket_and_unknown_scopes_pass_through_without_a_set() -> None:
+    app = Recorder()
+    middleware = DBSetMiddleware(app)
+    messages: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    await middleware({"type": "websocket", "path": "/ws"}, receive, send)
+    await middleware({"type": "something-new"}, receive, send)
+    assert app.calls == [("websocket", None), ("something-new", None)]
+    assert messages == [{"type": "websocket.accept"}]
+
+
+async def _run_lifespan(app: Any) -> list[Message]:
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+    sent: list[Message] = []
+    for message in ({"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}):
+        inbox.put_nowait(message)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "lifespan.startup.complete":
+            # Between startup and shutdown, the pools are open.
+            assert DatabaseWrapper._connection_pools
+            assert all(not p.closed for p in DatabaseWrapper._connection_pools.values())
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send)
+    return sent
+
+
+@pytest.mark.parametrize("which", ["django", "starlette"])
+async def test_lifespan_opens_and_closes_the_pools(which: str) -> None:
+    inner = get_asgi_application() if which == "django" else starlette_app
+    sent = await _run_lifespan(DBSetMiddleware(inner))
+    assert [m["type"] for m in sent] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    assert DatabaseWrapper._connection_pools == {}

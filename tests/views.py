@@ -1,0 +1,80 @@
+"""Views the tests serve through Django's handler, the test clients and Starlette."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.utils.decorators import method_decorator
+from django.views import View
+
+from asgi_dbset import active_set, db_parallelism
+from asgi_dbset.budget import budget
+from tests.helpers import sleeping
+from tests.testapp.models import Author, Book, Tag
+
+
+async def dashboard_data(sleep: float = 0.0) -> dict[str, Any]:
+    """Three independent queries, gathered; shared by the Django and Starlette views."""
+    authors, books, tags = await asyncio.gather(
+        sleeping(sleep).acount() if sleep else Author.objects.acount(),
+        sleeping(sleep, Book).acount() if sleep else Book.objects.acount(),
+        sleeping(sleep, Tag).acount() if sleep else Tag.objects.acount(),
+    )
+    dbset = active_set()
+    return {
+        "authors": authors,
+        "books": books,
+        "tags": tags,
+        "lanes_used": dbset.lanes_used if dbset else 0,
+        "parallelism": dbset.parallelism if dbset else 0,
+    }
+
+
+def _sleep(request: HttpRequest) -> float:
+    return float(request.GET.get("sleep", "0"))
+
+
+@db_parallelism(3)
+async def dashboard(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(await dashboard_data(_sleep(request)))
+
+
+async def plain(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(await dashboard_data(_sleep(request)))
+
+
+class DashboardView(View):
+    @method_decorator(db_parallelism(3))
+    async def get(self, request: HttpRequest) -> JsonResponse:
+        return JsonResponse(await dashboard_data(_sleep(request)))
+
+
+class PlainView(View):
+    async def get(self, request: HttpRequest) -> JsonResponse:
+        return JsonResponse(await dashboard_data(_sleep(request)))
+
+
+async def _stream_rows(chunks: int) -> AsyncIterator[str]:
+    for i in range(chunks):
+        data = await dashboard_data(0.02)
+        dbset = active_set()
+        # What the set holds while the body is still being sent.
+        yield f"{i} lanes={len(dbset.lanes) if dbset else 0} budget={budget.total} {data['authors']}\n"
+
+
+@db_parallelism(3)
+async def stream(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(_stream_rows(int(request.GET.get("chunks", "3"))))
+
+
+async def fail(request: HttpRequest) -> HttpResponse:
+    async def boom() -> None:
+        await asyncio.sleep(0.01)
+        raise RuntimeError("view failed while its siblings ran")
+
+    async with db_parallelism(3):
+        await asyncio.gather(sleeping(0.2).acount(), sleeping(0.2, Book).acount(), boom())
+    return HttpResponse("unreachable")
