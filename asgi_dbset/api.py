@@ -82,8 +82,8 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
     def __init__(self, n: int) -> None:
         self.n = validate_parallelism(n, what="db_parallelism(n)")
         # One stack per task, so one instance may be entered concurrently.
-        self._entered: ContextVar[tuple[tuple[ConnectionSet, int | None], ...]] = ContextVar(
-            "asgi_dbset.db_parallelism", default=()
+        self._entered: ContextVar[tuple[tuple[ConnectionSet, int | None], ...]] = (
+            ContextVar("asgi_dbset.db_parallelism", default=())
         )
 
     def __repr__(self) -> str:

@@ -25,7 +25,9 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_settings(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     raw = getattr(settings, "ASGI_DBSET", {})
     if not isinstance(raw, dict):
         return [
@@ -39,8 +41,18 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
     for key in raw:
         if key not in DEFAULTS:
             close = difflib.get_close_matches(str(key), DEFAULTS, n=1)
-            hint = f"Did you mean {close[0]!r}?" if close else f"Known keys: {', '.join(DEFAULTS)}."
-            errors.append(Error(f"ASGI_DBSET has an unknown key {key!r}.", hint=hint, id="asgi_dbset.E002"))
+            hint = (
+                f"Did you mean {close[0]!r}?"
+                if close
+                else f"Known keys: {', '.join(DEFAULTS)}."
+            )
+            errors.append(
+                Error(
+                    f"ASGI_DBSET has an unknown key {key!r}.",
+                    hint=hint,
+                    id="asgi_dbset.E002",
+                )
+            )
     values = {**DEFAULTS, **raw}
 
     default, maximum = values["DEFAULT_PARALLELISM"], values["MAX_PARALLELISM"]
@@ -79,7 +91,11 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
         )
 
     lease_timeout = values["LEASE_TIMEOUT"]
-    if isinstance(lease_timeout, bool) or not isinstance(lease_timeout, int | float) or lease_timeout < 0:
+    if (
+        isinstance(lease_timeout, bool)
+        or not isinstance(lease_timeout, int | float)
+        or lease_timeout < 0
+    ):
         errors.append(
             Error(
                 f"ASGI_DBSET['LEASE_TIMEOUT'] must be a number of seconds, 0 or more, "
@@ -141,7 +157,9 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
     return errors
 
 
-def check_routing(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_routing(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     return [
         Warning(
             f"asgi_dbset could not route the async ORM calls of {name}: its "

@@ -13,4 +13,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .dbset import ConnectionSet
 
-current_set: ContextVar[ConnectionSet | None] = ContextVar("asgi_dbset.current_set", default=None)
+current_set: ContextVar[ConnectionSet | None] = ContextVar(
+    "asgi_dbset.current_set", default=None
+)

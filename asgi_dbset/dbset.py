@@ -51,7 +51,9 @@ from .workers import workers
 logger = logging.getLogger("asgi_dbset")
 
 #: aiterator() generators whose cursor was closed with a lane's connection.
-orphaned_cursors: weakref.WeakSet[types.GeneratorType[Any, None, None]] = weakref.WeakSet()
+orphaned_cursors: weakref.WeakSet[types.GeneratorType[Any, None, None]] = (
+    weakref.WeakSet()
+)
 
 # The most calls a set keeps a record of (for introspection and timelines).
 _MAX_RECORDS = 512
@@ -101,10 +103,16 @@ class ConnectionSet:
 
     def __init__(self, *, parallelism: int = 1, lease_timeout: float = 0.1) -> None:
         self._parallelism = validate_parallelism(parallelism)
-        if isinstance(lease_timeout, bool) or not isinstance(lease_timeout, int | float):
-            raise TypeError(f"lease_timeout must be a number of seconds, not {lease_timeout!r}.")
+        if isinstance(lease_timeout, bool) or not isinstance(
+            lease_timeout, int | float
+        ):
+            raise TypeError(
+                f"lease_timeout must be a number of seconds, not {lease_timeout!r}."
+            )
         if lease_timeout < 0:
-            raise ValueError(f"lease_timeout must be 0 or more seconds, not {lease_timeout!r}.")
+            raise ValueError(
+                f"lease_timeout must be 0 or more seconds, not {lease_timeout!r}."
+            )
         self.lease_timeout = float(lease_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: Token[ConnectionSet | None] | None = None
@@ -117,7 +125,9 @@ class ConnectionSet:
         # Aliases whose lane-0 connection is inside a transaction; None until
         # lane 0 has reported (no extra lane is used before that).
         self._in_transaction: frozenset[str] | None = None
-        self._cursors: weakref.WeakKeyDictionary[Any, Lane] = weakref.WeakKeyDictionary()
+        self._cursors: weakref.WeakKeyDictionary[Any, Lane] = (
+            weakref.WeakKeyDictionary()
+        )
         self._background: set[asyncio.Future[Any]] = set()
         self._next_index = 1
         self.records: list[CallRecord] = []
@@ -178,7 +188,9 @@ class ConnectionSet:
     def open(self) -> None:
         """Bind the set to the running loop. Leases nothing: lanes come on demand."""
         if self._loop is not None:
-            raise RuntimeError("This ConnectionSet was already opened; create a new one.")
+            raise RuntimeError(
+                "This ConnectionSet was already opened; create a new one."
+            )
         self._loop = asyncio.get_running_loop()
         stats.incr("sets_opened")
         stats.incr("sets_open")
@@ -212,7 +224,8 @@ class ConnectionSet:
                 if pinned is lane:
                     orphaned_cursors.add(gen)
         results = await asyncio.gather(
-            *(self._retire(lane, close_cursors=True) for lane in extra), return_exceptions=True
+            *(self._retire(lane, close_cursors=True) for lane in extra),
+            return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException):
@@ -221,7 +234,9 @@ class ConnectionSet:
     async def _retire(self, lane: PooledLane, *, close_cursors: bool = False) -> None:
         try:
             if close_cursors:
-                cursors = [gen for gen, pinned in list(self._cursors.items()) if pinned is lane]
+                cursors = [
+                    gen for gen, pinned in list(self._cursors.items()) if pinned is lane
+                ]
                 if cursors:
                     await asyncio.get_running_loop().run_in_executor(
                         lane.worker, _close_generators, cursors
@@ -255,7 +270,9 @@ class ConnectionSet:
             stats.incr("fallbacks")
             return await stock_sync_to_async(func)(*args, **kwargs)
         started = time.perf_counter()
-        record = CallRecord(lane.index, target.alias, getattr(func, "__name__", "?"), queued, started)
+        record = CallRecord(
+            lane.index, target.alias, getattr(func, "__name__", "?"), queued, started
+        )
         self.calls += 1
         self.wait_time += started - queued
         if len(self.records) < _MAX_RECORDS:
@@ -267,7 +284,9 @@ class ConnectionSet:
         elif target.cursor is not None or target.alias in (self._in_transaction or ()):
             stats.incr("pinned_calls")
         try:
-            result = await lane.run(func, args, kwargs, target.alias, self._abandoned_done)
+            result = await lane.run(
+                func, args, kwargs, target.alias, self._abandoned_done
+            )
         except asyncio.CancelledError:
             if lane.give_up():
                 self._abandon(lane)

@@ -230,7 +230,9 @@ class PooledLane(Lane):
         """Return every connection of the worker thread to its pool, after the
         calls already queued on it, and give the worker back."""
         try:
-            await asyncio.get_running_loop().run_in_executor(self.worker, release_thread_connections)
+            await asyncio.get_running_loop().run_in_executor(
+                self.worker, release_thread_connections
+            )
         finally:
             workers.release(self.worker)
 
@@ -249,7 +251,8 @@ def release_thread_connections() -> None:
             if conn.broken or conn.closed:
                 stats.incr("connections_discarded")
                 logger.warning(
-                    "asgi_dbset: discarding a broken connection of database %r", wrapper.alias
+                    "asgi_dbset: discarding a broken connection of database %r",
+                    wrapper.alias,
                 )
             elif conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 stats.incr("rollbacks")

@@ -41,9 +41,17 @@ def sync_to_async(
     Only the plain thread-sensitive form is routed; any other form is
     asgiref's own.
     """
-    if func is None or not thread_sensitive or context is not None or executor is not None:
+    if (
+        func is None
+        or not thread_sensitive
+        or context is not None
+        or executor is not None
+    ):
         return stock_sync_to_async(
-            func, thread_sensitive=thread_sensitive, context=context, executor=executor
+            func,  # type: ignore[arg-type]
+            thread_sensitive=thread_sensitive,
+            context=context,
+            executor=executor,
         )
 
     def routed(*args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:

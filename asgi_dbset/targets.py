@@ -65,7 +65,9 @@ def _generator_alias(gen: types.GeneratorType[Any, None, None]) -> str:
     return DEFAULT_DB_ALIAS
 
 
-def target_of(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Target | None:
+def target_of(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Target | None:
     """Return where *func* will run its queries, or None when it is no ORM call
     this library knows (the call then runs as stock Django)."""
     owner = getattr(func, "__self__", None)
@@ -88,8 +90,8 @@ def target_of(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     if func is prefetch_related_objects:
         instances = args[0] if args else kwargs.get("model_instances")
         first = next(iter(instances), None) if instances else None
-        alias = first._state.db if isinstance(first, Model) else None
-        return Target(str(alias or DEFAULT_DB_ALIAS))
+        instance_db = first._state.db if isinstance(first, Model) else None
+        return Target(str(instance_db or DEFAULT_DB_ALIAS))
     if args and isinstance(args[0], types.GeneratorType):
         return Target(_generator_alias(args[0]), cursor=args[0])
     return None

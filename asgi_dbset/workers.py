@@ -38,9 +38,7 @@ class Worker(Executor):
     def __repr__(self) -> str:
         return f"<Worker {self.name} alive={self._thread.is_alive()}>"
 
-    def submit(  # type: ignore[override]
-        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
-    ) -> Future[T]:
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
         self._queue.put((future, fn, args, kwargs))
         return future

@@ -19,7 +19,9 @@ def sleeping(seconds: float, model: Any = Author) -> Any:
     The sleep is a one-time filter of the plan, so it runs once per query even
     on an empty table.
     """
-    gate = RawSQL("(SELECT true FROM pg_sleep(%s))", [seconds], output_field=BooleanField())
+    gate = RawSQL(
+        "(SELECT true FROM pg_sleep(%s))", [seconds], output_field=BooleanField()
+    )
     return model.objects.filter(gate)
 
 

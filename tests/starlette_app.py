@@ -24,4 +24,6 @@ async def plain(request: Request) -> JSONResponse:
     return JSONResponse(await dashboard_data(_sleep(request)))
 
 
-starlette_app = Starlette(routes=[Route("/dashboard", dashboard), Route("/plain", plain)])
+starlette_app = Starlette(
+    routes=[Route("/dashboard", dashboard), Route("/plain", plain)]
+)

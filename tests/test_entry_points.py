@@ -43,7 +43,9 @@ def discovered() -> set[str]:
     from django.db.models.manager import Manager
 
     found = {f"QuerySet.{n}" for n in _async_names(QuerySet)} | {"QuerySet.__aiter__"}
-    found |= {f"RawQuerySet.{n}" for n in _async_names(RawQuerySet)} | {"RawQuerySet.__aiter__"}
+    found |= {f"RawQuerySet.{n}" for n in _async_names(RawQuerySet)} | {
+        "RawQuerySet.__aiter__"
+    }
     found |= {f"Model.{n}" for n in _async_names(Model)}
     for label, factory, rel in (
         ("ReverseFK", create_reverse_many_to_one_manager, Book.reviews.rel),
@@ -123,9 +125,14 @@ async def model_arefresh(key: str) -> Any:
 
 
 async def prefetch(key: str) -> Any:
-    authors = [a async for a in Author.objects.filter(name__in=["a1", "a2"]).order_by("name")]
+    authors = [
+        a async for a in Author.objects.filter(name__in=["a1", "a2"]).order_by("name")
+    ]
     await aprefetch_related_objects(authors, "books")
-    return [sorted(b.title for b in a.books.all() if not b.title.startswith("fresh")) for a in authors]
+    return [
+        sorted(b.title for b in a.books.all() if not b.title.startswith("fresh"))
+        for a in authors
+    ]
 
 
 async def aiterate(key: str) -> Any:
@@ -231,7 +238,9 @@ async def _loose_note(text: str) -> Note:
     # Not content_object=...: resolving it may query synchronously.
     author_type = await ContentType.objects.aget(app_label="testapp", model="author")
     author = await _author()
-    return await Note.objects.acreate(text=text, content_type=author_type, object_id=author.pk)
+    return await Note.objects.acreate(
+        text=text, content_type=author_type, object_id=author.pk
+    )
 
 
 async def gen_add(key: str) -> Any:
@@ -283,30 +292,40 @@ async def gen_update_or_create(key: str) -> Any:
 RECIPES: dict[str, Recipe] = {
     "QuerySet.aaggregate": lambda k: seeded().aaggregate(total=Sum("pages")),
     "QuerySet.abulk_create": lambda k: _count(
-        Author.objects.abulk_create([Author(name=f"bulk-{k}-1"), Author(name=f"bulk-{k}-2")])
+        Author.objects.abulk_create(
+            [Author(name=f"bulk-{k}-1"), Author(name=f"bulk-{k}-2")]
+        )
     ),
     "QuerySet.abulk_update": qs_bulk_update,
     "QuerySet.acontains": lambda k: _contains(),
     "QuerySet.acount": lambda k: seeded().acount(),
-    "QuerySet.acreate": lambda k: _name_prefix(Author.objects.acreate(name=f"created-{k}")),
+    "QuerySet.acreate": lambda k: _name_prefix(
+        Author.objects.acreate(name=f"created-{k}")
+    ),
     "QuerySet.adelete": qs_delete,
     "QuerySet.aearliest": lambda k: _title(seeded().aearliest("pages")),
     "QuerySet.aexists": lambda k: Book.objects.filter(pages__gt=100).aexists(),
     "QuerySet.aexplain": lambda k: _explain(),
     "QuerySet.afirst": lambda k: _title(seeded().order_by("title").afirst()),
     "QuerySet.aget": lambda k: _title(Book.objects.aget(title="b2")),
-    "QuerySet.aget_or_create": lambda k: _created(Tag.objects.aget_or_create(name=f"goc-{k}")),
+    "QuerySet.aget_or_create": lambda k: _created(
+        Tag.objects.aget_or_create(name=f"goc-{k}")
+    ),
     "QuerySet.ain_bulk": lambda k: _in_bulk(),
     "QuerySet.aiterator": aiterate,
     "QuerySet.alast": lambda k: _title(seeded().order_by("title").alast()),
     "QuerySet.alatest": lambda k: _title(seeded().alatest("pages")),
-    "QuerySet.aupdate": lambda k: Book.objects.filter(title="b1").aupdate(pages=F("pages")),
+    "QuerySet.aupdate": lambda k: Book.objects.filter(title="b1").aupdate(
+        pages=F("pages")
+    ),
     "QuerySet.aupdate_or_create": lambda k: _created(
         Tag.objects.aupdate_or_create(name=f"uoc-{k}", defaults={})
     ),
     "QuerySet.__aiter__": lambda k: _titles(seeded().order_by("title")),
     "RawQuerySet.__aiter__": lambda k: _titles(
-        Book.objects.raw("SELECT * FROM testapp_book WHERE title LIKE 'b_' ORDER BY title")
+        Book.objects.raw(
+            "SELECT * FROM testapp_book WHERE title LIKE 'b_' ORDER BY title"
+        )
     ),
     "Model.asave": model_asave,
     "Model.adelete": model_adelete,
@@ -358,7 +377,9 @@ async def _created(aw: Awaitable[tuple[Any, bool]]) -> bool:
 
 
 async def _in_bulk() -> list[str]:
-    found = await Tag.objects.filter(name__in=["red", "blue"]).ain_bulk(field_name="name")
+    found = await Tag.objects.filter(name__in=["red", "blue"]).ain_bulk(
+        field_name="name"
+    )
     return sorted(found)
 
 

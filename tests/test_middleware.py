@@ -44,7 +44,9 @@ def _counts(data: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.usefixtures("rows")
 @pytest.mark.parametrize("path", ["/dashboard/", "/cbv/", "/cbv-as-view/"])
-async def test_django_views_run_in_parallel(django_app: DBSetMiddleware, path: str) -> None:
+async def test_django_views_run_in_parallel(
+    django_app: DBSetMiddleware, path: str
+) -> None:
     response, parallel = await timed(request(django_app, path, "sleep=0.2"))
     assert response.status == 200, response.body
     assert _counts(response.json()) == EXPECTED
@@ -79,7 +81,10 @@ async def test_a_streaming_response_keeps_its_lanes_until_the_body_is_sent(
 ) -> None:
     during: list[int] = []
     response = await request(
-        django_app, "/stream/", "chunks=4", on_chunk=lambda _: during.append(budget.total)
+        django_app,
+        "/stream/",
+        "chunks=4",
+        on_chunk=lambda _: during.append(budget.total),
     )
     assert response.status == 200
     lines = response.body.decode().splitlines()
@@ -91,7 +96,9 @@ async def test_a_streaming_response_keeps_its_lanes_until_the_body_is_sent(
     assert budget.total == 0
 
 
-async def test_a_view_raising_while_its_siblings_run(django_app: DBSetMiddleware) -> None:
+async def test_a_view_raising_while_its_siblings_run(
+    django_app: DBSetMiddleware,
+) -> None:
     response = await request(django_app, "/fail/")
     assert response.status == 500
     assert budget.total == 0
@@ -196,7 +203,9 @@ async def _run_lifespan(app: Any) -> list[Message]:
             assert DatabaseWrapper._connection_pools
             assert all(not p.closed for p in DatabaseWrapper._connection_pools.values())
 
-    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send)
+    await app(
+        {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send
+    )
     return sent
 
 

@@ -56,7 +56,8 @@ async def sample_while(
 async def test_a_set_never_holds_more_lanes_than_its_parallelism() -> None:
     async with connection_set(parallelism=3) as dbset:
         results, lanes = await sample_while(
-            gather_sleeps(9, 0.05), lambda: len(dbset.lanes) + sum(dbset._growing.values())
+            gather_sleeps(9, 0.05),
+            lambda: len(dbset.lanes) + sum(dbset._growing.values()),
         )
         assert results == [0] * 9
         assert max(lanes) <= 3

@@ -76,5 +76,7 @@ async def fail(request: HttpRequest) -> HttpResponse:
         raise RuntimeError("view failed while its siblings ran")
 
     async with db_parallelism(3):
-        await asyncio.gather(sleeping(0.2).acount(), sleeping(0.2, Book).acount(), boom())
+        await asyncio.gather(
+            sleeping(0.2).acount(), sleeping(0.2, Book).acount(), boom()
+        )
     return HttpResponse("unreachable")

@@ -32,7 +32,9 @@ class Tag(models.Model):
 class Review(models.Model):
     """A nullable FK, so the reverse manager has aremove() and aclear()."""
 
-    book = models.ForeignKey(Book, null=True, on_delete=models.SET_NULL, related_name="reviews")
+    book = models.ForeignKey(
+        Book, null=True, on_delete=models.SET_NULL, related_name="reviews"
+    )
     stars = models.IntegerField(default=3)
 
 
@@ -40,7 +42,9 @@ class Note(models.Model):
     """A generic relation target: Author.notes is a generic related manager."""
 
     text = models.CharField(max_length=100)
-    content_type = models.ForeignKey("contenttypes.ContentType", on_delete=models.CASCADE)
+    content_type = models.ForeignKey(
+        "contenttypes.ContentType", on_delete=models.CASCADE
+    )
     object_id = models.PositiveBigIntegerField(null=True)
     content_object = GenericForeignKey("content_type", "object_id")
 

@@ -1,0 +1,116 @@
+"""One test per system check id, and `manage.py check` failing on errors."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import warnings
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import override_settings
+
+from asgi_dbset import DBSetMiddleware
+from asgi_dbset.checks import check_settings
+
+
+def ids(**overrides: Any) -> list[str]:
+    """The ids the checks report under ``overrides``, one per distinct id."""
+    with warnings.catch_warnings():
+        # Django warns that overriding DATABASES is unusual; here it is the point.
+        warnings.filterwarnings("ignore", "Overriding setting DATABASES", UserWarning)
+        with override_settings(**overrides):
+            return sorted({str(message.id) for message in check_settings()})
+
+
+def databases(**changes: Any) -> dict[str, Any]:
+    """The test DATABASES with ``changes`` applied to 'default'."""
+    dbs = copy.deepcopy(settings.DATABASES)
+    for key, value in changes.items():
+        if key == "pool":
+            if value is None:
+                dbs["default"]["OPTIONS"].pop("pool")
+            else:
+                dbs["default"]["OPTIONS"]["pool"] = value
+        else:
+            dbs["default"][key] = value
+    return dbs
+
+
+def test_the_test_settings_pass() -> None:
+    assert check_settings() == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ([("DEFAULT_PARALLELISM", 2)], "asgi_dbset.E001"),
+        ({"MAX_PARALELISM": 4}, "asgi_dbset.E002"),
+        ({"DEFAULT_PARALLELISM": 0}, "asgi_dbset.E003"),
+        ({"DEFAULT_PARALLELISM": True}, "asgi_dbset.E003"),
+        ({"MAX_PARALLELISM": "8"}, "asgi_dbset.E004"),
+        ({"MAX_PARALLELISM": -1}, "asgi_dbset.E004"),
+        ({"DEFAULT_PARALLELISM": 4, "MAX_PARALLELISM": 2}, "asgi_dbset.E005"),
+        ({"BUDGET": 0}, "asgi_dbset.E006"),
+        ({"BUDGET": 2.5}, "asgi_dbset.E006"),
+        ({"LEASE_TIMEOUT": -1}, "asgi_dbset.E007"),
+        ({"LEASE_TIMEOUT": "fast"}, "asgi_dbset.E007"),
+        ({"BUDGET": 8}, "asgi_dbset.E010"),
+    ],
+)
+def test_bad_asgi_dbset_settings(setting: Any, expected: str) -> None:
+    assert ids(ASGI_DBSET=setting) == [expected]
+
+
+def test_unknown_key_suggests_the_right_one() -> None:
+    with override_settings(ASGI_DBSET={"MAX_PARALELISM": 4}):
+        (message,) = check_settings()
+    assert "MAX_PARALLELISM" in str(message.hint)
+
+
+def test_an_alias_without_a_pool() -> None:
+    assert ids(DATABASES=databases(pool=None)) == ["asgi_dbset.E008"]
+    # Without parallelism there is nothing to pool for.
+    assert ids(DATABASES=databases(pool=None), ASGI_DBSET={"MAX_PARALLELISM": 1}) == []
+
+
+def test_conn_max_age_with_a_pool() -> None:
+    assert ids(DATABASES=databases(CONN_MAX_AGE=60)) == ["asgi_dbset.E009"]
+
+
+def test_a_non_postgresql_alias_is_a_warning() -> None:
+    dbs = copy.deepcopy(settings.DATABASES)
+    dbs["legacy"] = {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
+    assert ids(DATABASES=dbs) == ["asgi_dbset.W002"]
+
+
+def test_check_command_fails_on_errors() -> None:
+    with override_settings(ASGI_DBSET={"MAX_PARALLELISM": 0}):
+        with pytest.raises(SystemCheckError, match=r"asgi_dbset\.E004"):
+            call_command("check")
+
+
+def test_manage_py_check_fails_in_a_fresh_process() -> None:
+    code = (
+        "import django; from django.conf import settings; import tests.settings as s;"
+        "settings.configure(**{k: getattr(s, k) for k in dir(s) if k.isupper()},"
+        " ASGI_DBSET={'BUDGET': 'lots'});"
+        "django.setup()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    # AppConfig.ready refuses to start with a serious misconfiguration.
+    assert result.returncode != 0
+    assert "asgi_dbset.E006" in result.stderr
+
+
+def test_the_middleware_refuses_bad_settings_at_startup() -> None:
+    with override_settings(ASGI_DBSET={"DEFAULT_PARALLELISM": 0}):
+        with pytest.raises(ImproperlyConfigured, match=r"asgi_dbset\.E003"):
+            DBSetMiddleware(lambda scope, receive, send: None)  # type: ignore[arg-type, return-value]
