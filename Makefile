@@ -6,7 +6,7 @@
 #   make test CELLS=A                only some cells (A: Django 5.2/Py3.11,
 #                                    B: Django 6.1/Py3.12, C: Django 6.1/Py3.13)
 #   make test-embedded               smoke tests on the embedded server, main cell
-#   make db-stop                     stop the embedded PostgreSQL (.pgdata/)
+#   make db-start, make db-stop      start/stop the embedded PostgreSQL (.pgdata/)
 #
 # The server: ASGI_DBSET_TEST_DSN (tests) or DATABASE_URL; without them an embedded
 # PostgreSQL is started in .pgdata/ and left running for the next run.
@@ -23,7 +23,7 @@ VPY := $(VENV)/bin/python
 MATRIX := $(PYTHON) scripts/matrix.py --python $(PYTHON)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo lint typecheck test test-embedded db-stop
+.PHONY: help venv demo lint typecheck test test-embedded db-start db-stop
 
 help:
 	@sed -n '1,13p' Makefile | sed 's/^# \{0,1\}//'
@@ -48,12 +48,18 @@ typecheck: venv
 test: venv
 	@failed=""; \
 	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \
+	$(MAKE) --no-print-directory db-start || failed="$$failed db-start"; \
 	$(MAKE) --no-print-directory typecheck || failed="$$failed typecheck"; \
 	$(MATRIX) test --cells $(CELLS) -- $(PYTEST_ARGS) || failed="$$failed pytest"; \
 	if [ -n "$$failed" ]; then echo "make test FAILED:$$failed"; exit 1; fi; \
 	echo "make test passed: lint, typecheck, pytest"
 
-test-embedded: venv
+# The embedded server is started from .venv before any cell runs: the embedded
+# smoke tests use it in every cell, and pgserver cannot be installed on Python 3.13.
+db-start: venv
+	@env -u DATABASE_URL $(VPY) -m example_site.dbserver
+
+test-embedded: db-start
 	env -u ASGI_DBSET_TEST_DSN -u DATABASE_URL \
 		$(MATRIX) test --cells A -- -m embedded $(PYTEST_ARGS)
 

@@ -50,7 +50,9 @@ def embedded_database_url() -> str:
     """Start the embedded server in ``<repo>/.pgdata/`` (or reuse it) and return its URL.
 
     Started at most once per process; a server left running by an earlier process is
-    reused rather than started again.
+    reused rather than started again. Where ``pgserver`` cannot be installed (it has
+    no wheels for Python 3.13 yet), a server that another environment started in
+    ``.pgdata/`` is still used; ``make db-start`` starts one.
     """
     global _embedded_url
     with _lock:
@@ -66,9 +68,15 @@ def embedded_database_url() -> str:
                     )
                     from pgserver.postgres_server import get_server
             except ImportError as exc:
-                raise DatabaseServerError(
-                    f"The embedded PostgreSQL server is not installed. {HOW_TO_PROVIDE}"
-                ) from exc
+                running = running_embedded_url()
+                if running is None:
+                    raise DatabaseServerError(
+                        "The embedded PostgreSQL server is not installed in this "
+                        f"environment and none is running in {PGDATA}. "
+                        f"{HOW_TO_PROVIDE} (`make db-start` starts it from .venv.)"
+                    ) from exc
+                _embedded_url = running
+                return _embedded_url
             try:
                 server = get_server(PGDATA, cleanup_mode=None)
                 _embedded_url = str(server.get_uri())
@@ -81,15 +89,39 @@ def embedded_database_url() -> str:
         return _embedded_url
 
 
+def _running_pid() -> tuple[int, list[str]] | None:
+    """The postmaster's pid and postmaster.pid lines, if a server runs in PGDATA."""
+    try:
+        lines = (PGDATA / "postmaster.pid").read_text().splitlines()
+        pid = int(lines[0])
+        os.kill(pid, 0)
+    except (OSError, IndexError, ValueError):
+        return None
+    return pid, lines
+
+
+def running_embedded_url() -> str | None:
+    """The URL of a server already running in ``PGDATA``, found without pgserver."""
+    found = _running_pid()
+    if found is None:
+        return None
+    _, lines = found
+    # postmaster.pid: pid, data dir, start time, port, socket dir, listen address,
+    # shared memory key, status.
+    if len(lines) < 8 or lines[7].strip() != "ready" or not lines[4].strip():
+        return None
+    port, socket_dir = lines[3].strip(), lines[4].strip()
+    return f"postgresql://postgres:@/postgres?host={socket_dir}&port={port}"
+
+
 def stop_embedded_server(timeout: float = 10.0) -> bool:
     """Stop the embedded server of ``<repo>/.pgdata/``; False if it was not running."""
-    pidfile = PGDATA / "postmaster.pid"
-    try:
-        pid = int(pidfile.read_text().split()[0])
-        os.kill(pid, signal.SIGINT)  # PostgreSQL's "fast" shutdown
-    except (FileNotFoundError, IndexError, ValueError, ProcessLookupError):
+    found = _running_pid()
+    if found is None:
         print(f"No embedded PostgreSQL is running in {PGDATA}.")
         return False
+    pid, _ = found
+    os.kill(pid, signal.SIGINT)  # PostgreSQL's "fast" shutdown
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -135,3 +167,11 @@ def django_database(
         "OPTIONS": options,
     }
     return entry
+
+
+if __name__ == "__main__":
+    # `python -m example_site.dbserver`: make sure a server is up, print its URL.
+    try:
+        print(database_url())
+    except DatabaseServerError as exc:
+        raise SystemExit(str(exc)) from None

@@ -61,7 +61,10 @@ def describe_url() -> str:
     params = conninfo_to_dict(settings.DATABASE_URL)
     host = params.get("host") or "localhost"
     port = params.get("port") or "5432"
-    return f"{params.get('user', '')}@{host}:{port}/{params.get('dbname', '')}"
+    user, dbname = params.get("user", ""), params.get("dbname", "")
+    if host.startswith("/"):
+        return f"{user}@{dbname} over the socket in {host}"
+    return f"{user}@{host}:{port}/{dbname}"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -10,8 +10,9 @@ import pytest
 from django.conf import settings
 from django.db import connections
 from django.db.backends.postgresql.base import DatabaseWrapper
+from psycopg.conninfo import conninfo_to_dict
 
-from example_site.dbserver import PGDATA, embedded_database_url
+from example_site.dbserver import embedded_database_url
 from tests.testapp.models import Author, Book, Tag
 
 pytestmark = pytest.mark.embedded
@@ -70,4 +71,4 @@ def test_embedded_server_starts_and_is_reused() -> None:
     assert row is not None
     assert row[0].startswith("PostgreSQL")
     if settings.DATABASE_SOURCE == "embedded":
-        assert settings.DATABASES["default"]["HOST"] == str(PGDATA)
+        assert settings.DATABASES["default"]["HOST"] == conninfo_to_dict(url)["host"]
