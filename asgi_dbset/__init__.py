@@ -23,12 +23,14 @@ __all__ = [
     "connection_set",
     "db_parallelism",
     "get_stats",
+    "recent_requests",
 ]
 
 if TYPE_CHECKING:
     from .api import active_set, connection_set, db_parallelism
     from .dbset import ConnectionSet
     from .errors import OrphanedIteratorError
+    from .history import recent_requests
     from .middleware import DBSetMiddleware
     from .stats import get_stats
 
@@ -42,6 +44,7 @@ _LAZY = {
     "connection_set": ".api",
     "db_parallelism": ".api",
     "get_stats": ".stats",
+    "recent_requests": ".history",
 }
 
 

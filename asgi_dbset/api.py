@@ -16,9 +16,19 @@ from asgiref.sync import iscoroutinefunction
 
 from .conf import conf
 from .context import current_set
-from .dbset import ConnectionSet, validate_parallelism
+from .dbset import ConnectionSet, validate_parallelism, validate_statement_timeout
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+class Unset:
+    """Marks an argument left out, where None is a meaningful value."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET = Unset()
 
 
 def active_set() -> ConnectionSet | None:
@@ -34,13 +44,17 @@ def active_set() -> ConnectionSet | None:
 
 
 def connection_set(
-    *, parallelism: int | None = None, lease_timeout: float | None = None
+    *,
+    parallelism: int | None = None,
+    lease_timeout: float | None = None,
+    statement_timeout: float | Unset | None = UNSET,
 ) -> ConnectionSet:
     """A new connection set for ``async with``, outside or inside requests.
 
     ``parallelism`` defaults to ``ASGI_DBSET["DEFAULT_PARALLELISM"]`` and is
     capped by ``MAX_PARALLELISM``; ``lease_timeout`` defaults to
-    ``LEASE_TIMEOUT``::
+    ``LEASE_TIMEOUT``; ``statement_timeout`` (seconds of server time per query,
+    None for no limit) to ``STATEMENT_TIMEOUT``::
 
         async with connection_set(parallelism=4):
             a, b = await asyncio.gather(A.objects.acount(), B.objects.acount())
@@ -51,6 +65,11 @@ def connection_set(
     return ConnectionSet(
         parallelism=min(parallelism, conf.MAX_PARALLELISM),
         lease_timeout=conf.LEASE_TIMEOUT if lease_timeout is None else lease_timeout,
+        statement_timeout=(
+            conf.STATEMENT_TIMEOUT
+            if isinstance(statement_timeout, Unset)
+            else statement_timeout
+        ),
     )
 
 
@@ -79,12 +98,20 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
     the view or block. ``n`` is capped by ``ASGI_DBSET["MAX_PARALLELISM"]``.
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(
+        self, n: int, *, statement_timeout: float | Unset | None = UNSET
+    ) -> None:
         self.n = validate_parallelism(n, what="db_parallelism(n)")
+        if not isinstance(statement_timeout, Unset):
+            validate_statement_timeout(
+                statement_timeout, what="db_parallelism(statement_timeout=...)"
+            )
+        self.statement_timeout = statement_timeout
         # One stack per task, so one instance may be entered concurrently.
-        self._entered: ContextVar[tuple[tuple[ConnectionSet, int | None], ...]] = (
-            ContextVar("asgi_dbset.db_parallelism", default=())
-        )
+        # What each entry changed, to restore on exit (None: it opened the set).
+        self._entered: ContextVar[
+            tuple[tuple[ConnectionSet, tuple[int, float | None] | None], ...]
+        ] = ContextVar("asgi_dbset.db_parallelism", default=())
 
     def __repr__(self) -> str:
         return f"db_parallelism({self.n})"
@@ -108,8 +135,10 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             dbset = active_set()
             if dbset is not None:
-                # The request's parallelism from here on, streaming body included.
+                # The request's settings from here on, streaming body included.
                 dbset.parallelism = min(self.n, conf.MAX_PARALLELISM)
+                if not isinstance(self.statement_timeout, Unset):
+                    dbset.statement_timeout = self.statement_timeout
                 return await view(*args, **kwargs)
             async with self:
                 return await view(*args, **kwargs)
@@ -120,12 +149,16 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
     async def __aenter__(self) -> ConnectionSet:
         n = min(self.n, conf.MAX_PARALLELISM)
         dbset = active_set()
+        previous: tuple[int, float | None] | None = None
         if dbset is not None:
-            previous: int | None = dbset.parallelism
+            previous = (dbset.parallelism, dbset.statement_timeout)
             dbset.parallelism = n
+            if not isinstance(self.statement_timeout, Unset):
+                dbset.statement_timeout = self.statement_timeout
         else:
-            dbset = ConnectionSet(parallelism=n, lease_timeout=conf.LEASE_TIMEOUT)
-            previous = None
+            dbset = connection_set(
+                parallelism=n, statement_timeout=self.statement_timeout
+            )
             await dbset.__aenter__()
         self._entered.set((*self._entered.get(), (dbset, previous)))
         return dbset
@@ -136,4 +169,4 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
         if previous is None:
             await dbset.__aexit__(*exc_info)
         elif not dbset.closed:
-            dbset.parallelism = previous
+            dbset.parallelism, dbset.statement_timeout = previous

@@ -105,6 +105,39 @@ def check_settings(
             )
         )
 
+    statement_timeout = values["STATEMENT_TIMEOUT"]
+    if statement_timeout is not None and (
+        isinstance(statement_timeout, bool)
+        or not isinstance(statement_timeout, int | float)
+        or statement_timeout <= 0
+    ):
+        errors.append(
+            Error(
+                "ASGI_DBSET['STATEMENT_TIMEOUT'] must be None or a number of seconds "
+                f"above 0, not {statement_timeout!r}.",
+                hint='For example "STATEMENT_TIMEOUT": 5 (seconds of server time per query).',
+                id="asgi_dbset.E011",
+            )
+        )
+    if not isinstance(values["SERVER_TIMING"], bool):
+        errors.append(
+            Error(
+                f"ASGI_DBSET['SERVER_TIMING'] must be True or False, not "
+                f"{values['SERVER_TIMING']!r}.",
+                hint='Write "SERVER_TIMING": True to add the header, False to leave it out.',
+                id="asgi_dbset.E012",
+            )
+        )
+    history = values["HISTORY"]
+    if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+        errors.append(
+            Error(
+                f"ASGI_DBSET['HISTORY'] must be a whole number, 0 or more, not {history!r}.",
+                hint='For example "HISTORY": 50 keeps the last 50 requests; 0 keeps none.',
+                id="asgi_dbset.E013",
+            )
+        )
+
     parallel = _is_positive_int(maximum) and maximum > 1
     for alias, db in settings.DATABASES.items():
         engine = db.get("ENGINE", "")

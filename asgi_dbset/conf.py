@@ -21,6 +21,12 @@ DEFAULTS: dict[str, Any] = {
     "BUDGET": None,
     # Seconds a set waits for the pool when it asks for an extra connection.
     "LEASE_TIMEOUT": 0.1,
+    # Seconds of server time each query of a set may take; None: no limit.
+    "STATEMENT_TIMEOUT": None,
+    # Add a Server-Timing header with the set's figures to every response.
+    "SERVER_TIMING": False,
+    # How many finished requests to keep for asgi_dbset.recent_requests().
+    "HISTORY": 0,
 }
 
 
@@ -53,6 +59,19 @@ class Settings:
     @property
     def LEASE_TIMEOUT(self) -> float:  # noqa: N802
         return float(self._get("LEASE_TIMEOUT"))
+
+    @property
+    def STATEMENT_TIMEOUT(self) -> float | None:  # noqa: N802
+        value = self._get("STATEMENT_TIMEOUT")
+        return None if value is None else float(value)
+
+    @property
+    def SERVER_TIMING(self) -> bool:  # noqa: N802
+        return bool(self._get("SERVER_TIMING"))
+
+    @property
+    def HISTORY(self) -> int:  # noqa: N802
+        return int(self._get("HISTORY"))
 
 
 conf = Settings()

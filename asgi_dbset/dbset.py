@@ -74,6 +74,24 @@ def validate_parallelism(value: object, *, what: str = "parallelism") -> int:
     return value
 
 
+def validate_statement_timeout(
+    value: object, *, what: str = "statement_timeout"
+) -> float | None:
+    """Return *value* if it is None or a positive number of seconds, else raise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{what} must be a number of seconds such as 2.5, or None for the "
+            f"server's own limit, not {type(value).__name__} {value!r}."
+        )
+    if value <= 0:
+        raise ValueError(
+            f"{what} must be more than 0 seconds (or None for no limit), not {value!r}."
+        )
+    return float(value)
+
+
 @dataclass(slots=True)
 class CallRecord:
     """One call a set ran: which lane, which alias, when (perf_counter seconds)."""
@@ -101,8 +119,15 @@ class ConnectionSet:
     :func:`asgi_dbset.connection_set`, which reads the defaults from settings.
     """
 
-    def __init__(self, *, parallelism: int = 1, lease_timeout: float = 0.1) -> None:
+    def __init__(
+        self,
+        *,
+        parallelism: int = 1,
+        lease_timeout: float = 0.1,
+        statement_timeout: float | None = None,
+    ) -> None:
         self._parallelism = validate_parallelism(parallelism)
+        self.statement_timeout = validate_statement_timeout(statement_timeout)
         if isinstance(lease_timeout, bool) or not isinstance(
             lease_timeout, int | float
         ):
@@ -133,6 +158,9 @@ class ConnectionSet:
         self.records: list[CallRecord] = []
         self.calls = 0
         self.wait_time = 0.0
+        self.opened_at = 0.0
+        self.closed_at = 0.0
+        self._warned_fallback = False
 
     # -- introspection -------------------------------------------------------
 
@@ -170,6 +198,25 @@ class ConnectionSet:
         """How many lanes ran at least one call."""
         return len({record.lane for record in self.records})
 
+    def figures(self) -> dict[str, Any]:
+        """What the set did, in milliseconds: its wall time against the sum of
+        its calls' times (their ratio is the parallel gain), and the time calls
+        spent queued for a lane."""
+        end = self.closed_at or time.perf_counter()
+        wall = (end - self.opened_at) * 1000 if self.opened_at else 0.0
+        query = sum(max(r.ended - r.started, 0.0) for r in self.records) * 1000
+        per_lane = Counter(r.lane for r in self.records)
+        return {
+            "parallelism": self._parallelism,
+            "lanes_used": len(per_lane),
+            "calls": self.calls,
+            "calls_per_lane": dict(sorted(per_lane.items())),
+            "wait_ms": round(self.wait_time * 1000, 3),
+            "query_ms": round(query, 3),
+            "wall_ms": round(wall, 3),
+            "gain": round(query / wall, 3) if wall else 0.0,
+        }
+
     # -- life cycle ----------------------------------------------------------
 
     async def __aenter__(self) -> ConnectionSet:
@@ -192,6 +239,7 @@ class ConnectionSet:
                 "This ConnectionSet was already opened; create a new one."
             )
         self._loop = asyncio.get_running_loop()
+        self.opened_at = time.perf_counter()
         stats.incr("sets_opened")
         stats.incr("sets_open")
 
@@ -208,7 +256,9 @@ class ConnectionSet:
         try:
             await finish_shielded(self._release_all())
         finally:
+            self.closed_at = time.perf_counter()
             stats.incr("sets_open", -1)
+            logger.debug("asgi_dbset: closed %r", self)
 
     async def _release_all(self) -> None:
         while self._waiters:
@@ -254,20 +304,18 @@ class ConnectionSet:
         """Run one ORM call on a lane of this set, or as stock Django when the
         set cannot take it (closed, another loop, parallelism 1, unknown call)."""
         target = None
-        if (self._parallelism > 1 or self._cursors) and not self._closed:
-            try:
-                running = asyncio.get_running_loop() is self._loop
-            except RuntimeError:
-                running = False
-            if running:
+        if self._parallelism > 1 or self._cursors or self.statement_timeout is not None:
+            if self._closed or asyncio.get_running_loop() is not self._loop:
+                self._fall_back("the set has ended or belongs to another event loop")
+            else:
                 target = target_of(func, args, kwargs)
         if target is None:
             return await stock_sync_to_async(func)(*args, **kwargs)
 
         queued = time.perf_counter()
         lane = await self._acquire(target)
-        if lane is None:  # the set closed while the call waited
-            stats.incr("fallbacks")
+        if lane is None:
+            self._fall_back("the set ended while the call waited for a lane")
             return await stock_sync_to_async(func)(*args, **kwargs)
         started = time.perf_counter()
         record = CallRecord(
@@ -285,7 +333,7 @@ class ConnectionSet:
             stats.incr("pinned_calls")
         try:
             result = await lane.run(
-                func, args, kwargs, target.alias, self._abandoned_done
+                func, args, kwargs, target.alias, self._abandoned_done, self._timeout_ms
             )
         except asyncio.CancelledError:
             if lane.give_up():
@@ -300,6 +348,22 @@ class ConnectionSet:
             record.ended = time.perf_counter()
         self._free(lane)
         return result
+
+    @property
+    def _timeout_ms(self) -> int | None:
+        if self.statement_timeout is None:
+            return None
+        return max(1, round(self.statement_timeout * 1000))
+
+    def _fall_back(self, why: str) -> None:
+        stats.incr("fallbacks")
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            logger.warning(
+                "asgi_dbset: an ORM call ran as stock Django because %s "
+                "(a task that outlived its request?)",
+                why,
+            )
 
     async def _acquire(self, target: Target) -> Lane | None:
         # Every change of lane state ends in _dispatch(), so an idle lane that

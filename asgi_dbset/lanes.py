@@ -76,7 +76,7 @@ class Lane:
     def _executor_options(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _before(self, alias: str) -> None:
+    def _before(self, alias: str, timeout_ms: int | None) -> None:
         """Runs on the lane's thread before each call."""
 
     def _after(self, alias: str) -> None:
@@ -89,6 +89,7 @@ class Lane:
         kwargs: dict[str, Any],
         alias: str,
         on_abandoned_done: Callable[[Lane], None],
+        timeout_ms: int | None = None,
     ) -> Any:
         """Run ``func(*args, **kwargs)`` on this lane's thread.
 
@@ -109,16 +110,18 @@ class Lane:
             token = current_set.set(None)
             try:
                 self.wrapper = connections[alias]
-                self._before(alias)
+                self._before(alias, timeout_ms)
                 return func(*args, **kwargs)
             finally:
                 current_set.reset(token)
-                self._after(alias)
-                with job.lock:
-                    job.state = Job.DONE
-                    abandoned = job.abandoned
-                if abandoned:
-                    loop.call_soon_threadsafe(on_abandoned_done, self)
+                try:
+                    self._after(alias)
+                finally:
+                    with job.lock:
+                        job.state = Job.DONE
+                        abandoned = job.abandoned
+                    if abandoned:
+                        loop.call_soon_threadsafe(on_abandoned_done, self)
 
         return await SyncToAsync(call, **self._executor_options())()
 
@@ -161,7 +164,7 @@ class RequestLane(Lane):
     def _executor_options(self) -> dict[str, Any]:
         return {"thread_sensitive": True}
 
-    def _before(self, alias: str) -> None:
+    def _before(self, alias: str, timeout_ms: int | None) -> None:
         # The set may only use other connections while this one is outside a
         # transaction: tell it which aliases are inside one whenever it changes.
         in_transaction = frozenset(
@@ -170,6 +173,13 @@ class RequestLane(Lane):
         if in_transaction != self._reported:
             self._reported = in_transaction
             self._report(in_transaction)
+        if timeout_ms is not None:
+            set_statement_timeout(connections[alias], timeout_ms)
+
+    def _after(self, alias: str) -> None:
+        # The request's own connection outlives the set (Django returns it to
+        # the pool itself): never leave the set's timeout on it.
+        reset_statement_timeout(connections[alias])
 
 
 def _bounded_getconn(pool: Any) -> None:
@@ -205,6 +215,13 @@ class PooledLane(Lane):
     def _executor_options(self) -> dict[str, Any]:
         return {"thread_sensitive": False, "executor": self.worker}
 
+    def _before(self, alias: str, timeout_ms: int | None) -> None:
+        wrapper = connections[alias]
+        if timeout_ms is None:
+            reset_statement_timeout(wrapper)
+        else:
+            set_statement_timeout(wrapper, timeout_ms)
+
     def _after(self, alias: str) -> None:
         conn = connections[alias].connection
         if conn is None or conn.closed or conn.broken:
@@ -237,6 +254,37 @@ class PooledLane(Lane):
             workers.release(self.worker)
 
 
+_TIMEOUT_ATTR = "_asgi_dbset_statement_timeout"
+
+
+def set_statement_timeout(wrapper: BaseDatabaseWrapper, timeout_ms: int) -> None:
+    """Bound each query of *wrapper*'s connection to ``timeout_ms`` of server time."""
+    wrapper.ensure_connection()
+    conn = wrapper.connection
+    if getattr(wrapper, _TIMEOUT_ATTR, None) == (conn, timeout_ms):
+        return
+    conn.execute(
+        "SELECT set_config('statement_timeout', %s, false)", [f"{timeout_ms}ms"]
+    )
+    setattr(wrapper, _TIMEOUT_ATTR, (conn, timeout_ms))
+
+
+def reset_statement_timeout(wrapper: BaseDatabaseWrapper) -> None:
+    """Undo :func:`set_statement_timeout`, if it was applied to this connection."""
+    applied = getattr(wrapper, _TIMEOUT_ATTR, None)
+    if applied is None:
+        return
+    delattr(wrapper, _TIMEOUT_ATTR)
+    conn = wrapper.connection
+    if conn is None or conn is not applied[0] or conn.closed or conn.broken:
+        return
+    try:
+        conn.execute("RESET statement_timeout")
+    except psycopg.Error:
+        # Only inside a failed transaction, whose rollback undoes the SET too.
+        logger.debug("asgi_dbset: could not reset statement_timeout", exc_info=True)
+
+
 def release_thread_connections() -> None:
     """Return the calling thread's Django connections to their pools.
 
@@ -248,6 +296,7 @@ def release_thread_connections() -> None:
         if conn is None:
             continue
         try:
+            reset_statement_timeout(wrapper)
             if conn.broken or conn.closed:
                 stats.incr("connections_discarded")
                 logger.warning(

@@ -27,6 +27,9 @@ from django.db import close_old_connections, connections
 from .aio import finish_shielded
 from .api import connection_set
 from .budget import pool_options
+from .conf import conf
+from .dbset import ConnectionSet
+from .history import remember
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .workers import workers
 
@@ -59,7 +62,10 @@ class DBSetMiddleware:
             try:
                 async with connection_set() as dbset:
                     scope["asgi_dbset"] = dbset
+                    if conf.SERVER_TIMING:
+                        send = _with_server_timing(send, dbset)
                     await self.app(scope, receive, send)
+                remember(scope.get("path", ""), dbset)
             finally:
                 await finish_shielded(_return_request_thread_connections(context))
 
@@ -89,6 +95,25 @@ class DBSetMiddleware:
             if app_received:
                 return
         await _serve_lifespan(receive, send)
+
+
+def _with_server_timing(send: Send, dbset: ConnectionSet) -> Send:
+    """Add the set's figures, as they stand when the response starts, as a
+    ``Server-Timing`` header."""
+
+    async def send_with_header(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            figures = dbset.figures()
+            value = (
+                f'dbset;dur={figures["wall_ms"]:.1f};desc="lanes={figures["lanes_used"]} '
+                f'calls={figures["calls"]}", dbquery;dur={figures["query_ms"]:.1f}, '
+                f"dbwait;dur={figures['wait_ms']:.1f}"
+            )
+            headers = [*message.get("headers", []), (b"server-timing", value.encode())]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_header
 
 
 async def _serve_lifespan(receive: Receive, send: Send) -> None:
