@@ -6,7 +6,6 @@ keyword arguments of :class:`~.dbset.ConnectionSet`.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -34,11 +33,7 @@ UNSET = Unset()
 def active_set() -> ConnectionSet | None:
     """The connection set that ORM calls made here would use, or None."""
     dbset = current_set.get()
-    if dbset is None or dbset.closed:
-        return None
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if dbset is None or not dbset.serves_here():
         return None
     return dbset
 

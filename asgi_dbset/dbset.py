@@ -193,6 +193,15 @@ class ConnectionSet:
     def closed(self) -> bool:
         return self._closed
 
+    def serves_here(self) -> bool:
+        """True if calls made here would run on this set: it is open and
+        bound to the running event loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return not self._closed and loop is self._loop
+
     @property
     def lanes_used(self) -> int:
         """How many lanes ran at least one call."""
@@ -496,22 +505,26 @@ class ConnectionSet:
         self._next_index += 1
         try:
             await lane.open(self.lease_timeout)
-        except Exception as exc:
+        except BaseException as exc:
             self._growing[alias] -= 1
-            # Back off as long as the lease waited, so a busy pool is not polled.
-            self._retry_at[alias] = time.monotonic() + max(self.lease_timeout, 0.01)
-            stats.incr("lease_failures")
-            logger.debug("asgi_dbset: no extra lane for %r: %s", alias, exc)
+            if not isinstance(exc, asyncio.CancelledError):
+                # Back off as long as the lease waited: a busy pool is not polled.
+                self._retry_at[alias] = time.monotonic() + max(self.lease_timeout, 0.01)
+                stats.incr("lease_failures")
+                logger.debug("asgi_dbset: no extra lane for %r: %s", alias, exc)
+            # The worker may hold a half-made lease: its release runs after it.
             try:
-                await lane.close()
+                await finish_shielded(lane.close())
             finally:
                 budget.release(alias)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return
         self._growing[alias] -= 1
         stats.incr("lanes_leased")
         stats.incr("lanes_open")
         if self._closed:
-            await self._retire(lane)
+            await finish_shielded(self._retire(lane))
             return
         self._lanes.append(lane)
         self._dispatch()
