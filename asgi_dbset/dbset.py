@@ -247,6 +247,10 @@ class ConnectionSet:
             raise RuntimeError(
                 "This ConnectionSet was already opened; create a new one."
             )
+        from .routing import ensure_installed
+
+        # A script may use sets without the app or the middleware installed.
+        ensure_installed()
         self._loop = asyncio.get_running_loop()
         self.opened_at = time.perf_counter()
         stats.incr("sets_opened")

@@ -74,6 +74,17 @@ def _routable_modules() -> list[str]:
     return [name for name in MODULES if contenttypes or ".contenttypes." not in name]
 
 
+_installed = False
+
+
+def ensure_installed() -> None:
+    """Install once per process; cheap after the first call."""
+    global _installed
+    if not _installed:
+        install()
+        _installed = True
+
+
 def install() -> list[str]:
     """Route the ORM modules' ``sync_to_async``; idempotent.
 
