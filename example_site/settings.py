@@ -48,7 +48,15 @@ DATABASES = {
     )
 }
 
-ASGI_DBSET = {"DEFAULT_PARALLELISM": 1, "MAX_PARALLELISM": 8}
+ASGI_DBSET = {
+    # A view that sets nothing runs as stock Django; the dashboard asks for 4.
+    "DEFAULT_PARALLELISM": 1,
+    "MAX_PARALLELISM": 8,
+    # Keep the last 50 requests for the /timeline/ page.
+    "HISTORY": 50,
+    # Each response tells the browser's network panel how its queries ran.
+    "SERVER_TIMING": True,
+}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
@@ -58,5 +66,12 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"asgi_dbset": {"handlers": ["console"], "level": "INFO"}},
+    "loggers": {
+        # ASGI_DBSET_LOG_LEVEL=DEBUG shows every set and lease; warnings (a
+        # rolled-back or discarded connection, a fallback) show by default.
+        "asgi_dbset": {
+            "handlers": ["console"],
+            "level": os.environ.get("ASGI_DBSET_LOG_LEVEL", "INFO"),
+        }
+    },
 }

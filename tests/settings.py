@@ -62,6 +62,8 @@ INSTALLED_APPS = [
     "django.contrib.auth",
     "asgi_dbset",
     "tests.testapp",
+    # The example shop's models, for tests/example/ (one small migration).
+    "example_site.shop",
 ]
 
 SECRET_KEY = "asgi-dbset-tests-not-secret"
