@@ -7,6 +7,7 @@
 #                                    B: Django 6.1/Py3.12, C: Django 6.1/Py3.13)
 #   make test-embedded               smoke tests on the embedded server, main cell
 #   make db-start, make db-stop      start/stop the embedded PostgreSQL (.pgdata/)
+#   make chromium                    install Debian's chromium if absent (browser test)
 #
 # The server: ASGI_DBSET_TEST_DSN (tests) or DATABASE_URL; without them an embedded
 # PostgreSQL is started in .pgdata/ and left running for the next run.
@@ -23,10 +24,10 @@ VPY := $(VENV)/bin/python
 MATRIX := $(PYTHON) scripts/matrix.py --python $(PYTHON)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo lint typecheck test test-embedded db-start db-stop
+.PHONY: help venv demo lint typecheck test test-embedded db-start db-stop chromium
 
 help:
-	@sed -n '1,13p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,14p' Makefile | sed 's/^# \{0,1\}//'
 
 venv:
 	@$(MATRIX) venv A
@@ -50,6 +51,7 @@ test: venv
 	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \
 	$(MAKE) --no-print-directory db-start || failed="$$failed db-start"; \
 	$(MAKE) --no-print-directory typecheck || failed="$$failed typecheck"; \
+	$(MAKE) --no-print-directory chromium || failed="$$failed chromium"; \
 	$(MATRIX) test --cells $(CELLS) -- $(PYTEST_ARGS) || failed="$$failed pytest"; \
 	if [ -n "$$failed" ]; then echo "make test FAILED:$$failed"; exit 1; fi; \
 	echo "make test passed: lint, typecheck, pytest"
@@ -65,3 +67,14 @@ test-embedded: db-start
 
 db-stop: venv
 	$(VPY) -c 'from example_site.dbserver import stop_embedded_server; stop_embedded_server()'
+
+# tests/example/test_timeline_chromium.py loads the example in headless Chromium.
+chromium:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "Installing Debian's chromium for the example's browser test."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "chromium is missing; install it: sudo apt-get update && sudo apt-get install -y chromium"; \
+		exit 1; \
+	fi
