@@ -63,7 +63,7 @@ def describe_url() -> str:
     port = params.get("port") or "5432"
     user, dbname = params.get("user", ""), params.get("dbname", "")
     if host.startswith("/"):
-        return f"{user}@{dbname} over the socket in {host}"
+        return f"database {dbname!r} as {user!r} over the socket in {host}"
     return f"{user}@{host}:{port}/{dbname}"
 
 
