@@ -191,7 +191,7 @@ async def test_the_timeline_draws_the_last_requests(app: Any) -> None:
 async def test_home_counters_and_health(app: Any) -> None:
     home = html(await request(app, "/"))
     assert "/dashboard/serial/" in home
-    assert f"{await Customer.objects.acount()} customers" in home
+    assert f"{grouped(await Customer.objects.acount())} customers" in home
     stats = (await request(app, "/api/stats/")).json()
     assert set(stats["asgi_dbset"]) == set(get_stats())
     assert stats["pools"]["default"]["pool_max"] == 8
