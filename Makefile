@@ -8,6 +8,8 @@
 #   make test-embedded               smoke tests on the embedded server, main cell
 #   make db-start, make db-stop      start/stop the embedded PostgreSQL (.pgdata/)
 #   make chromium                    install Debian's chromium if absent (browser test)
+#   make bench                       benchmarks (~12 min) -> bench/results/, docs/benchmarks.md
+#   make bench BENCH_ARGS=--quick    a ~2 min benchmark smoke run, written under bench/.work/
 #
 # The server: ASGI_DBSET_TEST_DSN (tests) or DATABASE_URL; without them an embedded
 # PostgreSQL is started in .pgdata/ and left running for the next run.
@@ -18,16 +20,17 @@ PYTEST_ARGS ?=
 CELLS ?= A,B,C
 HOST ?= 127.0.0.1
 PORT ?= 8000
+BENCH_ARGS ?=
 
 VENV := .venv
 VPY := $(VENV)/bin/python
 MATRIX := $(PYTHON) scripts/matrix.py --python $(PYTHON)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo lint typecheck test test-embedded db-start db-stop chromium
+.PHONY: help venv demo lint typecheck test test-embedded db-start db-stop chromium bench
 
 help:
-	@sed -n '1,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,16p' Makefile | sed 's/^# \{0,1\}//'
 
 venv:
 	@$(MATRIX) venv A
@@ -78,3 +81,11 @@ chromium:
 		echo "chromium is missing; install it: sudo apt-get update && sudo apt-get install -y chromium"; \
 		exit 1; \
 	fi
+
+# Benchmarks (bench/, docs/benchmarks.md): never part of `make test`. bench/setup_env.py
+# makes bench/.work/venv (this Python, Django 5.2) and bench/.work/venv-dab (Python 3.12,
+# Django 6.1, django-async-backend) and installs wrk from Debian's packages if missing.
+# The server: BENCH_DSN (default postgresql://postgres@127.0.0.1:5432/postgres); the
+# harness creates and seeds its own database there, BENCH_DB (bench_asgi_dbset).
+bench:
+	@py="$$($(PYTHON) bench/setup_env.py | tail -n 1)" && "$$py" -m bench $(BENCH_ARGS)

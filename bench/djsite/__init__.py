@@ -1,0 +1,1 @@
+"""The Django site the benchmarks serve: one model, one view per workload."""

@@ -1,0 +1,705 @@
+"""Turn a results JSON into docs/benchmarks.md and its PNG plots.
+
+    python -m bench.report bench/results/2026-11-21.json   # rewrite the report
+
+Called by the harness at the end of a run; runs on its own to redo the report
+from a results file without measuring again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Series in display order, with their labels and colours.
+SERIES = {
+    "stock": ("stock Django", "#444444"),
+    "dbset-p1": ("asgi_dbset p=1", "#9ecae1"),
+    "dbset-p2": ("asgi_dbset p=2", "#6baed6"),
+    "dbset-p4": ("asgi_dbset p=4", "#2171b5"),
+    "dbset-p8": ("asgi_dbset p=8", "#08306b"),
+    "ceiling": ("ceiling (psycopg pool)", "#2ca02c"),
+    "stock-dj61": ("stock Django 6.1 / Py3.12", "#999999"),
+    "dab": ("django-async-backend", "#d62728"),
+}
+PARALLELISM = {"dbset-p1": 1, "dbset-p2": 2, "dbset-p4": 4, "dbset-p8": 8}
+
+
+class Figures:
+    """Lookup over the summary rows: (workload, series, k) -> row."""
+
+    def __init__(self, summary: list[dict[str, Any]]) -> None:
+        self.rows = {(r["workload"], r["series"], r["k"]): r for r in summary}
+
+    def get(
+        self, workload: str, series: str, k: int | None = None
+    ) -> dict[str, Any] | None:
+        return self.rows.get((workload, series, k))
+
+    def series(self, workload: str) -> list[str]:
+        present = {s for (w, s, _k) in self.rows if w == workload}
+        return [s for s in SERIES if s in present]
+
+    def ks(self, workload: str) -> list[int]:
+        return sorted(
+            {k for (w, _s, k) in self.rows if w == workload and k is not None}
+        )
+
+    def value(
+        self, workload: str, series: str, k: int | None, key: str
+    ) -> float | None:
+        row = self.get(workload, series, k)
+        return None if row is None else row.get(key)
+
+
+def label(series: str) -> str:
+    return SERIES.get(series, (series, ""))[0]
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def baseline_for(series: str) -> str:
+    # django-async-backend runs on Python 3.12 + Django 6.1: its like-for-like
+    # baseline is stock Django on that interpreter.
+    return "stock-dj61" if series == "dab" else "stock"
+
+
+# -- targets --------------------------------------------------------------------
+
+
+def targets(f: Figures, pool_max: int) -> list[tuple[str, str, str]]:
+    """(target, what was measured, verdict) rows."""
+    out: list[tuple[str, str, str]] = []
+    for series, p in PARALLELISM.items():
+        if p == 1 or not f.get("W1", series, 1):
+            continue
+        worst, worst_ceiling = None, None
+        for k in f.ks("W1"):
+            if k > p:
+                continue
+            speedup = ratio(
+                f.value("W1", "stock", k, "mean_ms"),
+                f.value("W1", series, k, "mean_ms"),
+            )
+            if speedup is not None:
+                share = speedup / k
+                if worst is None or share < worst[1]:
+                    worst = (k, share, speedup)
+            vs_ceiling = ratio(
+                f.value("W1", series, k, "mean_ms"),
+                f.value("W1", "ceiling", k, "mean_ms"),
+            )
+            if vs_ceiling is not None and (
+                worst_ceiling is None or vs_ceiling > worst_ceiling[1]
+            ):
+                worst_ceiling = (k, vs_ceiling)
+        if worst:
+            k, share, speedup = worst
+            out.append(
+                (
+                    f"W1 p={p}: speed-up >= 0.9 x k for k <= {p}",
+                    f"worst k={k}: {speedup:.2f}x = {share:.2f} x k",
+                    "met" if share >= 0.9 else "missed",
+                )
+            )
+        if worst_ceiling:
+            k, r = worst_ceiling
+            out.append(
+                (
+                    f"W1 p={p}: within 10% of the ceiling for k <= {p}",
+                    f"worst k={k}: {r:.2f} x the ceiling's latency",
+                    "met" if r <= 1.10 else "missed",
+                )
+            )
+    for series in ("dbset-p1", "dbset-p4"):
+        r = ratio(
+            f.value("W3", series, None, "rps"), f.value("W3", "stock", None, "rps")
+        )
+        if r is not None:
+            target = (
+                ">= 0.98 x stock" if series == "dbset-p1" else "(no target; reported)"
+            )
+            verdict = (
+                ("met" if r >= 0.98 else "missed") if series == "dbset-p1" else "-"
+            )
+            cpu = ratio(
+                f.value("W3", series, None, "server_cpu_us_per_request"),
+                f.value("W3", "stock", None, "server_cpu_us_per_request"),
+            )
+            out.append(
+                (
+                    f"W3 {label(series)} throughput {target}",
+                    f"{r:.3f} x stock req/s; server CPU per request {fmt(cpu, 2)} x stock",
+                    verdict,
+                )
+            )
+    stock = f.get("W4", "stock", 4)
+    for series, p in PARALLELISM.items():
+        row = f.get("W4", series, 4)
+        if row is None or stock is None:
+            continue
+        ok_rps = row["rps"] >= stock["rps"]
+        ok_p99 = row["p99_ms"] <= stock["p99_ms"]
+        ok_conn = row.get("max_connections", 0) <= pool_max
+        out.append(
+            (
+                f"W4 p={p}: throughput >= stock, p99 <= stock, connections <= {pool_max}",
+                f"{row['rps'] / stock['rps']:.2f} x req/s, p99 {row['p99_ms']:.0f} vs "
+                f"{stock['p99_ms']:.0f} ms, max {row.get('max_connections', '?')} connections",
+                "met"
+                if ok_rps and ok_p99 and ok_conn
+                else "missed ("
+                + ", ".join(
+                    n
+                    for n, ok in (
+                        ("throughput", ok_rps),
+                        ("p99", ok_p99),
+                        ("connections", ok_conn),
+                    )
+                    if not ok
+                )
+                + ")",
+            )
+        )
+    return out
+
+
+# -- plots ----------------------------------------------------------------------
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(
+        {"figure.dpi": 110, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3}
+    )
+    return plt
+
+
+def plot_k_workload(f: Figures, workload: str, title: str, path: Path) -> None:
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ks = f.ks(workload)
+    for series in f.series(workload):
+        name, colour = SERIES[series]
+        xs = [k for k in ks if f.get(workload, series, k)]
+        means = [f.value(workload, series, k, "mean_ms") for k in xs]
+        style = "--" if series in ("stock-dj61", "dab") else "-"
+        left.plot(xs, means, style, marker="o", ms=3, color=colour, label=name)
+        base = baseline_for(series)
+        speed = [
+            ratio(
+                f.value(workload, base, k, "mean_ms"),
+                f.value(workload, series, k, "mean_ms"),
+            )
+            for k in xs
+        ]
+        right.plot(xs, speed, style, marker="o", ms=3, color=colour, label=name)
+    left.set_xlabel("k (queries per request)")
+    left.set_ylabel("mean latency per request (ms)")
+    left.set_title(f"{title}: latency")
+    left.set_ylim(bottom=0)
+    left.set_xticks(ks)
+    right.plot(ks, [0.9 * k for k in ks], ":", color="#ff7f0e", label="target 0.9 x k")
+    right.set_xlabel("k (queries per request)")
+    right.set_ylabel("speed-up over stock (x)")
+    right.set_title(f"{title}: speed-up over stock")
+    right.set_xticks(ks)
+    right.set_ylim(bottom=0)
+    right.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _barh(
+    ax: Any, series: list[str], values: list[float], title: str, xlabel: str
+) -> None:
+    ys = list(range(len(series)))[::-1]
+    ax.barh(ys, values, color=[SERIES[s][1] for s in series])
+    ax.set_yticks(ys, [label(s) for s in series])
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    top = max(values) if values else 0
+    for y, v in zip(ys, values, strict=True):
+        ax.text(v + top * 0.01, y, f"{v:,.0f}", va="center", fontsize=7)
+    ax.set_xlim(0, top * 1.15 if top else 1)
+
+
+def plot_w3(f: Figures, path: Path) -> None:
+    plt = _plt()
+    series = f.series("W3")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    _barh(
+        left,
+        series,
+        [f.value("W3", s, None, "rps") or 0 for s in series],
+        "W3: one-query view, 8 clients",
+        "requests per second (median of runs)",
+    )
+    _barh(
+        right,
+        series,
+        [f.value("W3", s, None, "server_cpu_us_per_request") or 0 for s in series],
+        "W3: server CPU per request",
+        "microseconds of server-process CPU",
+    )
+    right.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_w4(f: Figures, pool_max: int, path: Path) -> None:
+    plt = _plt()
+    series = f.series("W4")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    _barh(
+        axes[0],
+        series,
+        [f.value("W4", s, 4, "rps") or 0 for s in series],
+        "throughput",
+        "requests per second",
+    )
+    ys = list(range(len(series)))[::-1]
+    p50 = [f.value("W4", s, 4, "p50_ms") or 0 for s in series]
+    p99 = [f.value("W4", s, 4, "p99_ms") or 0 for s in series]
+    colours = [SERIES[s][1] for s in series]
+    axes[1].barh([y + 0.2 for y in ys], p50, height=0.4, color=colours, alpha=0.5)
+    axes[1].barh([y - 0.2 for y in ys], p99, height=0.4, color=colours)
+    for y, a, b in zip(ys, p50, p99, strict=True):
+        axes[1].text(b * 1.01, y - 0.2, f"p99 {b:,.0f}", va="center", fontsize=7)
+        axes[1].text(a * 1.01, y + 0.2, f"p50 {a:,.0f}", va="center", fontsize=7)
+    axes[1].set_yticks([])
+    axes[1].set_xlim(0, max(p99 or [1]) * 1.3)
+    axes[1].set_title("latency: p50 (light), p99 (dark)")
+    axes[1].set_xlabel("ms")
+    _barh(
+        axes[2],
+        series,
+        [f.value("W4", s, 4, "max_connections") or 0 for s in series],
+        f"most server connections seen (dotted: pool max {pool_max})",
+        "connections",
+    )
+    axes[2].axvline(pool_max, color="#ff7f0e", ls=":")
+    axes[2].set_xlim(0, pool_max * 1.3)
+    axes[2].set_yticks([])
+    fig.suptitle(
+        "W4: 64 clients, pool of 16, four 20 ms queries per request", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- markdown -------------------------------------------------------------------
+
+
+def k_tables(f: Figures, workload: str) -> str:
+    ks = f.ks(workload)
+    series = f.series(workload)
+    head = ["k", *[label(s) for s in series]]
+    latency = [
+        [str(k), *[fmt(f.value(workload, s, k, "mean_ms")) for s in series]] for k in ks
+    ]
+    speed = [
+        [
+            str(k),
+            *[
+                fmt(
+                    ratio(
+                        f.value(workload, baseline_for(s), k, "mean_ms"),
+                        f.value(workload, s, k, "mean_ms"),
+                    ),
+                    2,
+                )
+                for s in series
+            ],
+        ]
+        for k in ks
+    ]
+    vs_ceiling = [
+        [
+            str(k),
+            *[
+                fmt(
+                    ratio(
+                        f.value(workload, s, k, "mean_ms"),
+                        f.value(workload, "ceiling", k, "mean_ms"),
+                    ),
+                    2,
+                )
+                for s in series
+            ],
+        ]
+        for k in ks
+    ]
+    p99 = [
+        [str(k), *[fmt(f.value(workload, s, k, "p99_ms")) for s in series]] for k in ks
+    ]
+    return "\n\n".join(
+        [
+            "Mean latency per request, ms (median over rounds):\n\n"
+            + table(head, latency),
+            "Speed-up over stock Django (stock latency / this latency; django-async-backend "
+            "against stock Django 6.1 on Python 3.12):\n\n" + table(head, speed),
+            "Latency relative to the ceiling (1.00 = the ceiling):\n\n"
+            + table(head, vs_ceiling),
+            "p99 latency, ms:\n\n" + table(head, p99),
+        ]
+    )
+
+
+def w3_table(f: Figures) -> str:
+    rows = []
+    for s in f.series("W3"):
+        row = f.get("W3", s, None)
+        assert row is not None
+        base = baseline_for(s)
+        rows.append(
+            [
+                label(s),
+                fmt(row["rps"], 0),
+                f"{fmt(row['rps_min'], 0)} - {fmt(row['rps_max'], 0)}",
+                fmt(ratio(row["rps"], f.value("W3", base, None, "rps")), 3),
+                fmt(row["p50_ms"], 2),
+                fmt(row["p99_ms"], 1),
+                fmt(row["server_cpu_us_per_request"], 0),
+                fmt(
+                    ratio(
+                        row["server_cpu_us_per_request"],
+                        f.value("W3", base, None, "server_cpu_us_per_request"),
+                    ),
+                    3,
+                ),
+                str(row["runs"]),
+            ]
+        )
+    return table(
+        [
+            "variant",
+            "req/s (median)",
+            "req/s min - max",
+            "x stock",
+            "p50 ms",
+            "p99 ms",
+            "server CPU us/request",
+            "CPU x stock",
+            "runs",
+        ],
+        rows,
+    )
+
+
+def w4_table(f: Figures, pool_max: int) -> str:
+    rows = []
+    for s in f.series("W4"):
+        row = f.get("W4", s, 4)
+        assert row is not None
+        base = baseline_for(s)
+        rows.append(
+            [
+                label(s),
+                fmt(row["rps"], 1),
+                fmt(ratio(row["rps"], f.value("W4", base, 4, "rps")), 2),
+                fmt(row["p50_ms"], 0),
+                fmt(row["p99_ms"], 0),
+                fmt(ratio(row["p99_ms"], f.value("W4", base, 4, "p99_ms")), 2),
+                fmt(row["max_ms"], 0),
+                str(row.get("max_connections", "-")),
+                str(row["errors"]),
+                fmt(row["server_cpu_us_per_request"], 0),
+            ]
+        )
+    return table(
+        [
+            "variant",
+            "req/s",
+            "x stock",
+            "p50 ms",
+            "p99 ms",
+            "p99 x stock",
+            "max ms",
+            f"max connections (pool {pool_max})",
+            "errors",
+            "server CPU us/request",
+        ],
+        rows,
+    )
+
+
+def machine_section(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    pg = m.get("postgresql", {})
+    pk = m.get("packages", {})
+    dab = m.get("dab_venv") or {}
+    rows = [
+        ["CPU", f"{m.get('cpu')} - {m.get('cores')} cores"],
+        ["memory", f"{m.get('memory_gib')} GiB"],
+        ["OS / kernel", f"{m.get('os')} / {m.get('kernel')}"],
+        [
+            "main venv (stock, asgi_dbset, ceiling)",
+            f"Python {m.get('python')}, Django {pk.get('django')}, psycopg {pk.get('psycopg')} "
+            f"(binary {pk.get('psycopg-binary')}), psycopg-pool {pk.get('psycopg-pool')}, "
+            f"asgiref {pk.get('asgiref')}, Starlette {pk.get('starlette')}",
+        ],
+        [
+            "dab venv (stock Django 6.1, django-async-backend)",
+            (
+                f"Python {dab.get('python')}, Django {dab['packages'].get('django')}, "
+                f"django-async-backend {dab['packages'].get('django-async-backend')}, "
+                f"psycopg {dab['packages'].get('psycopg')}, psycopg-pool {dab['packages'].get('psycopg-pool')}"
+            )
+            if dab
+            else "not available",
+        ],
+        [
+            "server",
+            f"uvicorn {pk.get('uvicorn')} (uvloop {pk.get('uvloop')}, httptools {pk.get('httptools')}), one process, no access log",
+        ],
+        [
+            "load generator",
+            f"{m.get('wrk')}: one thread, closed loop, keep-alive connections",
+        ],
+        [
+            "PostgreSQL",
+            f"{pg.get('server_version')} on 127.0.0.1; max_connections {pg.get('max_connections')}, "
+            f"shared_buffers {int(pg.get('shared_buffers', 0)) * 8 // 1024} MiB; for the bench database "
+            f"max_parallel_workers_per_gather={pg.get('max_parallel_workers_per_gather')}, jit={pg.get('jit')}",
+        ],
+        ["asgi_dbset commit", str(m.get("commit"))],
+    ]
+    before = results["load_before"]["loadavg"]
+    after = results["load_after"]["loadavg"]
+    runs = results.get("runs", [])
+    loads = [r["load_1min"] for r in runs]
+    load_line = (
+        f"Load average (1, 5, 15 min) before: {before[0]:.2f}, {before[1]:.2f}, {before[2]:.2f}; "
+        f"after: {after[0]:.2f}, {after[1]:.2f}, {after[2]:.2f}"
+    )
+    if loads:
+        load_line += f"; 1-minute load at the start of each run: min {min(loads):.2f}, median {sorted(loads)[len(loads) // 2]:.2f}, max {max(loads):.2f}"
+    quiet = results.get("quiet", {})
+    if quiet:
+        load_line += (
+            f". The harness waited {quiet.get('waited_s')} s for a load below {quiet.get('threshold')}"
+            + (
+                " and got it."
+                if quiet.get("quiet")
+                else " and did not get it: other work was running."
+            )
+        )
+    return (
+        table(["", ""], rows)
+        + "\n\n"
+        + load_line
+        + (
+            " The machine is shared: other engineers' test suites may have run at the same time "
+            "(a `top` snapshot from the start of the run is in the results file)."
+        )
+    )
+
+
+def write(
+    results: dict[str, Any],
+    md_path: Path,
+    img_dir: Path,
+    *,
+    results_path: Path | None = None,
+) -> None:
+    f = Figures(results["summary"])
+    cfg = results["config"]
+    plan = results["plan"]
+    pool_max = cfg["pool"]["max_size"]
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rel_img = os.path.relpath(img_dir, md_path.parent)
+    images = {}
+    if f.ks("W1"):
+        plot_k_workload(f, "W1", "W1 (k x 20 ms)", img_dir / "bench-w1.png")
+        images["W1"] = f"{rel_img}/bench-w1.png"
+    if f.ks("W2"):
+        plot_k_workload(
+            f, "W2", "W2 (k full-table aggregates)", img_dir / "bench-w2.png"
+        )
+        images["W2"] = f"{rel_img}/bench-w2.png"
+    if f.series("W3"):
+        plot_w3(f, img_dir / "bench-w3.png")
+        images["W3"] = f"{rel_img}/bench-w3.png"
+    if f.series("W4"):
+        plot_w4(f, pool_max, img_dir / "bench-w4.png")
+        images["W4"] = f"{rel_img}/bench-w4.png"
+
+    source = os.path.relpath(results_path, REPO) if results_path else "the results file"
+    out: list[str] = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench` from `{source}` ({results['date']}, {results['mode']} run, "
+        f"{results['elapsed_s']:.0f} s). Rerun it rather than editing this file; "
+        f"`python -m bench.report {source}` redraws the report from the results file.",
+        "",
+        "```sh",
+        "make bench                        # everything (~10-12 min): venvs, database, W1-W4, this report",
+        'make bench BENCH_ARGS="--quick"   # one short round (~2 min), written under bench/.work/',
+        "```",
+        "",
+        "Benchmarks report figures; they are not tests and never run in `make test`.",
+        "",
+        "## Targets",
+        "",
+        table(
+            ["target", "measured", "verdict"], [list(t) for t in targets(f, pool_max)]
+        ),
+        "",
+    ]
+    if results.get("notes"):
+        out += (
+            ["Notes from this run:", ""] + [f"- {n}" for n in results["notes"]] + [""]
+        )
+    out += [
+        "## The machine",
+        "",
+        machine_section(results),
+        "",
+        "## What runs",
+        "",
+        "Variants, each served by uvicorn in its own process; wrk drives it from another process:",
+        "",
+        "- **stock Django**: async views, `asyncio.gather` of the ORM calls, no middleware, "
+        "asgi_dbset not installed. Django runs the calls one after another on the request's connection.",
+        "- **asgi_dbset p=1, 2, 4, 8**: the same views behind `DBSetMiddleware`; p=1 is the "
+        "undecorated view (`DEFAULT_PARALLELISM` 1), p>1 the view under `@db_parallelism(p)`. "
+        f"Settings: `{json.dumps(cfg['asgi_dbset'])}` (BUDGET None = max_size // 2 = {pool_max // 2} extra connections).",
+        "- **ceiling**: the same SQL strings (checked against the SQL Django sends: "
+        f"*{results['sql_check']['summary']}*) through psycopg's `AsyncConnectionPool` in a Starlette "
+        "endpoint, one pooled connection per query, rows as tuples, no ORM.",
+        "- **django-async-backend**: its ENGINE, `Model.async_objects`, each call wrapped in "
+        "`async_new_connection`. It needs Python 3.12 and Django 6.1, so it runs in its own venv, "
+        "and **stock Django 6.1 / Py3.12** runs beside it as its like-for-like baseline: its ratios are "
+        "against that, not against the Django 5.2 stock.",
+        "",
+        f"Every variant uses the same pool: `{json.dumps(cfg['pool'])}`; the table `bench_item` has "
+        f"{cfg['rows']:,} rows ({results['machine']['postgresql'].get('table_mb')} MiB, in shared buffers).",
+        "",
+        "Workloads (one view each, same code for every variant):",
+        "",
+        f"- **W1 latency-bound**: k primary-key lookups, each spending {cfg['sleep_s'] * 1000:.0f} ms on the "
+        f"server in `pg_sleep` (a plpgsql `bench_sleep()` in the select list), gathered; k = "
+        f"{', '.join(map(str, plan['w1_ks']))}; one client; {plan['w1_seconds']} s per run.",
+        f"- **W2 database-bound**: k aggregates (`SUM`, `AVG`, `COUNT`) each scanning the whole table "
+        f"(~{results['machine']['postgresql'].get('aggregate_ms')} ms alone), gathered; k = "
+        f"{', '.join(map(str, plan['w2_ks']))}; one client; {plan['w2_seconds']} s per run. "
+        "Parallel query inside PostgreSQL is off for the bench database, so one aggregate uses one core "
+        f"and the server's {results['machine'].get('cores')} cores are the limit: no variant can beat "
+        f"about {results['machine'].get('cores')}x, and the web server shares those cores.",
+        f"- **W3 overhead**: one primary-key lookup; {plan['w3_clients']} clients; "
+        f"{plan['w3_seconds']} s per run. Requests per second, and the server process's CPU time per "
+        "request (from /proc; less sensitive to the machine's other load than req/s).",
+        f"- **W4 saturation**: the W1 view with k={plan['w4_k']} (four 20 ms queries), "
+        f"{plan['w4_clients']} clients, pool max_size {pool_max}; {plan['w4_seconds']} s per run. "
+        "Throughput, p50/p99, and the most connections the server held (pg_stat_activity, sampled every 20 ms).",
+        "",
+        f"Method: {plan['rounds']} rounds. In each round every server is started in turn (the order "
+        "rotates from round to round), warmed (its pool grown to max_size, lane threads started, table "
+        "cached), measured, and stopped; the parallelisms of the asgi_dbset server alternate point by "
+        "point. W3 runs afterwards with all servers up at once, alternating variants run by run for "
+        f"{plan['w3_rounds']} rounds. Figures are medians over the rounds (`runs` column); wrk measured "
+        "latency from the client side. wrk's own CPU stayed at "
+        + _wrk_share(results)
+        + " of one core, so it was not the bottleneck.",
+        "",
+    ]
+    sections = [
+        ("W1", "## W1: latency-bound, k x 20 ms queries", lambda: k_tables(f, "W1")),
+        (
+            "W2",
+            "## W2: database-bound, k full-table aggregates",
+            lambda: k_tables(f, "W2"),
+        ),
+        ("W3", "## W3: overhead, one query", lambda: w3_table(f)),
+        (
+            "W4",
+            "## W4: saturation, 64 clients on a pool of 16",
+            lambda: w4_table(f, pool_max),
+        ),
+    ]
+    for workload, heading, render in sections:
+        if workload not in images:
+            continue
+        out += [heading, "", f"![{workload}]({images[workload]})", "", render(), ""]
+    checks = results.get("lane_checks") or []
+    if checks:
+        out += [
+            "Lanes the asgi_dbset views used (one request at k = p, `active_set().lanes_used`): "
+            + ", ".join(f"p={c['parallelism']}: {c['lanes_used']}" for c in checks)
+            + ".",
+            "",
+        ]
+    stats = [s for s in results.get("server_stats", []) if s.get("asgi_dbset")]
+    if stats:
+        last = stats[-1]["asgi_dbset"]
+        out += [
+            "asgi_dbset counters of the last round's dbset server (`get_stats()`): "
+            + ", ".join(f"{k} {v}" for k, v in last.items() if v)
+            + ".",
+            "",
+        ]
+    out += [
+        "## W5: network latency",
+        "",
+        "Not measured yet: W1 behind netem on a veth pair in a network namespace is left for later.",
+        "",
+        "## Raw data",
+        "",
+        f"Every run (wrk's figures, server CPU, load average, connections seen) is in `{source}`.",
+        "",
+    ]
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(out))
+
+
+def _wrk_share(results: dict[str, Any]) -> str:
+    shares = [r["wrk_cpu_share"] for r in results["summary"]]
+    return f"{max(shares) * 100:.0f}%" if shares else "?"
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m bench.report bench/results/<date>.json")
+    path = Path(argv[0]).resolve()
+    results = json.loads(path.read_text())
+    quick = results.get("mode") == "quick"
+    work = REPO / "bench" / ".work"
+    md = work / "benchmarks-quick.md" if quick else REPO / "docs" / "benchmarks.md"
+    img = work / "img" if quick else REPO / "docs" / "img"
+    started = time.monotonic()
+    write(results, md, img, results_path=path)
+    print(f"wrote {md} in {time.monotonic() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,902 @@
+"""The benchmark harness: ``python -m bench [--quick]`` (``make bench``).
+
+1. Creates and seeds the benchmark database (``BENCH_DB``, default
+   ``bench_asgi_dbset``) on ``BENCH_DSN`` and checks that Django still
+   generates the SQL the ceiling sends.
+2. Rounds: each round starts one server at a time (uvicorn, its own process),
+   warms it, runs its W1, W2 and W4 points with wrk (another process), stops it.
+   The servers' order rotates from round to round and the parallelisms of the
+   dbset server are interleaved point by point, so drift of the machine's
+   load spreads over every variant instead of landing on one.
+3. W3: every server up at once, runs alternating A B C ... A B C.
+4. Writes the results JSON and the report (``bench/report.py``).
+
+Every run is bounded: wrk by ``-d``, every subprocess by a timeout, the whole
+harness by ``--deadline``. Load only ever targets 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench import config
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+WORK = BENCH / ".work"
+LUA = BENCH / "report.lua"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def say(message: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[bench {stamp}] {message}", flush=True)
+
+
+# -- plan -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    w3_rounds: int
+    w1_ks: tuple[int, ...]
+    w2_ks: tuple[int, ...]
+    w1_seconds: int
+    w2_seconds: int
+    w3_seconds: int
+    w4_seconds: int
+    warm_seconds: int
+    w3_clients: int = 8
+    w4_clients: int = 64
+    w4_k: int = 4
+
+
+FULL = Plan(
+    rounds=3,
+    w3_rounds=6,
+    w1_ks=(1, 2, 3, 4, 5, 6, 7, 8),
+    w2_ks=(1, 2, 4, 8),
+    w1_seconds=1,
+    w2_seconds=2,
+    w3_seconds=2,
+    w4_seconds=5,
+    warm_seconds=1,
+)
+QUICK = Plan(
+    rounds=1,
+    w3_rounds=2,
+    w1_ks=(1, 2, 4, 8),
+    w2_ks=(1, 4),
+    w1_seconds=1,
+    w2_seconds=1,
+    w3_seconds=1,
+    w4_seconds=2,
+    warm_seconds=1,
+)
+
+
+@dataclass(frozen=True)
+class Series:
+    """One measured variant: a server and the URL prefix of its views."""
+
+    name: str
+    server: str
+    prefix: str
+    parallelism: int | None = None
+
+
+#: Each server: its ASGI app, its environment, its venv ("main" runs the
+#: harness too; "dab" is Python 3.12 + Django 6.1 + django-async-backend).
+SERVERS: dict[str, dict[str, str]] = {
+    "stock": {
+        "app": "bench.djsite.asgi:application",
+        "BENCH_VARIANT": "stock",
+        "venv": "main",
+    },
+    "dbset": {
+        "app": "bench.djsite.asgi:application",
+        "BENCH_VARIANT": "dbset",
+        "venv": "main",
+    },
+    "ceiling": {"app": "bench.ceiling:app", "venv": "main"},
+    "stock-dj61": {
+        "app": "bench.djsite.asgi:application",
+        "BENCH_VARIANT": "stock",
+        "venv": "dab",
+    },
+    "dab": {
+        "app": "bench.djsite.asgi:application",
+        "BENCH_VARIANT": "dab",
+        "venv": "dab",
+    },
+}
+VENVS = {"main": Path(sys.executable), "dab": WORK / "venv-dab" / "bin" / "python"}
+
+ALL_SERIES = (
+    Series("stock", "stock", "/p1"),
+    Series("dbset-p1", "dbset", "/p1", 1),
+    Series("dbset-p2", "dbset", "/p2", 2),
+    Series("dbset-p4", "dbset", "/p4", 4),
+    Series("dbset-p8", "dbset", "/p8", 8),
+    Series("ceiling", "ceiling", "/p1"),
+    Series("stock-dj61", "stock-dj61", "/p1"),
+    Series("dab", "dab", "/p1"),
+)
+W3_SERIES = ("stock", "dbset-p1", "dbset-p4", "ceiling", "stock-dj61", "dab")
+
+
+def rotate(items: list[Any], n: int) -> list[Any]:
+    if not items:
+        return items
+    n %= len(items)
+    return items[n:] + items[:n]
+
+
+# -- database -------------------------------------------------------------------
+
+
+SEED_SQL = """
+CREATE TABLE IF NOT EXISTS bench_item (
+    id bigint PRIMARY KEY,
+    category integer NOT NULL,
+    price integer NOT NULL,
+    qty integer NOT NULL,
+    name varchar(32) NOT NULL
+);
+CREATE OR REPLACE FUNCTION bench_sleep(seconds double precision) RETURNS boolean
+    LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM pg_sleep(seconds);
+    RETURN true;
+END $$;
+"""
+
+
+def prepare_database() -> dict[str, Any]:
+    """Create and seed DB_NAME (idempotent); return the server's settings."""
+    with psycopg.connect(config.SERVER_DSN, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (config.DB_NAME,)
+        ).fetchone()
+        if not exists:
+            say(f"creating database {config.DB_NAME}")
+            conn.execute(f'CREATE DATABASE "{config.DB_NAME}"')
+        # One core per query, so parallel lanes are what spreads a request's
+        # work over the server's cores; no JIT compile time in the figures.
+        conn.execute(
+            f'ALTER DATABASE "{config.DB_NAME}" SET max_parallel_workers_per_gather = 0'
+        )
+        conn.execute(f'ALTER DATABASE "{config.DB_NAME}" SET jit = off')
+    with psycopg.connect(config.db_dsn("bench_harness"), autocommit=True) as conn:
+        conn.execute(SEED_SQL)
+        rows = conn.execute("SELECT count(*) FROM bench_item").fetchone()[0]
+        if rows != config.ROWS:
+            say(f"seeding bench_item with {config.ROWS} rows")
+            conn.execute("TRUNCATE bench_item")
+            conn.execute(
+                "INSERT INTO bench_item (id, category, price, qty, name) "
+                "SELECT g, g %% 100, (g * 7) %% 1000, g %% 97, 'item ' || g "
+                "FROM generate_series(1, %s) AS g",
+                (config.ROWS,),
+            )
+            conn.execute("VACUUM ANALYZE bench_item")
+        settings = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN "
+                "('max_connections', 'shared_buffers', 'max_parallel_workers_per_gather',"
+                " 'jit', 'server_version', 'work_mem', 'effective_io_concurrency')"
+            ).fetchall()
+        )
+        started = time.perf_counter()
+        conn.execute(config.AGGREGATE_SQL, (0,)).fetchall()
+        settings["aggregate_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        settings["table_mb"] = conn.execute(
+            "SELECT pg_total_relation_size('bench_item') / 1048576"
+        ).fetchone()[0]
+    return settings
+
+
+def check_sql(python: str) -> dict[str, Any]:
+    """Run bench.sqlcheck in a fresh process: Django's SQL vs the ceiling's."""
+    out = subprocess.run(
+        [python, "-m", "bench.sqlcheck"],
+        cwd=REPO,
+        env=_env({"BENCH_VARIANT": "stock"}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"bench: the SQL check failed:\n{out.stdout}{out.stderr}")
+    return json.loads(out.stdout)
+
+
+# -- servers --------------------------------------------------------------------
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env.setdefault("DJANGO_SETTINGS_MODULE", "bench.djsite.settings")
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")[:2000]
+
+
+class Server:
+    """One uvicorn process serving one variant on 127.0.0.1."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.python = str(VENVS[SERVERS[name]["venv"]])
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = WORK / "logs" / f"{name}.log"
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        spec = SERVERS[self.name]
+        self.port = free_port()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = _env({k: v for k, v in spec.items() if k.startswith("BENCH_")})
+        # The connection sampler counts this server's connections by this name.
+        env["BENCH_APP_NAME"] = f"bench_{self.name}"
+        command = [
+            self.python,
+            "-m",
+            "uvicorn",
+            spec["app"],
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+        with self.log.open("ab") as log:
+            log.write(f"\n--- {time.ctime()} {' '.join(command)}\n".encode())
+            self.proc = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server {self.name} exited with {self.proc.returncode}:\n"
+                    + self.log.read_text()[-3000:]
+                )
+            with contextlib.suppress(OSError):
+                if http_get(self.base + "/health/", timeout=2)[0] == 200:
+                    return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server {self.name} did not answer within {timeout} s")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server process, all its threads."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1]
+        utime, stime = fields.split()[11:13]
+        return (int(utime) + int(stime)) / CLK_TCK
+
+    def stats(self) -> dict[str, Any]:
+        status, body = http_get(self.base + "/stats/")
+        return json.loads(body) if status == 200 else {"error": body[:500]}
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running(*servers: Server) -> Iterator[None]:
+    try:
+        for server in servers:
+            server.start()
+        yield
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# -- measuring ------------------------------------------------------------------
+
+
+class ConnectionSampler:
+    """Polls pg_stat_activity and keeps the most connections seen per
+    application_name (the servers name theirs bench_<variant>)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.max: dict[str, int] = defaultdict(int)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ConnectionSampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        with psycopg.connect(config.db_dsn("bench_harness"), autocommit=True) as conn:
+            while not self._stop.is_set():
+                rows = conn.execute(
+                    "SELECT application_name, count(*) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid() GROUP BY 1",
+                    (config.DB_NAME,),
+                ).fetchall()
+                for name, count in rows:
+                    self.max[name] = max(self.max[name], count)
+                self._stop.wait(self.interval)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wrk(url: str, clients: int, seconds: int) -> dict[str, Any]:
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{clients}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        url,
+    ]
+    out = subprocess.run(
+        command, capture_output=True, text=True, timeout=seconds + 60, check=False
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCHJSON "):
+            return json.loads(line.removeprefix("BENCHJSON "))
+    raise RuntimeError(
+        f"wrk gave no figures ({out.returncode}): {out.stdout}{out.stderr}"
+    )
+
+
+@dataclass
+class Harness:
+    plan: Plan
+    deadline: float
+    workloads: frozenset[str] = frozenset({"W1", "W2", "W3", "W4"})
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    server_stats: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    skipped_runs: int = 0
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def measure(
+        self,
+        server: Server,
+        series: Series,
+        workload: str,
+        path: str,
+        *,
+        k: int | None,
+        clients: int,
+        seconds: int,
+        round_no: int,
+        sample: bool,
+    ) -> None:
+        if self.out_of_time():
+            self.skipped_runs += 1
+            return
+        query = f"?k={k}" if k is not None else ""
+        url = f"{server.base}{series.prefix}/{path}/{query}"
+        load = os.getloadavg()[0]
+        cpu0, wrk0 = server.cpu_seconds(), children_cpu()
+        sampler = ConnectionSampler() if sample else contextlib.nullcontext()
+        with sampler as seen:
+            figures = wrk(url, clients, seconds)
+        cpu1, wrk1 = server.cpu_seconds(), children_cpu()
+        seconds_run = figures["duration_us"] / 1e6
+        requests = figures["requests"]
+        run = {
+            "workload": workload,
+            "series": series.name,
+            "k": k,
+            "clients": clients,
+            "round": round_no,
+            "at": time.time(),
+            "seconds": round(seconds_run, 3),
+            "requests": requests,
+            "rps": round(requests / seconds_run, 2) if seconds_run else 0.0,
+            "latency_us": figures["latency_us"],
+            "errors": {k_: v for k_, v in figures["errors"].items() if v},
+            "server_cpu_s": round(cpu1 - cpu0, 3),
+            "server_cpu_us_per_request": (
+                round((cpu1 - cpu0) / requests * 1e6, 1) if requests else None
+            ),
+            "wrk_cpu_s": round(wrk1 - wrk0, 3),
+            "load_1min": load,
+        }
+        if seen is not None:
+            run["max_connections"] = seen.max.get(f"bench_{series.server}", 0)
+            run["max_connections_all"] = sum(
+                n for name, n in seen.max.items() if name.startswith("bench_")
+            )
+        self.runs.append(run)
+        lat = figures["latency_us"]
+        say(
+            f"  {workload} {series.name:9} k={k if k is not None else '-'} "
+            f"c={clients}: {run['rps']:8.1f} req/s  mean {lat['mean'] / 1000:7.2f} ms"
+            f"  p99 {lat['p99'] / 1000:7.2f} ms"
+            + (f"  conns {run['max_connections']}" if seen is not None else "")
+            + (f"  errors {run['errors']}" if run["errors"] else "")
+        )
+
+    def sanity(self, server: Server, series: Series) -> bool:
+        """One request per view; for the dbset server, the lanes it used."""
+        for path, k in (("w1", 2), ("w2", 1), ("w3", None)):
+            query = f"?check=1&k={k}" if k else "?check=1"
+            status, body = http_get(f"{server.base}{series.prefix}/{path}/{query}", 30)
+            if status != 200:
+                self.notes.append(
+                    f"{series.name}: /{path}/ answered {status}; series skipped: "
+                    f"{body[:300]}"
+                )
+                return False
+        if series.parallelism:
+            k = series.parallelism
+            status, body = http_get(
+                f"{server.base}{series.prefix}/w1/?check=1&k={k}", 30
+            )
+            data = json.loads(body)
+            self.checks.append(
+                {
+                    "series": series.name,
+                    "k": k,
+                    "parallelism": data.get("parallelism"),
+                    "lanes_used": data.get("lanes_used"),
+                }
+            )
+        return True
+
+    def warm(self, server: Server, series: list[Series]) -> None:
+        # Grows each pool to its max_size, starts the lane threads and caches
+        # the table: every variant is measured with a warm pool.
+        for s in series:
+            wrk(f"{server.base}{s.prefix}/w1/?k=4", 64, self.plan.warm_seconds)
+            wrk(f"{server.base}{s.prefix}/w2/?k=2", 2, self.plan.warm_seconds)
+
+    def rounds(self, series: list[Series]) -> None:
+        by_server: dict[str, list[Series]] = defaultdict(list)
+        for s in series:
+            by_server[s.server].append(s)
+        failed: set[str] = set()
+        plan = self.plan
+        for round_no in range(plan.rounds):
+            for name in rotate(list(by_server), round_no):
+                if self.out_of_time():
+                    self.notes.append(f"deadline reached in round {round_no + 1}")
+                    return
+                members = [s for s in by_server[name] if s.name not in failed]
+                if not members:
+                    continue
+                say(f"round {round_no + 1}/{plan.rounds}: server {name}")
+                server = Server(name)
+                try:
+                    server.start()
+                except RuntimeError as exc:
+                    self.notes.append(f"server {name} did not start: {exc}")
+                    failed.update(s.name for s in members)
+                    continue
+                try:
+                    if round_no == 0:
+                        for s in members:
+                            if not self.sanity(server, s):
+                                failed.add(s.name)
+                        members = [s for s in members if s.name not in failed]
+                    self.warm(server, members)
+                    self._slot(server, members, round_no)
+                    self.server_stats.append(
+                        {"round": round_no, "server": name, **server.stats()}
+                    )
+                finally:
+                    server.stop()
+
+    def _slot(self, server: Server, members: list[Series], round_no: int) -> None:
+        plan = self.plan
+        turn = 0
+        w1_ks = plan.w1_ks if "W1" in self.workloads else ()
+        w2_ks = plan.w2_ks if "W2" in self.workloads else ()
+        w4 = members if "W4" in self.workloads else []
+        for k in w1_ks:
+            for s in rotate(members, turn := turn + 1):
+                self.measure(
+                    server,
+                    s,
+                    "W1",
+                    "w1",
+                    k=k,
+                    clients=1,
+                    seconds=plan.w1_seconds,
+                    round_no=round_no,
+                    sample=True,
+                )
+        for k in w2_ks:
+            for s in rotate(members, turn := turn + 1):
+                self.measure(
+                    server,
+                    s,
+                    "W2",
+                    "w2",
+                    k=k,
+                    clients=1,
+                    seconds=plan.w2_seconds,
+                    round_no=round_no,
+                    sample=True,
+                )
+        for s in rotate(w4, round_no):
+            self.measure(
+                server,
+                s,
+                "W4",
+                "w1",
+                k=plan.w4_k,
+                clients=plan.w4_clients,
+                seconds=plan.w4_seconds,
+                round_no=round_no,
+                sample=True,
+            )
+
+    def w3(self, series: list[Series]) -> None:
+        wanted = [s for s in series if s.name in W3_SERIES]
+        names = sorted({s.server for s in wanted}, key=list(SERVERS).index)
+        servers = {name: Server(name) for name in names}
+        say(f"W3: servers {', '.join(names)} up at once")
+        with running(*servers.values()):
+            for s in wanted:
+                wrk(
+                    f"{servers[s.server].base}{s.prefix}/w3/",
+                    self.plan.w3_clients,
+                    self.plan.warm_seconds,
+                )
+            for round_no in range(self.plan.w3_rounds):
+                for s in rotate(wanted, round_no):
+                    self.measure(
+                        servers[s.server],
+                        s,
+                        "W3",
+                        "w3",
+                        k=None,
+                        clients=self.plan.w3_clients,
+                        seconds=self.plan.w3_seconds,
+                        round_no=round_no,
+                        sample=False,
+                    )
+
+
+# -- summary --------------------------------------------------------------------
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median over rounds of each (workload, series, k) point."""
+    groups: dict[tuple[str, str, int | None], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        groups[(run["workload"], run["series"], run["k"])].append(run)
+    rows = []
+    for (workload, series, k), group in groups.items():
+
+        def med(getter: Any, group: list[dict[str, Any]] = group) -> float:
+            return float(statistics.median(getter(r) for r in group))
+
+        rps = [r["rps"] for r in group]
+        mean_ms = [r["latency_us"]["mean"] / 1000 for r in group]
+        row = {
+            "workload": workload,
+            "series": series,
+            "k": k,
+            "clients": group[0]["clients"],
+            "runs": len(group),
+            "requests": sum(r["requests"] for r in group),
+            "rps": round(med(lambda r: r["rps"]), 2),
+            "rps_min": min(rps),
+            "rps_max": max(rps),
+            "mean_ms": round(med(lambda r: r["latency_us"]["mean"]) / 1000, 3),
+            "mean_ms_min": round(min(mean_ms), 3),
+            "mean_ms_max": round(max(mean_ms), 3),
+            "p50_ms": round(med(lambda r: r["latency_us"]["p50"]) / 1000, 3),
+            "p99_ms": round(med(lambda r: r["latency_us"]["p99"]) / 1000, 3),
+            "max_ms": round(max(r["latency_us"]["max"] for r in group) / 1000, 3),
+            "errors": sum(sum(r["errors"].values()) for r in group),
+            "server_cpu_us_per_request": round(
+                med(lambda r: r["server_cpu_us_per_request"] or 0.0), 1
+            ),
+            "wrk_cpu_share": round(
+                sum(r["wrk_cpu_s"] for r in group) / sum(r["seconds"] for r in group), 3
+            ),
+        }
+        if "max_connections" in group[0]:
+            row["max_connections"] = max(r["max_connections"] for r in group)
+        rows.append(row)
+    return rows
+
+
+# -- machine ----------------------------------------------------------------------
+
+
+def _run_text(command: list[str]) -> str:
+    try:
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=30, check=False
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def machine(pg: dict[str, Any]) -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        match = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+        cpu = match.group(1) if match else ""
+    mem_kb = 0
+    with contextlib.suppress(OSError):
+        match = re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text())
+        mem_kb = int(match.group(1)) if match else 0
+    versions = {}
+    for dist in (
+        "django",
+        "psycopg",
+        "psycopg-binary",
+        "psycopg-pool",
+        "asgiref",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "starlette",
+        "django-async-backend",
+        "matplotlib",
+    ):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[dist] = importlib.metadata.version(dist)
+    commit = _run_text(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _run_text(["git", "-C", str(REPO), "status", "--porcelain", "asgi_dbset"])
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 1048576, 1),
+        "kernel": platform.release(),
+        "os": _run_text(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "python": platform.python_version(),
+        "packages": versions,
+        "postgresql": pg,
+        "wrk": _run_text(["sh", "-c", "wrk --version 2>&1 | head -1"]).split(
+            " Copyright"
+        )[0],
+        "commit": commit + ("+local changes in asgi_dbset/" if dirty else ""),
+    }
+
+
+def dab_versions() -> dict[str, Any] | None:
+    """Python and package versions of venv-dab, or None when it is unusable."""
+    python = VENVS["dab"]
+    if not python.exists():
+        return None
+    code = (
+        "import json, platform, importlib.metadata as m, django_async_backend; "
+        "print(json.dumps({'python': platform.python_version(), 'packages': "
+        "{d: m.version(d) for d in ('django', 'django-async-backend', 'psycopg', "
+        "'psycopg-pool', 'asgiref', 'uvicorn', 'uvloop', 'httptools')}}))"
+    )
+    out = subprocess.run(
+        [str(python), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def load_snapshot() -> dict[str, Any]:
+    top = _run_text(["top", "-bn1", "-w", "160"]).splitlines()
+    return {"loadavg": list(os.getloadavg()), "at": time.time(), "top": top[:14]}
+
+
+def wait_for_quiet(threshold: float, max_wait: float) -> dict[str, Any]:
+    """Wait (bounded) for the 1-minute load average to drop below threshold."""
+    started = time.monotonic()
+    while os.getloadavg()[0] >= threshold and time.monotonic() - started < max_wait:
+        say(
+            f"load {os.getloadavg()[0]:.2f} >= {threshold}; waiting for a quieter machine"
+        )
+        time.sleep(min(15.0, max_wait))
+    waited = time.monotonic() - started
+    return {
+        "threshold": threshold,
+        "waited_s": round(waited, 1),
+        "quiet": os.getloadavg()[0] < threshold,
+    }
+
+
+# -- main -------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one short round (~2 min); writes under bench/.work/",
+    )
+    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument(
+        "--workloads", default="W1,W2,W3,W4", help="comma-separated subset"
+    )
+    parser.add_argument(
+        "--series",
+        default="",
+        help="comma-separated subset of " + ",".join(s.name for s in ALL_SERIES),
+    )
+    parser.add_argument(
+        "--deadline", type=float, default=1500.0, help="seconds; later runs are skipped"
+    )
+    parser.add_argument(
+        "--quiet-load",
+        type=float,
+        default=1.5,
+        help="wait for the 1-min load average to drop below this",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120.0,
+        help="...but at most this many seconds",
+    )
+    parser.add_argument("--out", type=Path, help="results JSON path")
+    parser.add_argument("--no-report", action="store_true")
+    args = parser.parse_args(argv)
+
+    plan = QUICK if args.quick else FULL
+    if args.rounds:
+        plan = Plan(**{**plan.__dict__, "rounds": args.rounds})
+    workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
+    series = list(ALL_SERIES)
+    if args.series:
+        wanted = {s.strip() for s in args.series.split(",")}
+        series = [s for s in series if s.name in wanted]
+    notes: list[str] = []
+    dab = dab_versions()
+    if dab is None:
+        series = [s for s in series if SERVERS[s.server]["venv"] != "dab"]
+        why = WORK / "async-backend-skipped.txt"
+        reason = why.read_text().strip() if why.exists() else "venv-dab missing"
+        notes.append(f"django-async-backend skipped: {reason}")
+
+    started = time.monotonic()
+    date = dt.date.today().isoformat()
+    if args.out:
+        out = args.out
+    elif args.quick:
+        out = WORK / "results" / f"{date}-quick.json"
+    else:
+        out = BENCH / "results" / f"{date}.json"
+
+    say("preparing the database")
+    pg = prepare_database()
+    sql = check_sql(sys.executable)
+    say(f"SQL check: {sql['summary']}")
+    quiet = wait_for_quiet(args.quiet_load, args.quiet_wait if not args.quick else 0)
+    load_before = load_snapshot()
+    say(f"load average {load_before['loadavg']}")
+
+    harness = Harness(
+        plan, time.monotonic() + args.deadline, frozenset(workloads), notes=notes
+    )
+    round_series = list(series)
+    if workloads & {"W1", "W2", "W4"}:
+        harness.rounds(round_series)
+    if "W3" in workloads:
+        harness.w3(series)
+    load_after = load_snapshot()
+
+    runs = [r for r in harness.runs if r["workload"] in workloads]
+    results = {
+        "date": date,
+        "mode": "quick" if args.quick else "full",
+        "plan": plan.__dict__,
+        "config": {
+            "rows": config.ROWS,
+            "sleep_s": config.SLEEP,
+            "pool": config.POOL,
+            "db": config.DB_NAME,
+            "asgi_dbset": {
+                "DEFAULT_PARALLELISM": 1,
+                "MAX_PARALLELISM": 8,
+                "BUDGET": None,
+                "LEASE_TIMEOUT": 0.1,
+            },
+            "server": "uvicorn, 1 process, --no-access-log",
+            "load_generator": "wrk -t1 (one thread), closed loop, keep-alive",
+        },
+        "machine": {**machine(pg), "dab_venv": dab},
+        "sql_check": sql,
+        "quiet": quiet,
+        "load_before": load_before,
+        "load_after": load_after,
+        "lane_checks": harness.checks,
+        "notes": harness.notes
+        + (
+            [f"{harness.skipped_runs} runs skipped at the deadline"]
+            if harness.skipped_runs
+            else []
+        ),
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "summary": summarise(runs),
+        "server_stats": harness.server_stats,
+        "runs": runs,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    say(f"wrote {out.relative_to(REPO)} ({results['elapsed_s']} s)")
+    if not args.no_report:
+        from bench import report
+
+        if args.quick:
+            md, img = WORK / "benchmarks-quick.md", WORK / "img"
+        else:
+            md, img = REPO / "docs" / "benchmarks.md", REPO / "docs" / "img"
+        report.write(results, md, img, results_path=out)
+        say(f"wrote {md.relative_to(REPO)} and plots in {img.relative_to(REPO)}/")
