@@ -8,6 +8,7 @@
 #   make test-embedded               smoke tests on the embedded server, main cell
 #   make db-start, make db-stop      start/stop the embedded PostgreSQL (.pgdata/)
 #   make chromium                    install Debian's chromium if absent (browser test)
+#   make docs                        build the documentation (mkdocs --strict) into site/
 #   make bench                       benchmarks (~12 min) -> bench/results/, docs/benchmarks.md
 #   make bench BENCH_ARGS=--quick    a ~2 min benchmark smoke run, written under bench/.work/
 #
@@ -27,10 +28,10 @@ VPY := $(VENV)/bin/python
 MATRIX := $(PYTHON) scripts/matrix.py --python $(PYTHON)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo lint typecheck test test-embedded db-start db-stop chromium bench
+.PHONY: help venv demo lint typecheck test test-embedded db-start db-stop chromium docs bench
 
 help:
-	@sed -n '1,16p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,17p' Makefile | sed 's/^# \{0,1\}//'
 
 venv:
 	@$(MATRIX) venv A
@@ -55,9 +56,10 @@ test: venv
 	$(MAKE) --no-print-directory db-start || failed="$$failed db-start"; \
 	$(MAKE) --no-print-directory typecheck || failed="$$failed typecheck"; \
 	$(MAKE) --no-print-directory chromium || failed="$$failed chromium"; \
+	$(MAKE) --no-print-directory docs || failed="$$failed docs"; \
 	$(MATRIX) test --cells $(CELLS) -- $(PYTEST_ARGS) || failed="$$failed pytest"; \
 	if [ -n "$$failed" ]; then echo "make test FAILED:$$failed"; exit 1; fi; \
-	echo "make test passed: lint, typecheck, pytest"
+	echo "make test passed: lint, typecheck, docs, pytest"
 
 # The embedded server is started from .venv before any cell runs: the embedded
 # smoke tests use it in every cell, and pgserver cannot be installed on Python 3.13.
@@ -81,6 +83,11 @@ chromium:
 		echo "chromium is missing; install it: sudo apt-get update && sudo apt-get install -y chromium"; \
 		exit 1; \
 	fi
+
+# The documentation, in strict mode: a broken link or anchor fails the build.
+docs: venv
+	@$(VPY) -c 'import mkdocs' 2>/dev/null || $(VPY) -m pip install --quiet -e '.[docs]'
+	$(VPY) -m mkdocs build --strict --quiet
 
 # Benchmarks (bench/, docs/benchmarks.md): never part of `make test`. bench/setup_env.py
 # makes bench/.work/venv (this Python, Django 5.2) and bench/.work/venv-dab (Python 3.12,
