@@ -27,6 +27,7 @@ Rules the scheduler keeps:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import types
@@ -37,6 +38,7 @@ from contextvars import Token
 from dataclasses import dataclass, field
 from typing import Any
 
+from asgiref.sync import AsyncToSync
 from asgiref.sync import sync_to_async as stock_sync_to_async
 
 from . import stats
@@ -44,7 +46,7 @@ from .aio import finish_shielded
 from .budget import budget, pool_max_size
 from .context import current_set
 from .errors import OrphanedIteratorError
-from .lanes import Lane, PooledLane, RequestLane
+from .lanes import Job, Lane, PooledLane, RequestLane
 from .targets import Target, target_of
 from .workers import workers
 
@@ -57,6 +59,9 @@ orphaned_cursors: weakref.WeakSet[types.GeneratorType[Any, None, None]] = (
 
 # The most calls a set keeps a record of (for introspection and timelines).
 _MAX_RECORDS = 512
+
+# Seconds to wait for an abandoned query to end before cancelling it again.
+_CANCEL_RETRY_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 
 def validate_parallelism(value: object, *, what: str = "parallelism") -> int:
@@ -150,6 +155,7 @@ class ConnectionSet:
         # Aliases whose lane-0 connection is inside a transaction; None until
         # lane 0 has reported (no extra lane is used before that).
         self._in_transaction: frozenset[str] | None = None
+        self._outer: object = None
         self._cursors: weakref.WeakKeyDictionary[Any, Lane] = (
             weakref.WeakKeyDictionary()
         )
@@ -274,6 +280,11 @@ class ConnectionSet:
             logger.debug("asgi_dbset: closed %r", self)
 
     async def _release_all(self) -> None:
+        # Cursors go with their lanes: mark them before any waiting chunk of
+        # theirs wakes up, so it fails loudly instead of running elsewhere.
+        for gen, pinned in list(self._cursors.items()):
+            if isinstance(pinned, PooledLane):
+                orphaned_cursors.add(gen)
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
@@ -282,10 +293,6 @@ class ConnectionSet:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         extra = [lane for lane in self._lanes if isinstance(lane, PooledLane)]
         self._lanes = [self._lane0]
-        for lane in extra:
-            for gen, pinned in list(self._cursors.items()):
-                if pinned is lane:
-                    orphaned_cursors.add(gen)
         results = await asyncio.gather(
             *(self._retire(lane, close_cursors=True) for lane in extra),
             return_exceptions=True,
@@ -325,9 +332,21 @@ class ConnectionSet:
         if target is None:
             return await stock_sync_to_async(func)(*args, **kwargs)
 
+        self._check_outer_thread()
+        cursor = target.cursor
+        if (
+            cursor is not None
+            and cursor not in self._cursors
+            and inspect.getgeneratorstate(cursor) != inspect.GEN_CREATED
+        ):
+            # Opened before this set routed it, so as stock Django runs it: on
+            # the request's own thread and connection.
+            self._cursors[cursor] = self._lane0
         queued = time.perf_counter()
         lane = await self._acquire(target)
         if lane is None:
+            if cursor is not None:
+                check_cursor(cursor)
             self._fall_back("the set ended while the call waited for a lane")
             return await stock_sync_to_async(func)(*args, **kwargs)
         started = time.perf_counter()
@@ -340,9 +359,9 @@ class ConnectionSet:
             self.records.append(record)
         lane.calls += 1
         stats.incr("calls")
-        if target.cursor is not None and target.cursor not in self._cursors:
-            self._cursors[target.cursor] = lane
-        elif target.cursor is not None or target.alias in (self._in_transaction or ()):
+        if cursor is not None and cursor not in self._cursors:
+            self._cursors[cursor] = lane
+        elif cursor is not None or target.alias in (self._in_transaction or ()):
             stats.incr("pinned_calls")
         try:
             result = await lane.run(
@@ -397,7 +416,8 @@ class ConnectionSet:
                 lane = waiter.future.result()
                 if lane is not None:
                     self._free(lane)  # handed a lane just as the caller gave up
-            else:
+            elif waiter in self._waiters:
+                # (_dispatch or aclose may have dropped it already.)
                 self._waiters.remove(waiter)
             raise
 
@@ -452,11 +472,24 @@ class ConnectionSet:
         """A caller was cancelled while its call runs: cancel it on the server,
         and keep the lane out of use until both the cancel and the call end."""
         lane.quarantined = True
-        self._spawn(self._cancel(lane))
+        lane.abandoned_done = asyncio.Event()
+        assert lane.job is not None
+        self._spawn(self._cancel(lane, lane.job, lane.abandoned_done))
 
-    async def _cancel(self, lane: Lane) -> None:
+    async def _cancel(self, lane: Lane, job: Job, ended: asyncio.Event) -> None:
+        # A cancel that reaches the server just before the query does is
+        # ignored by it; an abandoned job starts no other query (Job.guard),
+        # so sending again while that same query is in flight is safe.
+        loop = asyncio.get_running_loop()
         try:
-            await lane.cancel_query()
+            for wait in _CANCEL_RETRY_WAITS:
+                if not await loop.run_in_executor(None, job.cancel_in_flight):
+                    return
+                try:
+                    await asyncio.wait_for(ended.wait(), wait)
+                    return
+                except TimeoutError:
+                    continue
         finally:
             lane.quarantined = False
             if not lane.busy:
@@ -464,16 +497,33 @@ class ConnectionSet:
 
     def _abandoned_done(self, lane: Lane) -> None:
         # Called on the loop by the lane's thread when an abandoned call ends.
+        if lane.abandoned_done is not None:
+            lane.abandoned_done.set()
+            lane.abandoned_done = None
         self._free(lane)
 
     # -- growing -------------------------------------------------------------
 
-    def _report_transactions(self, aliases: frozenset[str]) -> None:
+    def _check_outer_thread(self) -> None:
+        """Forget lane 0's transaction report when the sync caller above us
+        changes: under ``async_to_sync``, lane 0 is that caller's thread, which
+        may have entered a transaction since it last reported."""
+        outer = getattr(AsyncToSync.executors, "current", None)
+        if outer is not self._outer:
+            self._outer = outer
+            self._lane0.generation += 1
+            self._in_transaction = None
+
+    def _report_transactions(self, aliases: frozenset[str], generation: int) -> None:
         # Runs on lane 0's thread: hand the news to the loop.
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._transactions_reported, aliases)
+        self._loop.call_soon_threadsafe(
+            self._transactions_reported, aliases, generation
+        )
 
-    def _transactions_reported(self, aliases: frozenset[str]) -> None:
+    def _transactions_reported(self, aliases: frozenset[str], generation: int) -> None:
+        if generation != self._lane0.generation:
+            return  # observed before the caller changed; a fresh report follows
         self._in_transaction = aliases
         if not self._closed:
             self._dispatch()
@@ -505,7 +555,13 @@ class ConnectionSet:
                 self._spawn(self._grow(alias))
 
     async def _grow(self, alias: str) -> None:
-        lane = PooledLane(self._next_index, alias, workers.acquire())
+        try:
+            worker = workers.acquire()
+        except BaseException:
+            self._growing[alias] -= 1
+            budget.release(alias)
+            raise
+        lane = PooledLane(self._next_index, alias, worker)
         self._next_index += 1
         try:
             await lane.open(self.lease_timeout)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 import psycopg
 from asgiref.sync import SyncToAsync
-from django.db import connections
+from django.db import OperationalError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import stats
@@ -36,12 +37,16 @@ class Job:
     """One ORM call on a lane; its state moves PENDING -> RUNNING -> DONE, or
     PENDING -> SKIPPED when its caller gave up before a thread picked it up.
 
-    The lock makes "the caller gave up" and "the thread started it" exclusive,
-    so exactly one side frees the lane: the caller when the job never ran or
-    has finished, the thread when it finishes a job its caller abandoned.
+    ``lock`` makes these exclusive, so exactly one side frees the lane (the
+    caller when the job never ran or has finished, the thread when it ends a
+    job its caller abandoned), and so a server-side cancel only ever reaches
+    the query of this job: :meth:`guard` marks each query in flight under the
+    lock, refuses new queries once the job is abandoned, and
+    :meth:`cancel_in_flight` holds the lock while it cancels, so the
+    connection cannot move on to another query meanwhile.
     """
 
-    __slots__ = ("abandoned", "lock", "state")
+    __slots__ = ("abandoned", "lock", "query_conn", "state")
 
     PENDING, RUNNING, DONE, SKIPPED = range(4)
 
@@ -49,6 +54,43 @@ class Job:
         self.lock = threading.Lock()
         self.state = Job.PENDING
         self.abandoned = False
+        # The psycopg connection running this job's query now, if any.
+        self.query_conn: psycopg.Connection[Any] | None = None
+
+    def guard(
+        self,
+        execute: Callable[..., Any],
+        sql: Any,
+        params: Any,
+        many: bool,
+        context: dict[str, Any],
+    ) -> Any:
+        """A Django execute wrapper around every query of the job."""
+        with self.lock:
+            if self.abandoned:
+                raise OperationalError(
+                    "asgi_dbset: query not sent: the caller of this ORM call was cancelled."
+                )
+            self.query_conn = context["connection"].connection
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            with self.lock:
+                self.query_conn = None
+
+    def cancel_in_flight(self, timeout: float = 5.0) -> bool:
+        """Ask the server to cancel the job's running query; False if none runs."""
+        with self.lock:
+            conn = self.query_conn
+            if conn is None or conn.closed:
+                return False
+            try:
+                conn.cancel_safe(timeout=timeout)
+            except Exception:  # the query may have ended or the connection died
+                logger.debug("asgi_dbset: cancel failed", exc_info=True)
+                return False
+        stats.incr("cancels")
+        return True
 
 
 class Lane:
@@ -62,16 +104,19 @@ class Lane:
         self.index = index
         self.busy = False
         # True while a server-side cancel for an abandoned call is in flight:
-        # no new call may start before it lands, or it could cancel that call.
+        # no new call may start before it lands.
         self.quarantined = False
         self.calls = 0
         self.job: Job | None = None
-        # The Django wrapper the running job uses, for a server-side cancel.
-        self.wrapper: BaseDatabaseWrapper | None = None
+        # Set on the loop when an abandoned job of this lane has ended.
+        self.abandoned_done: asyncio.Event | None = None
 
     def __repr__(self) -> str:
         state = "busy" if self.busy else "idle"
-        return f"<{type(self).__name__} {self.index} {self.alias or '*'} {state} calls={self.calls}>"
+        return (
+            f"<{type(self).__name__} {self.index} {self.alias or '*'} {state} "
+            f"calls={self.calls}>"
+        )
 
     def _executor_options(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -99,21 +144,23 @@ class Lane:
         """
         loop = asyncio.get_running_loop()
         job = self.job = Job()
+        # The call runs in a private copy of the caller's context, never copied
+        # back: code on a lane does not see the set (an async_to_sync inside it
+        # runs its ORM calls on this very thread, as stock Django does), and
+        # nothing set on the lane leaks into the caller, even on cancellation.
+        context = contextvars.copy_context()
+        context.run(current_set.set, None)
 
         def call() -> Any:
             with job.lock:
                 if job.state == Job.SKIPPED:
                     return None
                 job.state = Job.RUNNING
-            # Code on a lane does not see the set: an async_to_sync inside it
-            # runs its ORM calls on this very thread, as stock Django does.
-            token = current_set.set(None)
             try:
-                self.wrapper = connections[alias]
                 self._before(alias, timeout_ms)
-                return func(*args, **kwargs)
+                with connections[alias].execute_wrapper(job.guard):
+                    return func(*args, **kwargs)
             finally:
-                current_set.reset(token)
                 try:
                     self._after(alias)
                 finally:
@@ -123,7 +170,7 @@ class Lane:
                     if abandoned:
                         loop.call_soon_threadsafe(on_abandoned_done, self)
 
-        return await SyncToAsync(call, **self._executor_options())()
+        return await SyncToAsync(call, context=context, **self._executor_options())()
 
     def give_up(self) -> bool:
         """The caller was cancelled: return True if the call is still running
@@ -139,27 +186,18 @@ class Lane:
                 return True
             return False
 
-    async def cancel_query(self, timeout: float = 5.0) -> None:
-        """Ask the server to cancel what the lane's connection is running."""
-        wrapper = self.wrapper
-        conn = wrapper.connection if wrapper is not None else None
-        if not isinstance(conn, psycopg.Connection) or conn.closed:
-            return
-        stats.incr("cancels")
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(None, lambda: conn.cancel_safe(timeout=timeout))
-        except Exception:  # the query may have ended or the connection died
-            logger.debug("cancel on lane %s failed", self.index, exc_info=True)
-
 
 class RequestLane(Lane):
     """Lane 0: the request's own thread-sensitive thread and its connections."""
 
-    def __init__(self, report_transactions: Callable[[frozenset[str]], None]) -> None:
+    def __init__(
+        self, report_transactions: Callable[[frozenset[str], int], None]
+    ) -> None:
         super().__init__(0)
         self._report = report_transactions
-        self._reported: frozenset[str] | None = None
+        # Bumped by the set (on its loop) when an earlier report may be stale.
+        self.generation = 0
+        self._reported: tuple[int, frozenset[str]] | None = None
 
     def _executor_options(self) -> dict[str, Any]:
         return {"thread_sensitive": True}
@@ -167,12 +205,16 @@ class RequestLane(Lane):
     def _before(self, alias: str, timeout_ms: int | None) -> None:
         # The set may only use other connections while this one is outside a
         # transaction: tell it which aliases are inside one whenever it changes.
+        # The generation is read first: a report that raced a newer one is dropped.
+        generation = self.generation
         in_transaction = frozenset(
-            w.alias for w in connections.all(initialized_only=True) if w.in_atomic_block
+            w.alias
+            for w in connections.all(initialized_only=True)
+            if w.in_atomic_block or (w.connection is not None and not w.autocommit)
         )
-        if in_transaction != self._reported:
-            self._reported = in_transaction
-            self._report(in_transaction)
+        if (generation, in_transaction) != self._reported:
+            self._reported = (generation, in_transaction)
+            self._report(in_transaction, generation)
         if timeout_ms is not None:
             set_statement_timeout(connections[alias], timeout_ms)
 
@@ -236,10 +278,15 @@ class PooledLane(Lane):
         assert alias is not None
 
         def lease() -> None:
-            _thread.lease_timeout = lease_timeout
             wrapper = connections[alias]
             _bounded_getconn(wrapper.pool)  # type: ignore[attr-defined]
-            wrapper.ensure_connection()
+            # Bound only this lease: a connection to another alias that a call
+            # opens later on this thread waits as stock Django would.
+            _thread.lease_timeout = lease_timeout
+            try:
+                wrapper.ensure_connection()
+            finally:
+                _thread.lease_timeout = None
 
         await asyncio.get_running_loop().run_in_executor(self.worker, lease)
 
@@ -289,28 +336,12 @@ def release_thread_connections() -> None:
     """Return the calling thread's Django connections to their pools.
 
     Runs on the thread that owns them. A connection left inside a transaction
-    is rolled back by the pool; one that is broken is discarded by it.
+    is rolled back by the pool; one that is broken is discarded by it. Every
+    wrapper is left clean for the thread's next lane.
     """
     for wrapper in connections.all(initialized_only=True):
-        conn = wrapper.connection
-        if conn is None:
-            continue
         try:
-            reset_statement_timeout(wrapper)
-            if conn.broken or conn.closed:
-                stats.incr("connections_discarded")
-                logger.warning(
-                    "asgi_dbset: discarding a broken connection of database %r",
-                    wrapper.alias,
-                )
-            elif conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                stats.incr("rollbacks")
-                logger.warning(
-                    "asgi_dbset: a connection of database %r was returned inside a "
-                    "transaction; it is rolled back",
-                    wrapper.alias,
-                )
-            wrapper.close()
+            _return_connection(wrapper)
         except Exception:
             logger.warning(
                 "asgi_dbset: error returning a connection of database %r",
@@ -318,7 +349,6 @@ def release_thread_connections() -> None:
                 exc_info=True,
             )
         finally:
-            # The thread serves another set next: start it from a clean state.
             wrapper.connection = None
             wrapper.in_atomic_block = False
             wrapper.savepoint_ids = []
@@ -326,3 +356,23 @@ def release_thread_connections() -> None:
             wrapper.needs_rollback = False
             wrapper.closed_in_transaction = False
             wrapper.run_on_commit = []
+
+
+def _return_connection(wrapper: BaseDatabaseWrapper) -> None:
+    conn = wrapper.connection
+    if conn is None:
+        return
+    reset_statement_timeout(wrapper)
+    if conn.broken or conn.closed:
+        stats.incr("connections_discarded")
+        logger.warning(
+            "asgi_dbset: discarding a broken connection of database %r", wrapper.alias
+        )
+    elif conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        stats.incr("rollbacks")
+        logger.warning(
+            "asgi_dbset: a connection of database %r was returned inside a "
+            "transaction; it is rolled back",
+            wrapper.alias,
+        )
+    wrapper.close()

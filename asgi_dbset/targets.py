@@ -48,8 +48,13 @@ class Target:
 def _queryset_alias(qs: QuerySet[Any] | Manager[Any], write: bool) -> str:
     if qs._db:  # type: ignore[union-attr]
         return str(qs._db)  # type: ignore[union-attr]
-    hints = getattr(qs, "_hints", {})
-    if write:
+    hints = dict(getattr(qs, "_hints", {}))
+    # Related managers route by the instance they belong to, as Django does.
+    instance = getattr(qs, "instance", None)
+    if isinstance(instance, Model):
+        hints.setdefault("instance", instance)
+    # select_for_update() and friends read from the write database.
+    if write or getattr(qs, "_for_write", False):
         return str(router.db_for_write(qs.model, **hints))
     return str(router.db_for_read(qs.model, **hints))
 

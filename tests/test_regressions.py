@@ -1,0 +1,151 @@
+"""Regression tests for defects a review of the core found (each once proven)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
+from django.db import transaction
+from django.test import override_settings
+
+from asgi_dbset import active_set, connection_set
+from asgi_dbset.budget import budget
+from asgi_dbset.targets import target_of
+from tests.helpers import sleeping, timed
+from tests.test_cancellation import active_sleeps
+from tests.testapp.models import Author, Book
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+
+
+async def test_a_cancelled_call_does_not_erase_the_callers_set() -> None:
+    async with connection_set(parallelism=3) as dbset:
+        await asyncio.gather(*(sleeping(0.05).acount() for _ in range(3)))
+        # One call awaited in this very task (a gather would give each call a
+        # task, and so a context, of its own).
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await sleeping(5).acount()
+        # Before the fix, the lane's context (where the set is hidden) was
+        # copied back into this task: later calls silently ran as stock Django.
+        assert active_set() is dbset
+        _, elapsed = await timed(
+            asyncio.gather(*(sleeping(0.2).acount() for _ in range(3)))
+        )
+        assert elapsed < 0.5
+
+
+@pytest.mark.parametrize("after", [0, 0.005, 0.02])
+async def test_a_call_abandoned_at_any_moment_leaves_no_query_running(
+    after: float,
+) -> None:
+    async with ThreadSensitiveContext():  # a new request: lane 0 not even connected
+        async with connection_set(parallelism=3):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(after):
+                    await asyncio.gather(*(sleeping(3).acount() for _ in range(3)))
+            await asyncio.sleep(0.5)
+            assert await asyncio.to_thread(active_sleeps) == 0
+        await sync_to_async(_close_all)()
+
+
+def _close_all() -> None:
+    from django.db import connections
+
+    connections.close_all()
+
+
+async def test_a_cancelled_waiter_raises_cancelled_not_value_error() -> None:
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=1, statement_timeout=5):
+            # Other thread-sensitive work keeps the request thread busy.
+            busy = asyncio.ensure_future(sync_to_async(time.sleep)(0.3))
+            await asyncio.sleep(0.01)
+            first = asyncio.ensure_future(Author.objects.acount())
+            second = asyncio.ensure_future(Author.objects.acount())
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await asyncio.gather(first, second)
+            assert first.cancelled()
+            assert second.cancelled()
+            await busy
+        await sync_to_async(_close_all)()
+    assert budget.total == 0
+
+
+async def test_an_aiterator_opened_before_the_set_stays_on_its_connection() -> None:
+    await Author.objects.abulk_create([Author(name=f"a{i}") for i in range(6)])
+    iterator = Author.objects.order_by("name").aiterator(chunk_size=2).__aiter__()
+    first = await iterator.__anext__()  # opened as stock Django: on lane 0's thread
+    async with connection_set(parallelism=3) as dbset:
+        # Warm pooled lanes, then ask for the next chunk while lane 0 is busy.
+        await asyncio.gather(sleeping(0.1).acount(), sleeping(0.1).acount())
+        _, second = await asyncio.gather(sleeping(0.3).acount(), iterator.__anext__())
+        rest = [author.name async for author in iterator]
+    assert [first.name, second.name, *rest] == [f"a{i}" for i in range(6)]
+    assert {r.lane for r in dbset.records if r.name == "next_slice"} == {0}
+
+
+class RollbackRequestedError(Exception):
+    pass
+
+
+async def test_calls_inside_a_transaction_opened_later_on_lane_zero() -> None:
+    async def parallel_part(pk: int) -> list[object]:
+        return await asyncio.gather(
+            Author.objects.filter(pk=pk).aexists(),
+            Author.objects.filter(pk=pk).aexists(),
+            Author.objects.acreate(name="must roll back"),
+        )
+
+    seen: list[object] = []
+
+    def in_transaction() -> None:
+        try:
+            with transaction.atomic():
+                author = Author.objects.create(name="in the transaction")
+                seen.extend(async_to_sync(parallel_part)(author.pk)[:2])
+                raise RollbackRequestedError
+        except RollbackRequestedError:
+            pass
+
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=3):
+            # Lanes are leased and lane 0 reports "no transaction"...
+            await asyncio.gather(*(sleeping(0.1).acount() for _ in range(3)))
+            # ...then its thread opens one and calls back into async code.
+            await sync_to_async(in_transaction)()
+        await sync_to_async(_close_all)()
+    assert seen == [True, True]
+    assert await Author.objects.filter(name="must roll back").acount() == 0
+
+
+class ReadReplicaRouter:
+    def db_for_read(self, model: object, **hints: object) -> str:
+        return "other"
+
+    def db_for_write(self, model: object, **hints: object) -> str:
+        return "default"
+
+    def allow_relation(self, *args: object, **kwargs: object) -> bool:
+        return True
+
+
+@override_settings(DATABASE_ROUTERS=[ReadReplicaRouter()])
+def test_select_for_update_targets_the_write_database() -> None:
+    qs = Author.objects.select_for_update()
+    assert target_of(qs.get, (), {}) is not None
+    assert target_of(qs.get, (), {}).alias == "default"  # type: ignore[union-attr]
+    assert target_of(Author.objects.all().count, (), {}).alias == "other"  # type: ignore[union-attr]
+
+
+def test_related_managers_route_by_their_instance() -> None:
+    author = Author(name="x", pk=1)
+    author._state.db = "other"
+    manager = author.books
+    target = target_of(manager.create, (), {})
+    assert target is not None
+    assert target.alias == "other"
+    assert target_of(Book.objects.using("other").count, (), {}).alias == "other"  # type: ignore[union-attr]
