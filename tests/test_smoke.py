@@ -5,6 +5,8 @@ Marked ``embedded``: ``make test-embedded`` runs these against the embedded serv
 
 from __future__ import annotations
 
+import os
+
 import psycopg
 import pytest
 from django.conf import settings
@@ -24,6 +26,8 @@ pytestmark = pytest.mark.embedded
     [("default", "test_asgi_dbset"), ("other", "test_asgi_dbset_other")],
 )
 def test_django_connection_is_postgresql(alias: str, test_name: str) -> None:
+    # ASGI_DBSET_TEST_DB_SUFFIX lets two runs share a server.
+    test_name += os.environ.get("ASGI_DBSET_TEST_DB_SUFFIX", "")
     with connections[alias].cursor() as cursor:
         cursor.execute("SELECT version(), current_database()")
         version, database = cursor.fetchone()
