@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 STAMP_NAME = ".asgi-dbset-stamp"
 # pytest's exit code when it collected nothing: never a success for a matrix cell.
 PYTEST_NO_TESTS = 5
+# A hung cell must fail the run, not stall CI: seconds one pytest run may take.
+DEFAULT_CELL_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,34 @@ def ensure_venv(cell: Cell, interpreter: Interpreter) -> Path:
     return venv
 
 
+def run_with_timeout(command: list[str], timeout: float) -> int | None:
+    """Run pytest; on timeout dump its threads' stacks, kill it, return None."""
+    # Its own process group, so servers that tests started go down with it.
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        say(
+            f"pytest ran longer than {timeout:.0f} s; dumping its stacks, then killing it"
+        )
+        # pytest enables faulthandler, which prints every thread's stack on SIGABRT.
+        process.send_signal(signal.SIGABRT)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+        return None
+    except KeyboardInterrupt:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait()
+        raise
+
+
 def select(names: str) -> list[Cell]:
     wanted = [n.strip().upper() for n in re.split(r"[,\s]+", names) if n.strip()]
     by_name = {cell.name: cell for cell in CELLS}
@@ -282,9 +313,13 @@ def cmd_test(args: argparse.Namespace) -> int:
         command = [str(venv_python(venv)), "-m", "pytest", *pytest_args]
         say("$ " + " ".join(shlex.quote(part) for part in command))
         started = time.monotonic()
-        code = subprocess.run(command, cwd=REPO, check=False).returncode
+        code = run_with_timeout(command, args.timeout)
         elapsed = time.monotonic() - started
-        if code == 0:
+        if code is None:
+            results.append(
+                (cell, "failed", f"{label}: timed out after {args.timeout:.0f} s")
+            )
+        elif code == 0:
             results.append((cell, "passed", f"{label}, {elapsed:.1f} s"))
         elif code == PYTEST_NO_TESTS:
             results.append((cell, "failed", f"{label}: pytest collected no tests"))
@@ -329,6 +364,12 @@ def main(argv: list[str]) -> int:
         action="store_true",
         default=os.environ.get("REQUIRE_ALL_CELLS") == "1",
         help="fail when a cell's interpreter is not available (also REQUIRE_ALL_CELLS=1)",
+    )
+    test.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("CELL_TIMEOUT") or DEFAULT_CELL_TIMEOUT),
+        help="seconds one cell's pytest may run (also CELL_TIMEOUT; default 600)",
     )
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
