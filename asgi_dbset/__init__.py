@@ -16,28 +16,34 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CallRecord",
     "ConnectionSet",
     "DBSetMiddleware",
     "OrphanedIteratorError",
+    "RequestSummary",
     "active_set",
     "connection_set",
     "db_parallelism",
+    "get_pool_stats",
     "get_stats",
     "recent_requests",
 ]
 
 if TYPE_CHECKING:
     from .api import active_set, connection_set, db_parallelism
-    from .dbset import ConnectionSet
+    from .dbset import CallRecord, ConnectionSet
     from .errors import OrphanedIteratorError
-    from .history import recent_requests
+    from .history import RequestSummary, recent_requests
     from .middleware import DBSetMiddleware
-    from .stats import get_stats
+    from .stats import get_pool_stats, get_stats
 
 # Imported lazily: `import asgi_dbset` (as INSTALLED_APPS does) must not touch
 # Django's models before the app registry is ready.
 _LAZY = {
+    "CallRecord": ".dbset",
     "ConnectionSet": ".dbset",
+    "RequestSummary": ".history",
+    "get_pool_stats": ".stats",
     "DBSetMiddleware": ".middleware",
     "OrphanedIteratorError": ".errors",
     "active_set": ".api",

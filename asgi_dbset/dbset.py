@@ -132,6 +132,11 @@ class ConnectionSet:
         statement_timeout: float | None = None,
     ) -> None:
         self._parallelism = validate_parallelism(parallelism)
+        #: The highest parallelism the set had (a block form may lower it again).
+        self.peak_parallelism = self._parallelism
+        #: Record calls that run as stock Django too (for figures and timelines;
+        #: the middleware turns it on with SERVER_TIMING or HISTORY).
+        self.record_stock_calls = False
         self.statement_timeout = validate_statement_timeout(statement_timeout)
         if isinstance(lease_timeout, bool) or not isinstance(
             lease_timeout, int | float
@@ -187,6 +192,7 @@ class ConnectionSet:
     @parallelism.setter
     def parallelism(self, value: int) -> None:
         self._parallelism = validate_parallelism(value)
+        self.peak_parallelism = max(self.peak_parallelism, value)
         if self._loop is not None and not self._closed:
             self._maybe_grow()
 
@@ -222,7 +228,7 @@ class ConnectionSet:
         query = sum(max(r.ended - r.started, 0.0) for r in self.records) * 1000
         per_lane = Counter(r.lane for r in self.records)
         return {
-            "parallelism": self._parallelism,
+            "parallelism": self.peak_parallelism,
             "lanes_used": len(per_lane),
             "calls": self.calls,
             "calls_per_lane": dict(sorted(per_lane.items())),
@@ -259,6 +265,7 @@ class ConnectionSet:
         ensure_installed()
         self._loop = asyncio.get_running_loop()
         self.opened_at = time.perf_counter()
+        logger.debug("asgi_dbset: opened %r", self)
         stats.incr("sets_opened")
         stats.incr("sets_open")
 
@@ -330,6 +337,8 @@ class ConnectionSet:
             else:
                 target = target_of(func, args, kwargs)
         if target is None:
+            if self.record_stock_calls and not self._closed:
+                return await self._run_stock_recorded(func, args, kwargs)
             return await stock_sync_to_async(func)(*args, **kwargs)
 
         self._check_outer_thread()
@@ -380,6 +389,22 @@ class ConnectionSet:
             record.ended = time.perf_counter()
         self._free(lane)
         return result
+
+    async def _run_stock_recorded(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        # Stock Django, timed for figures and timelines: lane 0, no scheduling.
+        started = time.perf_counter()
+        target = target_of(func, args, kwargs)
+        alias = target.alias if target is not None else ""
+        record = CallRecord(0, alias, getattr(func, "__name__", "?"), started, started)
+        self.calls += 1
+        if len(self.records) < _MAX_RECORDS:
+            self.records.append(record)
+        try:
+            return await stock_sync_to_async(func)(*args, **kwargs)
+        finally:
+            record.ended = time.perf_counter()
 
     @property
     def _timeout_ms(self) -> int | None:
@@ -581,6 +606,7 @@ class ConnectionSet:
                 raise
             return
         self._growing[alias] -= 1
+        logger.debug("asgi_dbset: leased lane %d on %r", lane.index, alias)
         stats.incr("lanes_leased")
         stats.incr("lanes_open")
         if self._closed:

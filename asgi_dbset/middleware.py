@@ -62,6 +62,7 @@ class DBSetMiddleware:
             try:
                 async with connection_set() as dbset:
                     scope["asgi_dbset"] = dbset
+                    dbset.record_stock_calls = conf.SERVER_TIMING or conf.HISTORY > 0
                     if conf.SERVER_TIMING:
                         send = _with_server_timing(send, dbset)
                     await self.app(scope, receive, send)

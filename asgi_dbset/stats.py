@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from typing import Any
 
 _lock = threading.Lock()
 _counters: Counter[str] = Counter()
@@ -28,6 +29,15 @@ COUNTERS = {
 def incr(name: str, n: int = 1) -> None:
     with _lock:
         _counters[name] += n
+
+
+def get_pool_stats() -> dict[str, dict[str, int]]:
+    """``get_stats()`` of each database alias's psycopg pool that exists now."""
+    from django.db.backends.postgresql.base import DatabaseWrapper
+
+    # Django keeps one pool per alias in this class-level dict (5.1+).
+    pools: dict[str, Any] = dict(getattr(DatabaseWrapper, "_connection_pools", {}))
+    return {alias: dict(pool.get_stats()) for alias, pool in sorted(pools.items())}
 
 
 def get_stats() -> dict[str, int]:

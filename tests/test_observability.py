@@ -9,7 +9,14 @@ import pytest
 from django.core.asgi import get_asgi_application
 from django.test import override_settings
 
-from asgi_dbset import DBSetMiddleware, connection_set, get_stats, recent_requests
+from asgi_dbset import (
+    DBSetMiddleware,
+    connection_set,
+    db_parallelism,
+    get_pool_stats,
+    get_stats,
+    recent_requests,
+)
 from asgi_dbset.stats import COUNTERS
 from tests.asgi import request
 from tests.helpers import sleeping
@@ -74,3 +81,30 @@ def test_get_stats_lists_every_counter() -> None:
     stats = get_stats()
     assert set(stats) == set(COUNTERS)
     assert all(isinstance(value, int) for value in stats.values())
+
+
+@override_settings(ASGI_DBSET={"HISTORY": 3})
+async def test_history_records_stock_calls_at_parallelism_one() -> None:
+    response = await request(DBSetMiddleware(get_asgi_application()), "/plain/")
+    assert response.status == 200
+    summary = recent_requests()[-1]
+    assert summary.figures["parallelism"] == 1
+    assert summary.figures["calls"] == 3
+    assert {record.lane for record in summary.records} == {0}
+    assert {record.alias for record in summary.records} == {"default"}
+
+
+async def test_figures_report_the_peak_parallelism_of_a_block() -> None:
+    async with connection_set(parallelism=1) as dbset:
+        async with db_parallelism(3):
+            await asyncio.gather(*(sleeping(0.05).acount() for _ in range(3)))
+        assert dbset.parallelism == 1
+    assert dbset.figures()["parallelism"] == 3
+    assert dbset.figures()["lanes_used"] == 3
+
+
+async def test_pool_stats_are_readable_from_code() -> None:
+    await sleeping(0).acount()
+    pools = get_pool_stats()
+    assert "default" in pools
+    assert pools["default"]["pool_max"] == 8
