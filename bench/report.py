@@ -453,6 +453,187 @@ def w4_table(f: Figures, pool_max: int) -> str:
     )
 
 
+def _counters(results: dict[str, Any]) -> dict[str, int]:
+    """asgi_dbset's counters summed over the rounds' dbset servers."""
+    total: dict[str, int] = {}
+    for entry in results.get("server_stats", []):
+        for key, value in (entry.get("asgi_dbset") or {}).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def findings(results: dict[str, Any], f: Figures) -> list[str]:
+    """What the figures say, in sentences, computed from them."""
+    out: list[str] = []
+    cores = results["machine"].get("cores")
+    w1 = []
+    for series, p in PARALLELISM.items():
+        if p == 1 or f.get("W1", series, p) is None:
+            continue
+        mine = f.value("W1", series, p, "mean_ms")
+        stock = f.value("W1", "stock", p, "mean_ms")
+        ceiling = f.value("W1", "ceiling", p, "mean_ms")
+        speed = ratio(stock, mine)
+        w1.append(
+            f"p={p}, k={p}: {fmt(mine)} ms against stock's {fmt(stock)} ms "
+            f"({fmt(speed, 2)}x; target {0.9 * p:.1f}x) and the ceiling's {fmt(ceiling)} ms"
+        )
+    if w1:
+        out.append(
+            "**W1** - with k independent 20 ms queries and k = p: "
+            + "; ".join(w1)
+            + ". Above k = p the calls queue for the p lanes, so latency steps up every "
+            "p queries."
+        )
+    one = [
+        f.value("W1", s, 1, "mean_ms")
+        for s in ("stock", "dbset-p1", "dbset-p8", "ceiling")
+    ]
+    if all(v is not None for v in one):
+        out.append(
+            f"**W1, k = 1** (one 20 ms query): stock {fmt(one[0], 2)} ms, asgi_dbset p=1 "
+            f"{fmt(one[1], 2)} ms, p=8 {fmt(one[2], 2)} ms, the ceiling {fmt(one[3], 2)} "
+            "ms. The ceiling's lead at k = 1 is the ORM and Django's thread hop, which "
+            "stock Django pays too; the middleware's extra over stock at k = 1 is its own "
+            "per-request cost."
+        )
+    best = None
+    for series in ("dbset-p2", "dbset-p4", "dbset-p8", "ceiling"):
+        for k in f.ks("W2"):
+            speed = ratio(
+                f.value("W2", "stock", k, "mean_ms"),
+                f.value("W2", series, k, "mean_ms"),
+            )
+            if speed is not None and (best is None or speed > best[2]):
+                best = (series, k, speed)
+    if best:
+        out.append(
+            f"**W2** - the best speed-up over stock was {best[2]:.2f}x "
+            f"({label(best[0])}, k={best[1]}): full-table aggregates are CPU work for "
+            f"PostgreSQL, and this machine has {cores} cores, which the web server and "
+            "wrk share. Parallel lanes help here only up to the server's spare cores."
+        )
+    w3 = [
+        (
+            s,
+            ratio(f.value("W3", s, None, "rps"), f.value("W3", "stock", None, "rps")),
+            ratio(
+                f.value("W3", s, None, "server_cpu_us_per_request"),
+                f.value("W3", "stock", None, "server_cpu_us_per_request"),
+            ),
+        )
+        for s in ("dbset-p1", "dbset-p4")
+    ]
+    if all(r is not None for _s, r, _c in w3):
+        out.append(
+            "**W3** - one query per request: "
+            + "; ".join(
+                f"{label(s)} served {r:.3f}x stock's requests per second at "
+                f"{fmt(c, 2)}x its server CPU per request"
+                for s, r, c in w3
+                if r is not None
+            )
+            + ". `python -m bench.diagnose overhead` measures the same without HTTP "
+            "or wrk."
+        )
+    stock4 = f.get("W4", "stock", 4)
+    if stock4:
+        parts = []
+        for series, p in PARALLELISM.items():
+            row = f.get("W4", series, 4)
+            if row:
+                parts.append(
+                    f"p={p} {row['rps'] / stock4['rps']:.2f}x throughput, p99 "
+                    f"{row['p99_ms'] / stock4['p99_ms']:.2f}x"
+                )
+        busy = stock4["rps"] * stock4["server_cpu_us_per_request"] / 1e6
+        text = (
+            f"**W4** - against stock ({stock4['rps']:.0f} req/s, p99 "
+            f"{stock4['p99_ms']:.0f} ms): "
+            + "; ".join(parts)
+            + ". Most connections any variant held: "
+            + str(max((r.get("max_connections", 0) for r in _w4_rows(f)), default=0))
+            + f" (pool max_size {results['config']['pool']['max_size']}). Stock "
+            f"Django's server process alone used {busy:.2f} cores at its rate, so on "
+            f"{cores} cores shared with PostgreSQL and wrk the run is CPU-bound as much "
+            "as connection-bound, and per-request CPU shows up as lost throughput."
+        )
+        counters = _counters(results)
+        attempts = counters.get("lanes_leased", 0) + counters.get("lease_failures", 0)
+        if attempts:
+            text += (
+                f" Over the whole run the dbset servers leased "
+                f"{counters.get('lanes_leased', 0)} extra lanes and were refused "
+                f"{counters.get('lease_failures', 0)} times "
+                f"({counters.get('lease_failures', 0) / attempts:.0%} of attempts)."
+            )
+        out.append(text)
+    spin = results.get("release_spin_check") or {}
+    hangs = [name for name, r in spin.items() if r.get("hangs")]
+    if hangs:
+        out.append(
+            "**Python 3.12+: the event loop can hang when a set closes.** "
+            + "; ".join(spin[n]["output"] for n in hangs)
+            + ". `ConnectionSet._release_all()` loops `while self._background: await "
+            "asyncio.gather(...)`; from 3.12 on, `gather` of finished tasks completes "
+            "without yielding to the loop, so a background task that ended in the same "
+            "loop iteration (its discard callback still pending) keeps the loop busy "
+            "forever. Under load it froze the dbset server within seconds, after wrk "
+            "disconnected mid-request; that is why the asgi_dbset variants run on Python "
+            "3.11 here. Reproduce: `python -m bench.diagnose spin` on a 3.12 interpreter."
+        )
+    return out
+
+
+def _w4_rows(f: Figures) -> list[dict[str, Any]]:
+    return [r for s in f.series("W4") if (r := f.get("W4", s, 4)) is not None]
+
+
+def caveats(results: dict[str, Any]) -> list[str]:
+    return [
+        "The machine is shared and small: other engineers' test suites ran beside "
+        "some runs (see the load averages above). Interleaving spreads that noise over "
+        "the variants, but single points can still be off by 10-20%; the min-max "
+        "columns show the spread.",
+        "wrk is a closed loop: each client sends its next request when the last one is "
+        "answered, so W4's latencies include the queueing in front of the pool.",
+        "Every server's pool is warmed to max_size before it is measured; a cold pool "
+        "would add connection set-up to the first requests, and asgi_dbset's lanes "
+        "would be refused more often while the pool grows one connection at a time.",
+        "The asgi_dbset, stock and ceiling servers run on the main venv's Python and "
+        "Django; django-async-backend needs Python 3.12 and Django 6.1, so its ratios "
+        "are taken against stock Django on that interpreter.",
+        "W1-W4 run on loopback, where a round trip costs tens of microseconds, so "
+        "W1's 20 ms queries are pure server time; W5 adds the network back with a "
+        "userspace delay proxy (netem is not in this machine's kernel).",
+    ]
+
+
+def w5_section(results: dict[str, Any], f: Figures, image: str | None) -> list[str]:
+    head = ["## W5: W1 with network latency", ""]
+    w5 = results.get("w5") or {}
+    rtt = w5.get("round_trip")
+    if image is None or not rtt:
+        return [*head, "Not measured in this run.", ""]
+    plan = results["plan"]
+    return [
+        *head,
+        "W1's view again, with the servers reaching PostgreSQL through "
+        "`bench/delayproxy.py`, a TCP forwarder on 127.0.0.1 that holds every chunk for "
+        f"{w5.get('one_way_delay_ms')} ms in each direction (the issue asks for netem on "
+        "a veth pair in a network namespace; this machine's kernel has no netem, "
+        "CONFIG_NET_SCH_NETEM is not set). `SELECT 1` took "
+        f"{rtt['direct_ms']:.3f} ms directly and {rtt['proxied_ms']:.3f} ms through the "
+        f"proxy. k = {', '.join(map(str, plan.get('w5_ks', [])))}; one client; "
+        f"{plan.get('w5_seconds')} s per run; {plan.get('w5_rounds')} rounds.",
+        "",
+        f"![W5]({image})",
+        "",
+        k_tables(f, "W5"),
+        "",
+    ]
+
+
 def machine_section(results: dict[str, Any]) -> str:
     m = results["machine"]
     pg = m.get("postgresql", {})
@@ -553,6 +734,9 @@ def write(
     if f.series("W4"):
         plot_w4(f, pool_max, img_dir / "bench-w4.png")
         images["W4"] = f"{rel_img}/bench-w4.png"
+    if f.ks("W5"):
+        plot_k_workload(f, "W5", "W5 (W1 + network delay)", img_dir / "bench-w5.png")
+        images["W5"] = f"{rel_img}/bench-w5.png"
 
     source = os.path.relpath(results_path, REPO) if results_path else "the results file"
     out: list[str] = [
@@ -574,6 +758,10 @@ def write(
         table(
             ["target", "measured", "verdict"], [list(t) for t in targets(f, pool_max)]
         ),
+        "",
+        "## Findings",
+        "",
+        *[f"- {line}" for line in findings(results, f)],
         "",
     ]
     if results.get("notes"):
@@ -622,6 +810,8 @@ def write(
         f"- **W4 saturation**: the W1 view with k={plan['w4_k']} (four 20 ms queries), "
         f"{plan['w4_clients']} clients, pool max_size {pool_max}; {plan['w4_seconds']} s per run. "
         "Throughput, p50/p99, and the most connections the server held (pg_stat_activity, sampled every 20 ms).",
+        "- **W5 network latency**: W1 with a delay between the servers and PostgreSQL "
+        "(see its section).",
         "",
         f"Method: {plan['rounds']} rounds. In each round every server is started in turn (the order "
         "rotates from round to round), warmed (its pool grown to max_size, lane threads started, table "
@@ -669,9 +859,10 @@ def write(
             "",
         ]
     out += [
-        "## W5: network latency",
+        *w5_section(results, f, images.get("W5")),
+        "## Caveats",
         "",
-        "Not measured yet: W1 behind netem on a veth pair in a network namespace is left for later.",
+        *[f"- {line}" for line in caveats(results)],
         "",
         "## Raw data",
         "",

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 
 from bench import config
 
@@ -71,6 +72,9 @@ class Plan:
     w3_seconds: int
     w4_seconds: int
     warm_seconds: int
+    w5_rounds: int = 1
+    w5_ks: tuple[int, ...] = (1, 4)
+    w5_seconds: int = 1
     w3_clients: int = 8
     w4_clients: int = 64
     w4_k: int = 4
@@ -82,10 +86,12 @@ FULL = Plan(
     w1_ks=(1, 2, 3, 4, 5, 6, 7, 8),
     w2_ks=(1, 2, 4, 8),
     w1_seconds=1,
-    w2_seconds=2,
+    w2_seconds=1,
     w3_seconds=2,
     w4_seconds=5,
     warm_seconds=1,
+    w5_rounds=2,
+    w5_ks=(1, 2, 4, 8),
 )
 QUICK = Plan(
     rounds=1,
@@ -265,9 +271,10 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
 class Server:
     """One uvicorn process serving one variant on 127.0.0.1."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.python = str(VENVS[SERVERS[name]["venv"]])
+        self.extra_env = env or {}
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = WORK / "logs" / f"{name}.log"
@@ -283,6 +290,7 @@ class Server:
         env = _env({k: v for k, v in spec.items() if k.startswith("BENCH_")})
         # The connection sampler counts this server's connections by this name.
         env["BENCH_APP_NAME"] = f"bench_{self.name}"
+        env.update(self.extra_env)
         command = [
             self.python,
             "-m",
@@ -382,6 +390,34 @@ class ConnectionSampler:
                 for name, count in rows:
                     self.max[name] = max(self.max[name], count)
                 self._stop.wait(self.interval)
+
+
+def _target() -> str:
+    params = config.server_params()
+    return f"{params.get('host', '127.0.0.1')}:{params.get('port', '5432')}"
+
+
+def _measure_rtt(proxied_dsn: str, n: int = 200) -> dict[str, float]:
+    """Median time of `SELECT 1`, directly and through the proxy (ms)."""
+    out = {}
+    deadline = time.monotonic() + 30
+    for name, dsn in (("direct_ms", config.SERVER_DSN), ("proxied_ms", proxied_dsn)):
+        while True:
+            try:
+                conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        with conn:
+            times = []
+            for _ in range(n):
+                started = time.perf_counter()
+                conn.execute("SELECT 1").fetchone()
+                times.append((time.perf_counter() - started) * 1000)
+        out[name] = round(statistics.median(times), 3)
+    return out
 
 
 def children_cpu() -> float:
@@ -487,7 +523,7 @@ class Harness:
         )
 
     def sanity(self, server: Server, series: Series) -> bool:
-        """One request per view; for the dbset server, the lanes it used."""
+        """One request per view, each must answer 200."""
         for path, k in (("w1", 2), ("w2", 1), ("w3", None)):
             query = f"?check=1&k={k}" if k else "?check=1"
             status, body = http_get(f"{server.base}{series.prefix}/{path}/{query}", 30)
@@ -497,9 +533,15 @@ class Harness:
                     f"{body[:300]}"
                 )
                 return False
-        if series.parallelism:
+        return True
+
+    def lane_check(self, server: Server, members: list[Series]) -> None:
+        """With a warm pool: how many lanes one request at k = p used."""
+        for series in members:
+            if not series.parallelism:
+                continue
             k = series.parallelism
-            status, body = http_get(
+            _status, body = http_get(
                 f"{server.base}{series.prefix}/w1/?check=1&k={k}", 30
             )
             data = json.loads(body)
@@ -511,7 +553,6 @@ class Harness:
                     "lanes_used": data.get("lanes_used"),
                 }
             )
-        return True
 
     def warm(self, server: Server, series: list[Series]) -> None:
         # Grows each pool to its max_size, starts the lane threads and caches
@@ -549,6 +590,8 @@ class Harness:
                                 failed.add(s.name)
                         members = [s for s in members if s.name not in failed]
                     self.warm(server, members)
+                    if round_no == 0:
+                        self.lane_check(server, members)
                     self._slot(server, members, round_no)
                     self.server_stats.append(
                         {"round": round_no, "server": name, **server.stats()}
@@ -600,6 +643,64 @@ class Harness:
                 round_no=round_no,
                 sample=True,
             )
+
+    def w5(self, series: list[Series], one_way_ms: float) -> dict[str, Any]:
+        """W1 again, with the database behind bench.delayproxy."""
+        port = free_port()
+        log = (WORK / "logs" / "delayproxy.log").open("ab")
+        proxy = subprocess.Popen(
+            [
+                sys.executable, "-m", "bench.delayproxy", "--port", str(port),
+                "--target", _target(), "--delay-ms", str(one_way_ms),
+                "--max-seconds", "1200",
+            ],
+            cwd=REPO, env=_env({}), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        dsn = psycopg.conninfo.make_conninfo(
+            config.SERVER_DSN, host="127.0.0.1", port=str(port)
+        )
+        try:
+            rtt = _measure_rtt(dsn)
+            say(
+                f"W5: database behind a delay proxy, round trip "
+                f"{rtt['direct_ms']:.3f} ms direct, {rtt['proxied_ms']:.3f} ms proxied"
+            )
+            by_server: dict[str, list[Series]] = defaultdict(list)
+            for s in series:
+                by_server[s.server].append(s)
+            for round_no in range(self.plan.w5_rounds):
+                for name in rotate(list(by_server), round_no):
+                    if self.out_of_time():
+                        self.notes.append("deadline reached in W5")
+                        return rtt
+                    members = by_server[name]
+                    say(f"W5 round {round_no + 1}/{self.plan.w5_rounds}: server {name}")
+                    server = Server(name, {"BENCH_DSN": dsn})
+                    try:
+                        server.start()
+                    except RuntimeError as exc:
+                        self.notes.append(f"W5: server {name} did not start: {exc}")
+                        continue
+                    try:
+                        self.warm(server, members)
+                        turn = 0
+                        for k in self.plan.w5_ks:
+                            for s in rotate(members, turn := turn + 1):
+                                self.measure(
+                                    server, s, "W5", "w1", k=k, clients=1,
+                                    seconds=self.plan.w5_seconds,
+                                    round_no=round_no, sample=False,
+                                )  # fmt: skip
+                    finally:
+                        server.stop()
+            return rtt
+        finally:
+            proxy.terminate()
+            try:
+                proxy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+            log.close()
 
     def w3(self, series: list[Series]) -> None:
         wanted = [s for s in series if s.name in W3_SERIES]
@@ -750,6 +851,32 @@ def dab_versions() -> dict[str, Any] | None:
     return json.loads(out.stdout) if out.returncode == 0 else None
 
 
+def spin_check() -> dict[str, Any]:
+    """``python -m bench.diagnose spin`` on each venv's Python: does
+    ConnectionSet.aclose() hang there? (It does on 3.12+; see diagnose.py.)"""
+    out: dict[str, Any] = {}
+    for name, python in VENVS.items():
+        if not python.exists():
+            continue
+        try:
+            result = subprocess.run(
+                [str(python), "-m", "bench.diagnose", "spin"],
+                cwd=REPO,
+                env=_env({}),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            out[name] = {
+                "hangs": result.returncode != 0,
+                "output": result.stdout.strip(),
+            }
+        except subprocess.TimeoutExpired:
+            out[name] = {"hangs": True, "output": "timed out"}
+    return out
+
+
 def load_snapshot() -> dict[str, Any]:
     top = _run_text(["top", "-bn1", "-w", "160"]).splitlines()
     return {"loadavg": list(os.getloadavg()), "at": time.time(), "top": top[:14]}
@@ -783,7 +910,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument(
-        "--workloads", default="W1,W2,W3,W4", help="comma-separated subset"
+        "--workloads", default="W1,W2,W3,W4,W5", help="comma-separated subset"
     )
     parser.add_argument(
         "--series",
@@ -802,10 +929,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quiet-wait",
         type=float,
-        default=120.0,
+        default=60.0,
         help="...but at most this many seconds",
     )
     parser.add_argument("--out", type=Path, help="results JSON path")
+    parser.add_argument(
+        "--w5-delay-ms",
+        type=float,
+        default=1.0,
+        help="W5: delay added each way between the servers and PostgreSQL",
+    )
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args(argv)
 
@@ -838,6 +971,9 @@ def main(argv: list[str] | None = None) -> None:
     pg = prepare_database()
     sql = check_sql(sys.executable)
     say(f"SQL check: {sql['summary']}")
+    spin = spin_check()
+    for name, result in spin.items():
+        say(f"release-spin check ({name} venv): {result['output']}")
     quiet = wait_for_quiet(args.quiet_load, args.quiet_wait if not args.quick else 0)
     load_before = load_snapshot()
     say(f"load average {load_before['loadavg']}")
@@ -850,6 +986,7 @@ def main(argv: list[str] | None = None) -> None:
         harness.rounds(round_series)
     if "W3" in workloads:
         harness.w3(series)
+    w5_rtt = harness.w5(series, args.w5_delay_ms) if "W5" in workloads else None
     load_after = load_snapshot()
 
     runs = [r for r in harness.runs if r["workload"] in workloads]
@@ -873,6 +1010,8 @@ def main(argv: list[str] | None = None) -> None:
         },
         "machine": {**machine(pg), "dab_venv": dab},
         "sql_check": sql,
+        "release_spin_check": spin,
+        "w5": {"one_way_delay_ms": args.w5_delay_ms, "round_trip": w5_rtt},
         "quiet": quiet,
         "load_before": load_before,
         "load_after": load_after,

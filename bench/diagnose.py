@@ -1,0 +1,262 @@
+"""Small reproductions behind the findings in docs/benchmarks.md.
+
+    python -m bench.diagnose overhead [--requests 2000] [--profile]
+        Per-request CPU of the W3 view, in-process (no HTTP, no wrk): the ASGI
+        app is called directly, one request after another, in a fresh process
+        per variant, variants alternated. Shows what the middleware costs when
+        a request makes one query, without the machine's noise in req/s.
+
+    python -m bench.diagnose spin
+        ConnectionSet.aclose() on Python 3.12+: a background task that ends in
+        the same loop iteration in which _release_all() starts keeps the loop
+        busy forever (asyncio.gather completes eagerly on 3.12, so the `while
+        self._background` loop never yields and the done-callback that would
+        empty the set never runs). Exits 1 when the loop hangs, 0 when not.
+
+Both need the bench database (``make bench`` creates it) only for ``overhead``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- overhead ---------------------------------------------------------------------
+
+
+def _scope(path: str, query: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1")],
+        "client": ("127.0.0.1", 12345),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+
+
+async def _one(app: Any, path: str, query: str) -> int:
+    status = 0
+    done = asyncio.Event()
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+
+    await app(_scope(path, query), receive, send)
+    return status
+
+
+def _wrapped(how: str) -> Any:
+    """The app as the variant builds it; "tsc" and "set" split the middleware's
+    work in two, to see which half costs what."""
+    from bench.djsite.asgi import application
+
+    if how != "tsc" and how != "set":
+        return application
+    from asgiref.sync import ThreadSensitiveContext
+
+    from asgi_dbset import connection_set
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if how == "tsc":
+            async with ThreadSensitiveContext():
+                await application(scope, receive, send)
+        else:
+            async with connection_set():
+                await application(scope, receive, send)
+
+    return app
+
+
+def _child(path: str, query: str, requests: int, profile: bool) -> None:
+    """Runs in the variant's own process; prints one JSON line."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.djsite.settings")
+    application = _wrapped(os.environ.get("BENCH_WRAP", ""))
+
+    async def run() -> dict[str, Any]:
+        for _ in range(200):  # warm: pool, threads, caches
+            assert await _one(application, path, query) == 200
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(requests):
+            await _one(application, path, query)
+        return {
+            "cpu_us": (time.process_time() - cpu) / requests * 1e6,
+            "wall_us": (time.perf_counter() - wall) / requests * 1e6,
+        }
+
+    if profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        result = asyncio.run(run())
+        profiler.disable()
+        stats = pstats.Stats(profiler, stream=sys.stderr)
+        stats.sort_stats("tottime").print_stats(25)
+    else:
+        result = asyncio.run(run())
+    print(json.dumps(result), flush=True)
+
+
+#: name: (BENCH_VARIANT, path, BENCH_WRAP)
+VARIANTS = {
+    "stock": ("stock", "/p1/w3/", ""),
+    "dbset-p1": ("dbset", "/p1/w3/", ""),
+    "dbset-p4": ("dbset", "/p4/w3/", ""),
+}
+#: With --split: asgi_dbset installed but the Django app bare ("routing"), or
+#: wrapped in only the middleware's ThreadSensitiveContext ("tsc-only") or only
+#: its connection set ("set-only").
+SPLIT = {
+    "routing": ("dbset", "/p1/w3/", "bare"),
+    "tsc-only": ("dbset", "/p1/w3/", "tsc"),
+    "set-only": ("dbset", "/p1/w3/", "set"),
+}
+
+
+def overhead(requests: int, rounds: int, profile: str | None, split: bool) -> None:
+    variants = {**VARIANTS, **(SPLIT if split else {})}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    order = list(variants)
+    for round_no in range(rounds):
+        for name in order[round_no % len(order) :] + order[: round_no % len(order)]:
+            variant, path, wrap = variants[name]
+            args = [
+                sys.executable,
+                "-m",
+                "bench.diagnose",
+                "_child",
+                path,
+                str(requests),
+            ]
+            if profile == name:
+                args.append("--profile")
+            out = subprocess.run(
+                args,
+                cwd=REPO,
+                env={
+                    **os.environ,
+                    "BENCH_VARIANT": variant,
+                    "BENCH_WRAP": wrap,
+                    "PYTHONPATH": str(REPO),
+                },
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=True,
+            )
+            if profile == name and round_no == 0:
+                print(out.stderr)
+            results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = statistics.median(r["cpu_us"] for r in results["stock"])
+    print(
+        f"in-process W3 (one pk lookup), {requests} requests x {rounds} rounds, median:"
+    )
+    for name, runs in results.items():
+        cpu = statistics.median(r["cpu_us"] for r in runs)
+        wall = statistics.median(r["wall_us"] for r in runs)
+        print(
+            f"  {name:9} CPU {cpu:7.0f} us/request ({cpu / base:.3f} x stock)  "
+            f"wall {wall:7.0f} us/request   runs: "
+            + ", ".join(f"{r['cpu_us']:.0f}" for r in runs)
+        )
+
+
+# -- spin -------------------------------------------------------------------------
+
+
+def spin() -> None:
+    import django
+    from django.conf import settings
+
+    settings.configure()
+    django.setup()
+    from asgi_dbset.dbset import ConnectionSet
+
+    def watchdog() -> None:
+        time.sleep(3)
+        print(
+            f"Python {sys.version.split()[0]}: ConnectionSet.aclose() still running "
+            f"after 3 s: the event loop is spinning in _release_all()",
+            flush=True,
+        )
+        os._exit(1)
+
+    async def main() -> None:
+        async with ConnectionSet(parallelism=2) as dbset:
+
+            async def ends_at_once() -> None:
+                # Stands for a _cancel(), _retire() or _grow() task that ends
+                # without waiting, e.g. cancel_query() on a lane whose
+                # connection is already closed.
+                return None
+
+            # Spawned just before the set closes: it runs and ends in the same
+            # loop iteration in which _release_all() first runs, so its
+            # done-callback (self._background.discard) is still only scheduled.
+            dbset._spawn(ends_at_once())
+        print(f"Python {sys.version.split()[0]}: aclose() returned", flush=True)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.diagnose")
+    sub = parser.add_subparsers(dest="command", required=True)
+    over = sub.add_parser("overhead")
+    over.add_argument("--requests", type=int, default=2000)
+    over.add_argument("--rounds", type=int, default=3)
+    over.add_argument("--profile", choices=list(VARIANTS), help="cProfile one variant")
+    over.add_argument(
+        "--split", action="store_true", help="also the middleware's halves"
+    )
+    sub.add_parser("spin")
+    child = sub.add_parser("_child")
+    child.add_argument("path")
+    child.add_argument("requests", type=int)
+    child.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    if args.command == "overhead":
+        overhead(args.requests, args.rounds, args.profile, args.split)
+    elif args.command == "spin":
+        spin()
+    else:
+        _child(args.path, "", args.requests, args.profile)
+
+
+if __name__ == "__main__":
+    main()
