@@ -6,6 +6,11 @@
         per variant, variants alternated. Shows what the middleware costs when
         a request makes one query, without the machine's noise in req/s.
 
+    python -m bench.diagnose saturation [--seconds 5] [--rounds 2]
+        W4 (64 clients, pool of 16) on stock Django and at each parallelism,
+        with what the sets did per request (lanes leased, refused, used; time
+        queued for a lane) and the pool's mean wait for a connection.
+
     python -m bench.diagnose spin
         ConnectionSet.aclose() on Python 3.12+: a background task that ends in
         the same loop iteration in which _release_all() starts keeps the loop
@@ -83,6 +88,16 @@ def _wrapped(how: str) -> Any:
     work in two, to see which half costs what."""
     from bench.djsite.asgi import application
 
+    if how == "nohop":
+        # The experiment behind the finding: without the middleware's extra
+        # close_old_connections hop to the request thread at the end.
+        import asgi_dbset.middleware
+
+        async def skip(context: Any) -> None:
+            return None
+
+        asgi_dbset.middleware._return_request_thread_connections = skip  # type: ignore[assignment]
+        return application
     if how != "tsc" and how != "set":
         return application
     from asgiref.sync import ThreadSensitiveContext
@@ -137,10 +152,12 @@ VARIANTS = {
     "dbset-p1": ("dbset", "/p1/w3/", ""),
     "dbset-p4": ("dbset", "/p4/w3/", ""),
 }
-#: With --split: asgi_dbset installed but the Django app bare ("routing"), or
+#: With --split: the middleware without its closing hop to the request thread
+#: ("p1-no-hop"); asgi_dbset installed but the Django app bare ("routing"), or
 #: wrapped in only the middleware's ThreadSensitiveContext ("tsc-only") or only
 #: its connection set ("set-only").
 SPLIT = {
+    "p1-no-hop": ("dbset", "/p1/w3/", "nohop"),
     "routing": ("dbset", "/p1/w3/", "bare"),
     "tsc-only": ("dbset", "/p1/w3/", "tsc"),
     "set-only": ("dbset", "/p1/w3/", "set"),
@@ -195,6 +212,93 @@ def overhead(requests: int, rounds: int, profile: str | None, split: bool) -> No
         )
 
 
+# -- saturation -------------------------------------------------------------------
+
+
+def saturation(seconds: int, clients: int, rounds: int) -> None:
+    """W4 at each parallelism, with the sets' figures and the pool's counters."""
+    from bench.run import Server, http_get, wrk
+
+    def stats(server: Server) -> dict[str, Any]:
+        return json.loads(http_get(server.base + "/stats/")[1])
+
+    def delta(after: dict[str, Any], before: dict[str, Any], key: str) -> float:
+        return float(after.get(key, 0)) - float(before.get(key, 0))
+
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for round_no in range(rounds):
+        for name, env in (("stock", {}), ("dbset", {"BENCH_TRACE": "1"})):
+            server = Server(name, env)
+            server.start()
+            try:
+                prefixes = ["/p1"] if name == "stock" else ["/p1", "/p2", "/p4", "/p8"]
+                for prefix in prefixes:
+                    wrk(f"{server.base}{prefix}/w1/?k=4", clients, 1)
+                for i in range(len(prefixes)):
+                    prefix = prefixes[(i + round_no) % len(prefixes)]
+                    label = "stock" if name == "stock" else f"dbset-{prefix[1:]}"
+                    time.sleep(0.5)
+                    before = stats(server)
+                    figures = wrk(f"{server.base}{prefix}/w1/?k=4", clients, seconds)
+                    time.sleep(0.5)
+                    after = stats(server)
+                    n = figures["requests"] or 1
+                    row = {
+                        "rps": figures["requests"] / (figures["duration_us"] / 1e6),
+                        "p50": figures["latency_us"]["p50"] / 1000,
+                        "p99": figures["latency_us"]["p99"] / 1000,
+                        "pool_wait_ms": delta(
+                            after["pool"], before["pool"], "requests_wait_ms"
+                        )
+                        / max(delta(after["pool"], before["pool"], "requests_num"), 1),
+                        "pool_timeouts": delta(
+                            after["pool"], before["pool"], "requests_errors"
+                        ),
+                    }
+                    if "asgi_dbset" in after:
+                        a, b = after["asgi_dbset"], before["asgi_dbset"]
+                        ta, tb = after["trace"]["totals"], before["trace"]["totals"]
+                        sets = max(delta(ta, tb, "requests"), 1)
+                        row.update(
+                            leased=delta(a, b, "lanes_leased") / n,
+                            refused=delta(a, b, "lease_failures") / n,
+                            lanes_used=sum(
+                                int(k) * (v - before["trace"]["lanes_used"].get(k, 0))
+                                for k, v in after["trace"]["lanes_used"].items()
+                            )
+                            / sets,
+                            wait_ms=delta(ta, tb, "wait_ms") / sets,
+                            wall_ms=delta(ta, tb, "wall_ms") / sets,
+                            query_ms=delta(ta, tb, "query_ms") / sets,
+                        )
+                    rows.setdefault(label, []).append(row)
+            finally:
+                server.stop()
+    print(
+        f"W4 ({clients} clients, pool of 16, four 20 ms queries), {rounds} rounds, medians:"
+    )
+    print(
+        "  variant     req/s   p50 ms  p99 ms | pool wait ms  pool timeouts | per request:"
+        " lanes leased  refused  lanes used  queued ms  set wall ms  query ms"
+    )
+    for label, runs in rows.items():
+
+        def m(key: str, runs: list[dict[str, Any]] = runs) -> float:
+            values = [r[key] for r in runs if key in r]
+            return statistics.median(values) if values else float("nan")
+
+        line = (
+            f"  {label:9} {m('rps'):7.1f} {m('p50'):8.0f} {m('p99'):7.0f} |"
+            f" {m('pool_wait_ms'):12.1f} {m('pool_timeouts'):14.0f} |"
+        )
+        if "leased" in runs[0]:
+            line += (
+                f" {m('leased'):25.2f} {m('refused'):8.2f} {m('lanes_used'):11.2f}"
+                f" {m('wait_ms'):10.1f} {m('wall_ms'):12.1f} {m('query_ms'):9.1f}"
+            )
+        print(line)
+
+
 # -- spin -------------------------------------------------------------------------
 
 
@@ -244,6 +348,10 @@ def main() -> None:
     over.add_argument(
         "--split", action="store_true", help="also the middleware's halves"
     )
+    sat = sub.add_parser("saturation")
+    sat.add_argument("--seconds", type=int, default=5)
+    sat.add_argument("--clients", type=int, default=64)
+    sat.add_argument("--rounds", type=int, default=2)
     sub.add_parser("spin")
     child = sub.add_parser("_child")
     child.add_argument("path")
@@ -252,6 +360,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "overhead":
         overhead(args.requests, args.rounds, args.profile, args.split)
+    elif args.command == "saturation":
+        saturation(args.seconds, args.clients, args.rounds)
     elif args.command == "spin":
         spin()
     else:

@@ -15,3 +15,7 @@ if settings.VARIANT == "dbset":
     from asgi_dbset import DBSetMiddleware
 
     application = DBSetMiddleware(application)
+    if os.environ.get("BENCH_TRACE"):
+        from bench.djsite.trace import Trace
+
+        application = Trace(application)

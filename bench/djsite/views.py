@@ -9,6 +9,7 @@ django-async-backend each call runs in its own ``async_new_connection``.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import Awaitable
 from typing import Any
@@ -100,6 +101,10 @@ async def stats(request: HttpRequest) -> JsonResponse:
         from asgi_dbset import get_stats
 
         data["asgi_dbset"] = get_stats()
+        if os.environ.get("BENCH_TRACE"):
+            from bench.djsite.trace import snapshot
+
+            data["trace"] = snapshot()
     if DAB:
         from django_async_backend.db import async_connections
 
