@@ -434,6 +434,8 @@ def w4_table(f: Figures, pool_max: int) -> str:
                 str(row.get("max_connections", "-")),
                 str(row["errors"]),
                 fmt(row["server_cpu_us_per_request"], 0),
+                _per_request(row, "lanes_leased"),
+                _per_request(row, "lease_failures"),
             ]
         )
     return table(
@@ -448,18 +450,16 @@ def w4_table(f: Figures, pool_max: int) -> str:
             f"max connections (pool {pool_max})",
             "errors",
             "server CPU us/request",
+            "extra lanes leased per request",
+            "leases refused per request",
         ],
         rows,
     )
 
 
-def _counters(results: dict[str, Any]) -> dict[str, int]:
-    """asgi_dbset's counters summed over the rounds' dbset servers."""
-    total: dict[str, int] = {}
-    for entry in results.get("server_stats", []):
-        for key, value in (entry.get("asgi_dbset") or {}).items():
-            total[key] = total.get(key, 0) + value
-    return total
+def _per_request(row: dict[str, Any], key: str) -> str:
+    counters = row.get("sets_per_request")
+    return "-" if not counters else fmt(counters.get(key), 2)
 
 
 def findings(results: dict[str, Any], f: Figures) -> list[str]:
@@ -558,14 +558,25 @@ def findings(results: dict[str, Any], f: Figures) -> list[str]:
             f"{cores} cores shared with PostgreSQL and wrk the run is CPU-bound as much "
             "as connection-bound, and per-request CPU shows up as lost throughput."
         )
-        counters = _counters(results)
-        attempts = counters.get("lanes_leased", 0) + counters.get("lease_failures", 0)
-        if attempts:
+        leases = [
+            (p, row["sets_per_request"])
+            for series, p in PARALLELISM.items()
+            if p > 1
+            and (row := f.get("W4", series, 4)) is not None
+            and row.get("sets_per_request")
+        ]
+        if leases:
             text += (
-                f" Over the whole run the dbset servers leased "
-                f"{counters.get('lanes_leased', 0)} extra lanes and were refused "
-                f"{counters.get('lease_failures', 0)} times "
-                f"({counters.get('lease_failures', 0) / attempts:.0%} of attempts)."
+                " With every pool connection taken by some request's own connection "
+                "and more requests waiting for one, the sets got almost no extra lanes: "
+                + "; ".join(
+                    f"p={p} leased {c.get('lanes_leased', 0):.2f} and was refused "
+                    f"{c.get('lease_failures', 0):.2f} per request"
+                    for p, c in leases
+                )
+                + " (each refusal is a lane thread that waited LEASE_TIMEOUT in the "
+                "pool's queue). So under saturation the views run one query at a time, "
+                "as stock Django does, and pay for the attempts."
             )
         out.append(text)
     spin = results.get("release_spin_check") or {}

@@ -481,6 +481,9 @@ class Harness:
         query = f"?k={k}" if k is not None else ""
         url = f"{server.base}{series.prefix}/{path}/{query}"
         load = os.getloadavg()[0]
+        # Under W4, what the sets did: the library's counters around the run.
+        counted = workload == "W4" and series.server == "dbset"
+        before = server.stats().get("asgi_dbset", {}) if counted else {}
         cpu0, wrk0 = server.cpu_seconds(), children_cpu()
         sampler = ConnectionSampler() if sample else contextlib.nullcontext()
         with sampler as seen:
@@ -488,6 +491,13 @@ class Harness:
         cpu1, wrk1 = server.cpu_seconds(), children_cpu()
         seconds_run = figures["duration_us"] / 1e6
         requests = figures["requests"]
+        per_request = {}
+        if counted and requests:
+            after = server.stats().get("asgi_dbset", {})
+            per_request = {
+                key: round((after.get(key, 0) - before.get(key, 0)) / requests, 3)
+                for key in ("lanes_leased", "lease_failures", "waits", "cancels")
+            }
         run = {
             "workload": workload,
             "series": series.name,
@@ -507,6 +517,8 @@ class Harness:
             "wrk_cpu_s": round(wrk1 - wrk0, 3),
             "load_1min": load,
         }
+        if per_request:
+            run["sets_per_request"] = per_request
         if seen is not None:
             run["max_connections"] = seen.max.get(f"bench_{series.server}", 0)
             run["max_connections_all"] = sum(
@@ -771,6 +783,13 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         if "max_connections" in group[0]:
             row["max_connections"] = max(r["max_connections"] for r in group)
+        if "sets_per_request" in group[0]:
+            row["sets_per_request"] = {
+                key: round(
+                    statistics.median(r["sets_per_request"][key] for r in group), 3
+                )
+                for key in group[0]["sets_per_request"]
+            }
         rows.append(row)
     return rows
 
