@@ -54,14 +54,17 @@ def connection_set(
         async with connection_set(parallelism=4):
             a, b = await asyncio.gather(A.objects.acount(), B.objects.acount())
     """
+    values = conf.snapshot()
     if parallelism is None:
-        parallelism = conf.DEFAULT_PARALLELISM
+        parallelism = int(values["DEFAULT_PARALLELISM"])
     validate_parallelism(parallelism, what="connection_set(parallelism=...)")
     return ConnectionSet(
-        parallelism=min(parallelism, conf.MAX_PARALLELISM),
-        lease_timeout=conf.LEASE_TIMEOUT if lease_timeout is None else lease_timeout,
+        parallelism=min(parallelism, int(values["MAX_PARALLELISM"])),
+        lease_timeout=values["LEASE_TIMEOUT"]
+        if lease_timeout is None
+        else lease_timeout,
         statement_timeout=(
-            conf.STATEMENT_TIMEOUT
+            values["STATEMENT_TIMEOUT"]
             if isinstance(statement_timeout, Unset)
             else statement_timeout
         ),

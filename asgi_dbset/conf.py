@@ -37,6 +37,11 @@ class Settings:
     def raw(self) -> Any:
         return getattr(django_settings, "ASGI_DBSET", {})
 
+    def snapshot(self) -> dict[str, Any]:
+        """Every setting, from one read of ``settings.ASGI_DBSET`` (per request)."""
+        raw = self.raw
+        return {**DEFAULTS, **raw} if isinstance(raw, dict) else dict(DEFAULTS)
+
     def _get(self, name: str) -> Any:
         raw = self.raw
         if isinstance(raw, dict) and name in raw:

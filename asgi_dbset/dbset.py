@@ -280,7 +280,14 @@ class ConnectionSet:
             return
         self._closed = True
         try:
-            await finish_shielded(self._release_all())
+            if (
+                self._lanes != [self._lane0]
+                or self._waiters
+                or self._background
+                or self._cursors
+            ):
+                await finish_shielded(self._release_all())
+            # else nothing was leased: no task to create (the common request).
         finally:
             self.closed_at = time.perf_counter()
             stats.incr("sets_open", -1)

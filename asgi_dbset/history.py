@@ -29,8 +29,9 @@ class RequestSummary:
     records: tuple[CallRecord, ...]
 
 
-def remember(path: str, dbset: ConnectionSet) -> None:
-    size = conf.HISTORY
+def remember(path: str, dbset: ConnectionSet, size: int | None = None) -> None:
+    """Keep *dbset*'s summary; ``size`` is ``HISTORY`` (read now if not given)."""
+    size = conf.HISTORY if size is None else size
     if size <= 0:
         return
     global _recent

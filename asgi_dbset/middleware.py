@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from asgiref.sync import SyncToAsync, ThreadSensitiveContext
 from asgiref.sync import sync_to_async as stock_sync_to_async
 from django.conf import settings
+from django.core.handlers.asgi import ASGIHandler
 from django.db import close_old_connections, connections
 
 from .aio import finish_shielded
@@ -41,6 +41,9 @@ class DBSetMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Django's handler gives each request its own thread-sensitive context
+        # and returns that thread's connections (request_finished) itself.
+        self._app_has_request_threads = isinstance(app, ASGIHandler)
         from .apps import prepare
 
         # Fails here, at startup, on bad settings - not at request time.
@@ -58,17 +61,30 @@ class DBSetMiddleware:
             await self.app(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app_has_request_threads:
+            await self._with_set(scope, receive, send)
+            return
+        # An outer ThreadSensitiveContext wins over any inner one (asgiref),
+        # so only apps that lack their own get this one.
         async with ThreadSensitiveContext() as context:
             try:
-                async with connection_set() as dbset:
-                    scope["asgi_dbset"] = dbset
-                    dbset.record_stock_calls = conf.SERVER_TIMING or conf.HISTORY > 0
-                    if conf.SERVER_TIMING:
-                        send = _with_server_timing(send, dbset)
-                    await self.app(scope, receive, send)
-                remember(scope.get("path", ""), dbset)
+                await self._with_set(scope, receive, send)
             finally:
-                await finish_shielded(_return_request_thread_connections(context))
+                if context in SyncToAsync.context_to_thread_executor:
+                    # The app used the request's thread: return its connections.
+                    await finish_shielded(_return_request_thread_connections())
+
+    async def _with_set(self, scope: Scope, receive: Receive, send: Send) -> None:
+        values = conf.snapshot()
+        history, server_timing = int(values["HISTORY"]), bool(values["SERVER_TIMING"])
+        async with connection_set() as dbset:
+            scope["asgi_dbset"] = dbset
+            dbset.record_stock_calls = server_timing or history > 0
+            if server_timing:
+                send = _with_server_timing(send, dbset)
+            await self.app(scope, receive, send)
+        if history > 0:
+            remember(scope.get("path", ""), dbset, history)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         app_received = False
@@ -158,8 +174,5 @@ async def close_pools() -> None:
     await asyncio.to_thread(close_all)
 
 
-async def _return_request_thread_connections(context: Any) -> None:
-    # Only when the app used this context's thread (Starlette); Django's
-    # handler uses its own nested context and returns its connections itself.
-    if context in SyncToAsync.context_to_thread_executor:
-        await stock_sync_to_async(close_old_connections, thread_sensitive=True)()
+async def _return_request_thread_connections() -> None:
+    await stock_sync_to_async(close_old_connections, thread_sensitive=True)()
