@@ -303,8 +303,12 @@ class ConnectionSet:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
                 waiter.future.set_result(None)
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        # Wait on tasks that are not done. A done task leaves the set through
+        # its done-callback, which only runs when the loop gets control, and
+        # gather() of done tasks completes without yielding (Python 3.12): a
+        # loop on "while self._background" could spin forever.
+        while pending := [task for task in self._background if not task.done()]:
+            await asyncio.wait(pending)
         extra = [lane for lane in self._lanes if isinstance(lane, PooledLane)]
         self._lanes = [self._lane0]
         results = await asyncio.gather(
@@ -625,7 +629,16 @@ class ConnectionSet:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning(
+                "asgi_dbset: a background task of %r failed",
+                self,
+                exc_info=task.exception(),
+            )
 
 
 def _close_generators(gens: list[types.GeneratorType[Any, None, None]]) -> None:
