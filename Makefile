@@ -11,6 +11,7 @@
 #   make docs                        build the documentation (mkdocs --strict) into site/
 #   make bench                       benchmarks (~12 min) -> bench/results/, docs/benchmarks.md
 #   make bench BENCH_ARGS=--quick    a ~2 min benchmark smoke run, written under bench/.work/
+#   make soak                        the soak tests (-m soak, ~20 min), main cell, figures shown
 #
 # The server: ASGI_DBSET_TEST_DSN (tests) or DATABASE_URL; without them an embedded
 # PostgreSQL is started in .pgdata/ and left running for the next run.
@@ -28,10 +29,10 @@ VPY := $(VENV)/bin/python
 MATRIX := $(PYTHON) scripts/matrix.py --python $(PYTHON)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo lint typecheck test test-embedded db-start db-stop chromium docs bench
+.PHONY: help venv demo lint typecheck test test-embedded db-start db-stop chromium docs bench soak
 
 help:
-	@sed -n '1,17p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,18p' Makefile | sed 's/^# \{0,1\}//'
 
 venv:
 	@$(MATRIX) venv A
@@ -96,3 +97,8 @@ docs: venv
 # harness creates and seeds its own database there, BENCH_DB (bench_asgi_dbset).
 bench:
 	@py="$$($(PYTHON) bench/setup_env.py | tail -n 1)" && "$$py" -m bench $(BENCH_ARGS)
+
+# Soak tests (tests/reliability/, docs/reliability.md): never part of `make test`.
+# REL_FIGURES=path.jsonl also writes each scenario's figures there.
+soak: venv
+	$(MATRIX) test --cells A -- -m soak -s $(PYTEST_ARGS)
