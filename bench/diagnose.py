@@ -11,6 +11,11 @@
         with what the sets did per request (lanes leased, refused, used; time
         queued for a lane) and the pool's mean wait for a connection.
 
+    python -m bench.diagnose lanes [--seconds 3]
+        W1 at k = p with one client: per request, how long the set was open,
+        how long its calls ran in all, how long they queued for a lane while
+        the set leased its extra lanes.
+
     python -m bench.diagnose spin
         ConnectionSet.aclose() on Python 3.12+: a background task that ends in
         the same loop iteration in which _release_all() starts keeps the loop
@@ -299,6 +304,41 @@ def saturation(seconds: int, clients: int, rounds: int) -> None:
         print(line)
 
 
+# -- lanes --------------------------------------------------------------------------
+
+
+def lanes(seconds: int) -> None:
+    """W1 at k = p, one client: where a request's time goes inside its set."""
+    from bench.run import Server, http_get, wrk
+
+    server = Server("dbset", {"BENCH_TRACE": "1"})
+    server.start()
+    try:
+        wrk(f"{server.base}/p8/w1/?k=8", 64, 1)  # grow the pool, start lane threads
+        print(f"W1 on the dbset server, one client, {seconds} s per line; per request:")
+        for p, k in ((1, 1), (8, 1), (2, 2), (4, 4), (8, 8)):
+            time.sleep(0.3)
+            before = json.loads(http_get(server.base + "/stats/")[1])
+            figures = wrk(f"{server.base}/p{p}/w1/?k={k}", 1, seconds)
+            time.sleep(0.3)
+            after = json.loads(http_get(server.base + "/stats/")[1])
+            ta, tb = after["trace"]["totals"], before["trace"]["totals"]
+            n = max(ta["requests"] - tb["requests"], 1)
+            leased = (
+                after["asgi_dbset"]["lanes_leased"]
+                - before["asgi_dbset"]["lanes_leased"]
+            )
+            print(
+                f"  p={p} k={k}: client latency {figures['latency_us']['mean'] / 1000:6.2f} ms"
+                f" | set open {(ta['wall_ms'] - tb['wall_ms']) / n:6.2f} ms"
+                f" | calls ran {(ta['query_ms'] - tb['query_ms']) / n:7.2f} ms in all"
+                f" | calls queued for a lane {(ta['wait_ms'] - tb['wait_ms']) / n:6.2f} ms"
+                f" | lanes leased {leased / n:4.2f}"
+            )
+    finally:
+        server.stop()
+
+
 # -- spin -------------------------------------------------------------------------
 
 
@@ -352,6 +392,8 @@ def main() -> None:
     sat.add_argument("--seconds", type=int, default=5)
     sat.add_argument("--clients", type=int, default=64)
     sat.add_argument("--rounds", type=int, default=2)
+    ln = sub.add_parser("lanes")
+    ln.add_argument("--seconds", type=int, default=3)
     sub.add_parser("spin")
     child = sub.add_parser("_child")
     child.add_argument("path")
@@ -362,6 +404,8 @@ def main() -> None:
         overhead(args.requests, args.rounds, args.profile, args.split)
     elif args.command == "saturation":
         saturation(args.seconds, args.clients, args.rounds)
+    elif args.command == "lanes":
+        lanes(args.seconds)
     elif args.command == "spin":
         spin()
     else:

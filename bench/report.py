@@ -473,17 +473,24 @@ def findings(results: dict[str, Any], f: Figures) -> list[str]:
         mine = f.value("W1", series, p, "mean_ms")
         stock = f.value("W1", "stock", p, "mean_ms")
         ceiling = f.value("W1", "ceiling", p, "mean_ms")
+        dab = f.value("W1", "dab", p, "mean_ms")
         speed = ratio(stock, mine)
         w1.append(
             f"p={p}, k={p}: {fmt(mine)} ms against stock's {fmt(stock)} ms "
-            f"({fmt(speed, 2)}x; target {0.9 * p:.1f}x) and the ceiling's {fmt(ceiling)} ms"
+            f"({fmt(speed, 2)}x; target {0.9 * p:.1f}x), the ceiling's {fmt(ceiling)} ms"
+            + (f" and django-async-backend's {fmt(dab)} ms" if dab is not None else "")
         )
     if w1:
         out.append(
             "**W1** - with k independent 20 ms queries and k = p: "
             + "; ".join(w1)
             + ". Above k = p the calls queue for the p lanes, so latency steps up every "
-            "p queries."
+            "p queries. django-async-backend builds the same model objects without "
+            "threads, so the gap between it and the ceiling is roughly the ORM's own "
+            "cost; asgi_dbset's gap beyond that is its lanes: a lane is leased from the "
+            "pool on a worker thread per request (the calls queue meanwhile), and every "
+            "call is a thread hop competing for the GIL (`python -m bench.diagnose "
+            "lanes` shows the time calls spend queued while lanes are leased)."
         )
     one = [
         f.value("W1", s, 1, "mean_ms")
@@ -611,9 +618,10 @@ def caveats(results: dict[str, Any]) -> list[str]:
         "Every server's pool is warmed to max_size before it is measured; a cold pool "
         "would add connection set-up to the first requests, and asgi_dbset's lanes "
         "would be refused more often while the pool grows one connection at a time.",
-        "The asgi_dbset, stock and ceiling servers run on the main venv's Python and "
-        "Django; django-async-backend needs Python 3.12 and Django 6.1, so its ratios "
-        "are taken against stock Django on that interpreter.",
+        "The asgi_dbset, stock and ceiling servers run on the main venv: the project's "
+        "main test cell, Python 3.11 with Django 5.2. django-async-backend needs Python "
+        "3.12 and Django 6.1, so its ratios are taken against stock Django on that "
+        "interpreter (`BENCH_PYTHON` and `BENCH_DJANGO` move the main venv).",
         "W1-W4 run on loopback, where a round trip costs tens of microseconds, so "
         "W1's 20 ms queries are pure server time; W5 adds the network back with a "
         "userspace delay proxy (netem is not in this machine's kernel).",
@@ -758,11 +766,14 @@ def write(
         f"`python -m bench.report {source}` redraws the report from the results file.",
         "",
         "```sh",
-        "make bench                        # everything (~10-12 min): venvs, database, W1-W4, this report",
+        "make bench                        # venvs, database, W1-W5, this report",
         'make bench BENCH_ARGS="--quick"   # one short round (~2 min), written under bench/.work/',
         "```",
         "",
-        "Benchmarks report figures; they are not tests and never run in `make test`.",
+        f"A {results['mode']} run of every workload takes about {_minutes(results)} "
+        f"minutes on this machine (this one: {results['elapsed_s'] / 60:.1f} min, the "
+        "venvs already made). Benchmarks report figures; they are not tests and never "
+        "run in `make test`.",
         "",
         "## Targets",
         "",
@@ -824,11 +835,13 @@ def write(
         "- **W5 network latency**: W1 with a delay between the servers and PostgreSQL "
         "(see its section).",
         "",
-        f"Method: {plan['rounds']} rounds. In each round every server is started in turn (the order "
-        "rotates from round to round), warmed (its pool grown to max_size, lane threads started, table "
-        "cached), measured, and stopped; the parallelisms of the asgi_dbset server alternate point by "
-        "point. W3 runs afterwards with all servers up at once, alternating variants run by run for "
-        f"{plan['w3_rounds']} rounds. Figures are medians over the rounds (`runs` column); wrk measured "
+        "Method: for W1, W2 and W3 every server is up at once and each point runs on "
+        "every variant in turn (A B C ... A B C, the order rotating from point to point), "
+        f"for {plan['rounds']} rounds (W3: {plan['w3_rounds']}), so a change in the "
+        "machine's load lands on all variants alike. W4 fills each pool, so its servers "
+        f"run one at a time, the order rotating over {plan['rounds']} rounds; W5 runs like "
+        "W1. Each server is warmed first (pool grown, lane threads started, table cached). "
+        "Figures are medians over the rounds (`runs` column); wrk measured "
         "latency from the client side. wrk's own CPU stayed at "
         + _wrk_share(results)
         + " of one core, so it was not the bottleneck.",
@@ -882,6 +895,10 @@ def write(
     ]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(out))
+
+
+def _minutes(results: dict[str, Any]) -> str:
+    return "13-15" if results.get("mode") == "full" else "1-2"
 
 
 def _wrk_share(results: dict[str, Any]) -> str:

@@ -3,12 +3,12 @@
 1. Creates and seeds the benchmark database (``BENCH_DB``, default
    ``bench_asgi_dbset``) on ``BENCH_DSN`` and checks that Django still
    generates the SQL the ceiling sends.
-2. Rounds: each round starts one server at a time (uvicorn, its own process),
-   warms it, runs its W1, W2 and W4 points with wrk (another process), stops it.
-   The servers' order rotates from round to round and the parallelisms of the
-   dbset server are interleaved point by point, so drift of the machine's
-   load spreads over every variant instead of landing on one.
-3. W3: every server up at once, runs alternating A B C ... A B C.
+2. W1, W2, W3: every server up at once (uvicorn, each its own process), wrk
+   (another process) runs each point on every variant in turn, A B C ... A B
+   C, rounds after rounds, so drift of the machine's load lands on every
+   variant alike.
+3. W4: one server at a time, since each fills its pool; rounds rotate the
+   order. W5: W1 again with all servers behind bench/delayproxy.py.
 4. Writes the results JSON and the report (``bench/report.py``).
 
 Every run is bounded: wrk by ``-d``, every subprocess by a timeout, the whole
@@ -566,95 +566,129 @@ class Harness:
                 }
             )
 
-    def warm(self, server: Server, series: list[Series]) -> None:
-        # Grows each pool to its max_size, starts the lane threads and caches
-        # the table: every variant is measured with a warm pool.
+    def warm(self, server: Server, series: list[Series], clients: int) -> None:
+        # Grows the pool (to max_size with 64 clients), starts the lane threads
+        # and caches the table: every variant is measured warm.
         for s in series:
-            wrk(f"{server.base}{s.prefix}/w1/?k=4", 64, self.plan.warm_seconds)
-            wrk(f"{server.base}{s.prefix}/w2/?k=2", 2, self.plan.warm_seconds)
+            k = s.parallelism or 8
+            wrk(f"{server.base}{s.prefix}/w1/?k={k}", clients, self.plan.warm_seconds)
+            wrk(f"{server.base}{s.prefix}/w2/?k=2", 1, self.plan.warm_seconds)
 
-    def rounds(self, series: list[Series]) -> None:
+    def together(
+        self,
+        series: list[Series],
+        blocks: list[tuple[int, list[tuple[str, str, int | None, int, int]]]],
+        *,
+        title: str,
+        env: dict[str, str] | None = None,
+        first: bool = False,
+    ) -> None:
+        """All servers up at once; every point runs each variant in turn.
+
+        ``blocks`` is a list of (rounds, points), a point being (workload,
+        view, k, clients, seconds). Consecutive runs of one point are seconds
+        apart, so a change in the machine's load lands on every variant alike.
+        Single-client and 8-client work only: the pools stay well under
+        max_size, so the servers together hold a few dozen connections.
+        """
+        names = sorted({s.server for s in series}, key=list(SERVERS).index)
+        servers: dict[str, Server] = {}
+        for name in names:
+            server = Server(name, env)
+            try:
+                server.start()
+            except RuntimeError as exc:
+                self.notes.append(f"{title}: server {name} did not start: {exc}")
+                continue
+            servers[name] = server
+        try:
+            say(f"{title}: servers {', '.join(servers)} up at once")
+            members = [s for s in series if s.server in servers]
+            if first:
+                members = [s for s in members if self.sanity(servers[s.server], s)]
+            for name, server in servers.items():
+                self.warm(server, [s for s in members if s.server == name], 1)
+            if first:
+                for name, server in servers.items():
+                    self.lane_check(server, [s for s in members if s.server == name])
+            turn = 0
+            for rounds, points in blocks:
+                for round_no in range(rounds):
+                    for workload, view, k, clients, seconds in points:
+                        if self.out_of_time():
+                            self.notes.append(f"deadline reached in {title}")
+                            return
+                        turn += 1
+                        for s in rotate(members, turn):
+                            if workload == "W3" and s.name not in W3_SERIES:
+                                continue
+                            self.measure(
+                                servers[s.server], s, workload, view, k=k,
+                                clients=clients, seconds=seconds,
+                                round_no=round_no, sample=False,
+                            )  # fmt: skip
+            for name, server in servers.items():
+                self.server_stats.append(
+                    {"phase": title, "server": name, **server.stats()}
+                )
+        finally:
+            for server in servers.values():
+                server.stop()
+
+    def latency_and_overhead(self, series: list[Series]) -> None:
+        """W1, W2 and W3, interleaved variant by variant."""
+        plan = self.plan
+        blocks: list[tuple[int, list[tuple[str, str, int | None, int, int]]]] = []
+        if "W1" in self.workloads or "W2" in self.workloads:
+            points: list[tuple[str, str, int | None, int, int]] = []
+            if "W1" in self.workloads:
+                points += [("W1", "w1", k, 1, plan.w1_seconds) for k in plan.w1_ks]
+            if "W2" in self.workloads:
+                points += [("W2", "w2", k, 1, plan.w2_seconds) for k in plan.w2_ks]
+            blocks.append((plan.rounds, points))
+        if "W3" in self.workloads:
+            w3 = [("W3", "w3", None, plan.w3_clients, plan.w3_seconds)]
+            blocks.append((plan.w3_rounds, w3))
+        if blocks:
+            self.together(series, blocks, title="W1-W3", first=True)
+
+    def saturation(self, series: list[Series]) -> None:
+        """W4, one server at a time (each fills its pool); rounds rotate them."""
         by_server: dict[str, list[Series]] = defaultdict(list)
         for s in series:
             by_server[s.server].append(s)
-        failed: set[str] = set()
         plan = self.plan
         for round_no in range(plan.rounds):
             for name in rotate(list(by_server), round_no):
                 if self.out_of_time():
-                    self.notes.append(f"deadline reached in round {round_no + 1}")
+                    self.notes.append(f"deadline reached in W4 round {round_no + 1}")
                     return
-                members = [s for s in by_server[name] if s.name not in failed]
-                if not members:
-                    continue
-                say(f"round {round_no + 1}/{plan.rounds}: server {name}")
+                members = by_server[name]
+                say(f"W4 round {round_no + 1}/{plan.rounds}: server {name}")
                 server = Server(name)
                 try:
                     server.start()
                 except RuntimeError as exc:
-                    self.notes.append(f"server {name} did not start: {exc}")
-                    failed.update(s.name for s in members)
+                    self.notes.append(f"W4: server {name} did not start: {exc}")
                     continue
                 try:
-                    if round_no == 0:
-                        for s in members:
-                            if not self.sanity(server, s):
-                                failed.add(s.name)
-                        members = [s for s in members if s.name not in failed]
-                    self.warm(server, members)
-                    if round_no == 0:
-                        self.lane_check(server, members)
-                    self._slot(server, members, round_no)
+                    self.warm(server, members, plan.w4_clients)
+                    for s in rotate(members, round_no):
+                        self.measure(
+                            server, s, "W4", "w1", k=plan.w4_k,
+                            clients=plan.w4_clients, seconds=plan.w4_seconds,
+                            round_no=round_no, sample=True,
+                        )  # fmt: skip
                     self.server_stats.append(
-                        {"round": round_no, "server": name, **server.stats()}
+                        {
+                            "phase": "W4",
+                            "round": round_no,
+                            "server": name,
+                            **server.stats(),
+                        }
                     )
                 finally:
                     server.stop()
-
-    def _slot(self, server: Server, members: list[Series], round_no: int) -> None:
-        plan = self.plan
-        turn = 0
-        w1_ks = plan.w1_ks if "W1" in self.workloads else ()
-        w2_ks = plan.w2_ks if "W2" in self.workloads else ()
-        w4 = members if "W4" in self.workloads else []
-        for k in w1_ks:
-            for s in rotate(members, turn := turn + 1):
-                self.measure(
-                    server,
-                    s,
-                    "W1",
-                    "w1",
-                    k=k,
-                    clients=1,
-                    seconds=plan.w1_seconds,
-                    round_no=round_no,
-                    sample=True,
-                )
-        for k in w2_ks:
-            for s in rotate(members, turn := turn + 1):
-                self.measure(
-                    server,
-                    s,
-                    "W2",
-                    "w2",
-                    k=k,
-                    clients=1,
-                    seconds=plan.w2_seconds,
-                    round_no=round_no,
-                    sample=True,
-                )
-        for s in rotate(w4, round_no):
-            self.measure(
-                server,
-                s,
-                "W4",
-                "w1",
-                k=plan.w4_k,
-                clients=plan.w4_clients,
-                seconds=plan.w4_seconds,
-                round_no=round_no,
-                sample=True,
-            )
 
     def w5(self, series: list[Series], one_way_ms: float) -> dict[str, Any]:
         """W1 again, with the database behind bench.delayproxy."""
@@ -677,34 +711,13 @@ class Harness:
                 f"W5: database behind a delay proxy, round trip "
                 f"{rtt['direct_ms']:.3f} ms direct, {rtt['proxied_ms']:.3f} ms proxied"
             )
-            by_server: dict[str, list[Series]] = defaultdict(list)
-            for s in series:
-                by_server[s.server].append(s)
-            for round_no in range(self.plan.w5_rounds):
-                for name in rotate(list(by_server), round_no):
-                    if self.out_of_time():
-                        self.notes.append("deadline reached in W5")
-                        return rtt
-                    members = by_server[name]
-                    say(f"W5 round {round_no + 1}/{self.plan.w5_rounds}: server {name}")
-                    server = Server(name, {"BENCH_DSN": dsn})
-                    try:
-                        server.start()
-                    except RuntimeError as exc:
-                        self.notes.append(f"W5: server {name} did not start: {exc}")
-                        continue
-                    try:
-                        self.warm(server, members)
-                        turn = 0
-                        for k in self.plan.w5_ks:
-                            for s in rotate(members, turn := turn + 1):
-                                self.measure(
-                                    server, s, "W5", "w1", k=k, clients=1,
-                                    seconds=self.plan.w5_seconds,
-                                    round_no=round_no, sample=False,
-                                )  # fmt: skip
-                    finally:
-                        server.stop()
+            plan = self.plan
+            points: list[tuple[str, str, int | None, int, int]] = [
+                ("W5", "w1", k, 1, plan.w5_seconds) for k in plan.w5_ks
+            ]
+            self.together(
+                series, [(plan.w5_rounds, points)], title="W5", env={"BENCH_DSN": dsn}
+            )
             return rtt
         finally:
             proxy.terminate()
@@ -713,32 +726,6 @@ class Harness:
             except subprocess.TimeoutExpired:
                 proxy.kill()
             log.close()
-
-    def w3(self, series: list[Series]) -> None:
-        wanted = [s for s in series if s.name in W3_SERIES]
-        names = sorted({s.server for s in wanted}, key=list(SERVERS).index)
-        servers = {name: Server(name) for name in names}
-        say(f"W3: servers {', '.join(names)} up at once")
-        with running(*servers.values()):
-            for s in wanted:
-                wrk(
-                    f"{servers[s.server].base}{s.prefix}/w3/",
-                    self.plan.w3_clients,
-                    self.plan.warm_seconds,
-                )
-            for round_no in range(self.plan.w3_rounds):
-                for s in rotate(wanted, round_no):
-                    self.measure(
-                        servers[s.server],
-                        s,
-                        "W3",
-                        "w3",
-                        k=None,
-                        clients=self.plan.w3_clients,
-                        seconds=self.plan.w3_seconds,
-                        round_no=round_no,
-                        sample=False,
-                    )
 
 
 # -- summary --------------------------------------------------------------------
@@ -1000,11 +987,9 @@ def main(argv: list[str] | None = None) -> None:
     harness = Harness(
         plan, time.monotonic() + args.deadline, frozenset(workloads), notes=notes
     )
-    round_series = list(series)
-    if workloads & {"W1", "W2", "W4"}:
-        harness.rounds(round_series)
-    if "W3" in workloads:
-        harness.w3(series)
+    harness.latency_and_overhead(series)
+    if "W4" in workloads:
+        harness.saturation(series)
     w5_rtt = harness.w5(series, args.w5_delay_ms) if "W5" in workloads else None
     load_after = load_snapshot()
 

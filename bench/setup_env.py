@@ -13,7 +13,7 @@
   ``bench/.work/async-backend-skipped.txt``.
 
 Both get ``asgi-dbset[bench]`` (editable). Installing happens on the first run
-and whenever this file or ``pyproject.toml`` changes. ``wrk`` (the load
+and whenever this file, the project's dependencies or its ``bench`` extra change. ``wrk`` (the load
 generator) comes from Debian's packages: installed with apt-get when it is
 missing and we are root, else we stop and say how.
 
@@ -75,12 +75,28 @@ def python_312() -> str | None:
     return None
 
 
+def _declared_requirements() -> bytes:
+    """The parts of pyproject.toml that decide what the venvs get: the project's
+    dependencies and its bench extra (other edits do not reinstall)."""
+    text = (REPO / "pyproject.toml").read_bytes()
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11: any change reinstalls
+        return text
+    project = tomllib.loads(text.decode()).get("project", {})
+    wanted = {
+        "dependencies": project.get("dependencies", []),
+        "bench": project.get("optional-dependencies", {}).get("bench", []),
+    }
+    return repr(wanted).encode()
+
+
 def stamp_for(python: str, requirements: list[str]) -> str:
     digest = hashlib.sha256()
     digest.update(python.encode())
     digest.update(repr(requirements).encode())
-    for path in (REPO / "pyproject.toml", Path(__file__)):
-        digest.update(path.read_bytes())
+    digest.update(_declared_requirements())
+    digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()
 
 
