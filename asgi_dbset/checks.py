@@ -16,6 +16,8 @@ from django.core.checks import CheckMessage, Error, Warning
 
 from .budget import pool_max_size, pool_options
 from .conf import DEFAULTS
+from .dbset import validate_lease_timeout, validate_statement_timeout
+from .history import MAX_HISTORY
 from .routing import install
 
 _POSTGRES = "django.db.backends.postgresql"
@@ -90,31 +92,25 @@ def check_settings(
             )
         )
 
-    lease_timeout = values["LEASE_TIMEOUT"]
-    if (
-        isinstance(lease_timeout, bool)
-        or not isinstance(lease_timeout, int | float)
-        or lease_timeout < 0
-    ):
+    # The same validators as the ones ConnectionSet applies to its arguments.
+    try:
+        validate_lease_timeout(
+            values["LEASE_TIMEOUT"], what="ASGI_DBSET['LEASE_TIMEOUT']"
+        )
+    except (TypeError, ValueError) as exc:
         errors.append(
             Error(
-                f"ASGI_DBSET['LEASE_TIMEOUT'] must be a number of seconds, 0 or more, "
-                f"not {lease_timeout!r}.",
-                hint='For example "LEASE_TIMEOUT": 0.1.',
-                id="asgi_dbset.E007",
+                str(exc), hint='For example "LEASE_TIMEOUT": 0.1.', id="asgi_dbset.E007"
             )
         )
-
-    statement_timeout = values["STATEMENT_TIMEOUT"]
-    if statement_timeout is not None and (
-        isinstance(statement_timeout, bool)
-        or not isinstance(statement_timeout, int | float)
-        or statement_timeout <= 0
-    ):
+    try:
+        validate_statement_timeout(
+            values["STATEMENT_TIMEOUT"], what="ASGI_DBSET['STATEMENT_TIMEOUT']"
+        )
+    except (TypeError, ValueError) as exc:
         errors.append(
             Error(
-                "ASGI_DBSET['STATEMENT_TIMEOUT'] must be None or a number of seconds "
-                f"above 0, not {statement_timeout!r}.",
+                str(exc),
                 hint='For example "STATEMENT_TIMEOUT": 5 (seconds of server time per query).',
                 id="asgi_dbset.E011",
             )
@@ -129,10 +125,15 @@ def check_settings(
             )
         )
     history = values["HISTORY"]
-    if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+    if (
+        isinstance(history, bool)
+        or not isinstance(history, int)
+        or not 0 <= history <= MAX_HISTORY
+    ):
         errors.append(
             Error(
-                f"ASGI_DBSET['HISTORY'] must be a whole number, 0 or more, not {history!r}.",
+                f"ASGI_DBSET['HISTORY'] must be a whole number from 0 to {MAX_HISTORY}, "
+                f"not {history!r}.",
                 hint='For example "HISTORY": 50 keeps the last 50 requests; 0 keeps none.',
                 id="asgi_dbset.E013",
             )

@@ -79,10 +79,16 @@ def validate_parallelism(value: object, *, what: str = "parallelism") -> int:
     return value
 
 
+# PostgreSQL's statement_timeout is an int of milliseconds.
+MAX_STATEMENT_TIMEOUT = 2_147_483.647
+# A lease is a short, bounded wait: never longer than this.
+MAX_LEASE_TIMEOUT = 60.0
+
+
 def validate_statement_timeout(
     value: object, *, what: str = "statement_timeout"
 ) -> float | None:
-    """Return *value* if it is None or a positive number of seconds, else raise."""
+    """Return *value* if it is None or a usable number of seconds, else raise."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -90,9 +96,25 @@ def validate_statement_timeout(
             f"{what} must be a number of seconds such as 2.5, or None for the "
             f"server's own limit, not {type(value).__name__} {value!r}."
         )
-    if value <= 0:
+    if not 0 < value <= MAX_STATEMENT_TIMEOUT:  # also refuses NaN
         raise ValueError(
-            f"{what} must be more than 0 seconds (or None for no limit), not {value!r}."
+            f"{what} must be more than 0 and at most {MAX_STATEMENT_TIMEOUT} seconds "
+            f"(PostgreSQL's limit), or None for no limit; not {value!r}."
+        )
+    return float(value)
+
+
+def validate_lease_timeout(value: object, *, what: str = "lease_timeout") -> float:
+    """Return *value* if it is a usable lease wait in seconds, else raise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{what} must be a number of seconds such as 0.1, not "
+            f"{type(value).__name__} {value!r}."
+        )
+    if not 0 <= value <= MAX_LEASE_TIMEOUT:  # also refuses NaN
+        raise ValueError(
+            f"{what} must be 0 or more seconds and at most {MAX_LEASE_TIMEOUT} "
+            f"(an extra connection is only worth a short wait), not {value!r}."
         )
     return float(value)
 
@@ -138,17 +160,7 @@ class ConnectionSet:
         #: the middleware turns it on with SERVER_TIMING or HISTORY).
         self.record_stock_calls = False
         self.statement_timeout = validate_statement_timeout(statement_timeout)
-        if isinstance(lease_timeout, bool) or not isinstance(
-            lease_timeout, int | float
-        ):
-            raise TypeError(
-                f"lease_timeout must be a number of seconds, not {lease_timeout!r}."
-            )
-        if lease_timeout < 0:
-            raise ValueError(
-                f"lease_timeout must be 0 or more seconds, not {lease_timeout!r}."
-            )
-        self.lease_timeout = float(lease_timeout)
+        self.lease_timeout = validate_lease_timeout(lease_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: Token[ConnectionSet | None] | None = None
         self._closed = False
@@ -245,7 +257,12 @@ class ConnectionSet:
         self._token = current_set.set(self)
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: object, *exc_info: object) -> None:
+        if exc_type is not None:
+            # The owner failed or was cancelled (a request cancelled at server
+            # shutdown): nobody needs the calls still running; stop them on
+            # the server rather than wait for them.
+            self._stop_running()
         try:
             await self.aclose()
         finally:
@@ -510,26 +527,46 @@ class ConnectionSet:
         lane.quarantined = True
         lane.abandoned_done = asyncio.Event()
         assert lane.job is not None
-        self._spawn(self._cancel(lane, lane.job, lane.abandoned_done))
+        self._spawn(
+            self._cancel(lane, lane.job, _send_cancel(lane.job), lane.abandoned_done)
+        )
 
-    async def _cancel(self, lane: Lane, job: Job, ended: asyncio.Event) -> None:
+    async def _cancel(
+        self, lane: Lane, job: Job, first: asyncio.Future[bool], ended: asyncio.Event
+    ) -> None:
         # A cancel that reaches the server just before the query does is
         # ignored by it; an abandoned job starts no other query (Job.guard),
         # so sending again while that same query is in flight is safe.
-        loop = asyncio.get_running_loop()
         try:
+            sent = await first
             for wait in _CANCEL_RETRY_WAITS:
-                if not await loop.run_in_executor(None, job.cancel_in_flight):
+                if not sent:
                     return
                 try:
                     await asyncio.wait_for(ended.wait(), wait)
                     return
                 except TimeoutError:
-                    continue
+                    sent = await _send_cancel(job)
         finally:
             lane.quarantined = False
             if not lane.busy:
                 self._dispatch()
+
+    def _stop_running(self) -> None:
+        for lane in self._lanes:
+            job = lane.job
+            if lane.busy and job is not None and job.stop():
+                self._spawn(self._cancel_stopped(job, _send_cancel(job)))
+
+    async def _cancel_stopped(self, job: Job, first: asyncio.Future[bool]) -> None:
+        sent = await first
+        for wait in _CANCEL_RETRY_WAITS:
+            if not sent:
+                return
+            await asyncio.sleep(wait)
+            if job.state == Job.DONE:
+                return
+            sent = await _send_cancel(job)
 
     def _abandoned_done(self, lane: Lane) -> None:
         # Called on the loop by the lane's thread when an abandoned call ends.
@@ -639,6 +676,13 @@ class ConnectionSet:
                 self,
                 exc_info=task.exception(),
             )
+
+
+def _send_cancel(job: Job) -> asyncio.Future[bool]:
+    # Starts the cancel on a thread now, not at a task's first step: at server
+    # shutdown the loop may stop before a new task ever runs, but it waits for
+    # the default executor's threads.
+    return asyncio.get_running_loop().run_in_executor(None, job.cancel_in_flight)
 
 
 def _close_generators(gens: list[types.GeneratorType[Any, None, None]]) -> None:

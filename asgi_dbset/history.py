@@ -14,6 +14,9 @@ from typing import Any
 from .conf import conf
 from .dbset import CallRecord, ConnectionSet
 
+#: The most requests HISTORY may keep (they are held in memory).
+MAX_HISTORY = 100_000
+
 _lock = threading.Lock()
 _recent: deque[RequestSummary] = deque(maxlen=1)
 

@@ -46,7 +46,7 @@ class Job:
     connection cannot move on to another query meanwhile.
     """
 
-    __slots__ = ("abandoned", "lock", "query_conn", "state")
+    __slots__ = ("abandoned", "lock", "query_conn", "state", "stopped")
 
     PENDING, RUNNING, DONE, SKIPPED = range(4)
 
@@ -54,6 +54,9 @@ class Job:
         self.lock = threading.Lock()
         self.state = Job.PENDING
         self.abandoned = False
+        # The set is closing on an error: send no new query (its caller still
+        # waits, and frees the lane itself, unlike an abandoned job's).
+        self.stopped = False
         # The psycopg connection running this job's query now, if any.
         self.query_conn: psycopg.Connection[Any] | None = None
 
@@ -67,9 +70,10 @@ class Job:
     ) -> Any:
         """A Django execute wrapper around every query of the job."""
         with self.lock:
-            if self.abandoned:
+            if self.abandoned or self.stopped:
                 raise OperationalError(
-                    "asgi_dbset: query not sent: the caller of this ORM call was cancelled."
+                    "asgi_dbset: query not sent: the caller of this ORM call was "
+                    "cancelled, or its connection set closed on an error."
                 )
             self.query_conn = context["connection"].connection
         try:
@@ -77,6 +81,15 @@ class Job:
         finally:
             with self.lock:
                 self.query_conn = None
+
+    def stop(self) -> bool:
+        """Refuse the job's next queries; True if it is running (then its
+        current query, if any, is worth cancelling)."""
+        with self.lock:
+            if self.state != Job.RUNNING:
+                return False
+            self.stopped = True
+            return True
 
     def cancel_in_flight(self, timeout: float = 5.0) -> bool:
         """Ask the server to cancel the job's running query; False if none runs."""
