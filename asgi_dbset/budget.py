@@ -15,6 +15,7 @@ budget counts them per database alias and in total:
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -44,12 +45,30 @@ def pool_max_size(alias: str) -> int | None:
     return min_size if max_size is None else int(max_size)
 
 
+def pool_is_contended(alias: str) -> bool:
+    """True when requests are waiting for a connection of *alias*'s pool now."""
+    from django.db.backends.postgresql.base import DatabaseWrapper
+
+    pool = getattr(DatabaseWrapper, "_connection_pools", {}).get(alias)
+    if pool is None:
+        return False
+    return bool(pool.get_stats().get("requests_waiting", 0))
+
+
 class Budget:
     """Counts extra lanes per alias; thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: Counter[str] = Counter()
+        self._retry_at: dict[str, float] = {}
+
+    def back_off(self, alias: str, seconds: float) -> None:
+        """No set leases for *alias* for ``seconds`` (after a refused lease)."""
+        self._retry_at[alias] = time.monotonic() + seconds
+
+    def retry_at(self, alias: str) -> float:
+        return self._retry_at.get(alias, 0.0)
 
     def __repr__(self) -> str:
         held = ", ".join(f"{alias}={n}" for alias, n in sorted(self._held.items()))

@@ -43,7 +43,7 @@ from asgiref.sync import sync_to_async as stock_sync_to_async
 
 from . import stats
 from .aio import finish_shielded
-from .budget import budget, pool_max_size
+from .budget import budget, pool_is_contended, pool_max_size
 from .context import current_set
 from .errors import OrphanedIteratorError
 from .lanes import Job, Lane, PooledLane, RequestLane
@@ -168,7 +168,6 @@ class ConnectionSet:
         self._lanes: list[Lane] = [self._lane0]
         self._waiters: deque[_Waiter] = deque()
         self._growing: Counter[str] = Counter()
-        self._retry_at: dict[str, float] = {}
         # Aliases whose lane-0 connection is inside a transaction; None until
         # lane 0 has reported (no extra lane is used before that).
         self._in_transaction: frozenset[str] | None = None
@@ -615,10 +614,13 @@ class ConnectionSet:
             demand[target.alias] += 1
         now = time.monotonic()
         for alias, wanted in demand.items():
+            if now < budget.retry_at(alias) or pool_is_contended(alias):
+                # Requests are waiting for their own connections (or a lease
+                # was just refused): an extra lane would queue ahead of them.
+                continue
             while (
                 self._growing[alias] < wanted
                 and len(self._lanes) + sum(self._growing.values()) < self._parallelism
-                and now >= self._retry_at.get(alias, 0.0)
             ):
                 if pool_max_size(alias) is None:
                     break  # not pooled: the checks said so; calls stay serial
@@ -641,8 +643,9 @@ class ConnectionSet:
         except BaseException as exc:
             self._growing[alias] -= 1
             if not isinstance(exc, asyncio.CancelledError):
-                # Back off as long as the lease waited: a busy pool is not polled.
-                self._retry_at[alias] = time.monotonic() + max(self.lease_timeout, 0.01)
+                # Every set of the process backs off as long as the lease
+                # waited: a busy pool is not polled by each request in turn.
+                budget.back_off(alias, max(self.lease_timeout, 0.01))
                 stats.incr("lease_failures")
                 logger.debug("asgi_dbset: no extra lane for %r: %s", alias, exc)
             # The worker may hold a half-made lease: its release runs after it.

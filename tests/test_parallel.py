@@ -127,3 +127,33 @@ async def test_the_set_returns_every_connection_it_leased() -> None:
     assert [lane.index for lane in dbset.lanes] == [0]
     assert checked_out() == before
     assert budget.total == 0
+
+
+async def test_no_lease_while_requests_wait_for_the_pool() -> None:
+    pool = connections["default"].pool
+    pool.open()
+    await asyncio.to_thread(pool.wait)
+    await sleeping(0).acount()  # lane 0's own connection
+    held = []
+    while checked_out() < pool.max_size:
+        held.append(await asyncio.to_thread(pool.getconn, 5))
+    # Another request waits for its own connection...
+    waiting = asyncio.ensure_future(asyncio.to_thread(pool.getconn, 5))
+    for _ in range(100):
+        if pool.get_stats().get("requests_waiting", 0):
+            break
+        await asyncio.sleep(0.01)
+    before = get_stats()
+    try:
+        # ...so a set does not even try to lease: its lease would queue ahead.
+        async with connection_set(parallelism=4) as dbset:
+            assert await gather_sleeps(3, 0.05) == [0, 0, 0]
+        assert dbset.lanes_used == 1
+        after = get_stats()
+        assert after["lanes_leased"] == before["lanes_leased"]
+        assert after["lease_failures"] == before["lease_failures"]
+    finally:
+        pool.putconn(held.pop())
+        pool.putconn(await waiting)
+        for conn in held:
+            pool.putconn(conn)
