@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
+import psycopg
+from django.conf import settings
 from django.db import connections
 from django.db.models import BooleanField
 from django.db.models.expressions import RawSQL
@@ -39,3 +41,15 @@ async def timed(awaitable: Awaitable[Any]) -> tuple[Any, float]:
     started = loop.time()
     result = await awaitable
     return result, loop.time() - started
+
+
+def active_sleeps() -> int:
+    """Queries of the test database running pg_sleep on the server now."""
+    name = settings.DATABASES["default"]["NAME"]
+    with psycopg.connect(settings.DATABASE_URL, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
+            "AND query LIKE %s AND pid <> pg_backend_pid()",
+            [name, "%pg_sleep%"],
+        ).fetchone()
+    return int(row[0]) if row else 0

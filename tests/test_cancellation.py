@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-import psycopg
 import pytest
-from django.conf import settings
 
 from asgi_dbset import connection_set
 from asgi_dbset.budget import budget
-from tests.helpers import sleeping, timed
+from tests.helpers import active_sleeps, sleeping, timed
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def active_sleeps() -> int:
-    name = settings.DATABASES["default"]["NAME"]
-    with psycopg.connect(settings.DATABASE_URL, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
-            "AND query LIKE %s AND pid <> pg_backend_pid()",
-            [name, "%pg_sleep%"],
-        ).fetchone()
-    return int(row[0]) if row else 0
 
 
 async def no_sleeps_within(seconds: float) -> bool:

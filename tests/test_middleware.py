@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import psycopg
 import pytest
 from django.conf import settings
 from django.core.asgi import get_asgi_application
@@ -15,7 +14,7 @@ from asgi_dbset import DBSetMiddleware, active_set
 from asgi_dbset.budget import budget
 from asgi_dbset.types import Message, Receive, Scope, Send
 from tests.asgi import request
-from tests.helpers import checked_out, timed
+from tests.helpers import active_sleeps, checked_out, timed
 from tests.starlette_app import starlette_app
 from tests.testapp.models import Author, Book, Tag
 
@@ -104,17 +103,6 @@ async def test_a_view_raising_while_its_siblings_run(
     assert budget.total == 0
 
 
-def _active_sleeps() -> int:
-    name = settings.DATABASES["default"]["NAME"]
-    with psycopg.connect(settings.DATABASE_URL, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
-            "AND query LIKE %s AND pid <> pg_backend_pid()",
-            [name, "%pg_sleep%"],
-        ).fetchone()
-    return int(row[0]) if row else 0
-
-
 @pytest.mark.usefixtures("rows")
 async def test_a_client_disconnect_cancels_the_queries_on_the_server(
     django_app: DBSetMiddleware,
@@ -123,14 +111,14 @@ async def test_a_client_disconnect_cancels_the_queries_on_the_server(
         request(django_app, "/dashboard/", "sleep=20", disconnect_after=0.5)
     )
     await asyncio.sleep(0.3)
-    assert await asyncio.to_thread(_active_sleeps) == 3
+    assert await asyncio.to_thread(active_sleeps) == 3
     _, elapsed = await timed(task)
     assert elapsed < 5
     for _ in range(50):
-        if await asyncio.to_thread(_active_sleeps) == 0:
+        if await asyncio.to_thread(active_sleeps) == 0:
             break
         await asyncio.sleep(0.02)
-    assert await asyncio.to_thread(_active_sleeps) == 0
+    assert await asyncio.to_thread(active_sleeps) == 0
     assert budget.total == 0
 
 

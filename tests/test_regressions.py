@@ -13,8 +13,7 @@ from django.test import override_settings
 from asgi_dbset import active_set, connection_set
 from asgi_dbset.budget import budget
 from asgi_dbset.targets import target_of
-from tests.helpers import sleeping, timed
-from tests.test_cancellation import active_sleeps
+from tests.helpers import active_sleeps, sleeping, timed
 from tests.testapp.models import Author, Book
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])

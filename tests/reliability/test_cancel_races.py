@@ -17,12 +17,12 @@ from django.db import connections
 
 from asgi_dbset import connection_set, get_stats
 from asgi_dbset.budget import budget
-from tests.helpers import checked_out, sleeping
+from tests.helpers import active_sleeps, checked_out, sleeping
 from tests.reliability.conftest import Report, ServerFactory
 from tests.reliability.load import drive
 from tests.reliability.pgwatch import ActivityWatch, backends
 from tests.reliability.server import quiet
-from tests.test_cancellation import active_sleeps, no_sleeps_within
+from tests.test_cancellation import no_sleeps_within
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
