@@ -120,7 +120,11 @@ def test_overload(
     for mode, server in servers.items():
         check_overload(server, results[mode], max_size=4, pool_timeout=10)
     lib = results["lib"]
-    assert lib["state"]["counters"]["lanes_leased"] > 0, "no request ran in parallel"
+    # Under overload requests always wait for the pool, so the sets take no
+    # extra lane (it would queue ahead of them): parallelism degrades toward 1
+    # and no lease is even attempted in vain (each would wait LEASE_TIMEOUT).
+    counters = lib["state"]["counters"]
+    assert counters["lease_failures"] <= 0.1 * lib["requests"], counters
     # A loose bound: a fast run is too short for a tight one on a shared machine.
     assert p99(lib, "plain") <= 2 * p99(results["stock"], "plain") + 0.5
     report(figures(results))
