@@ -16,10 +16,14 @@ Rules the scheduler keeps:
 - At most ``parallelism`` lanes, lane 0 included. Extra lanes are leased only
   from the budget and with a wait of at most ``lease_timeout``; a request never
   waits for another connection while holding one - its calls queue instead.
+  No lease is tried while requests wait for the pool (their own connections
+  come first), nor by any set for ``lease_timeout`` after one was refused.
 - Extra lanes are used only once lane 0 has reported that its connection for
   that alias is outside a transaction; inside one, every call of that alias
   runs on lane 0 and so sees the transaction's rows.
 - Every chunk of one ``aiterator()`` runs on the lane that opened its cursor.
+- A caller that gives up has its running query cancelled on the server; a
+  set closing on an error stops all of its running calls the same way.
 - Closing returns every extra lane's connection from its own thread after the
   calls already on it, shielded from cancellation.
 """
