@@ -39,7 +39,7 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from contextvars import Token
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import AsyncToSync
@@ -139,7 +139,6 @@ class CallRecord:
 class _Waiter:
     target: Target
     future: asyncio.Future[Lane | None]
-    since: float = field(default_factory=time.perf_counter)
 
 
 class ConnectionSet:
@@ -342,9 +341,7 @@ class ConnectionSet:
     async def _retire(self, lane: PooledLane, *, close_cursors: bool = False) -> None:
         try:
             if close_cursors:
-                cursors = [
-                    gen for gen, pinned in list(self._cursors.items()) if pinned is lane
-                ]
+                cursors = self._cursors_on(lane)
                 if cursors:
                     await asyncio.get_running_loop().run_in_executor(
                         lane.worker, _close_generators, cursors
@@ -353,6 +350,9 @@ class ConnectionSet:
         finally:
             budget.release(lane.alias or "")
             stats.incr("lanes_open", -1)
+
+    def _cursors_on(self, lane: Lane) -> list[types.GeneratorType[Any, None, None]]:
+        return [gen for gen, pinned in list(self._cursors.items()) if pinned is lane]
 
     # -- the call path -------------------------------------------------------
 
@@ -389,14 +389,7 @@ class ConnectionSet:
                 check_cursor(cursor)
             self._fall_back("the set ended while the call waited for a lane")
             return await stock_sync_to_async(func)(*args, **kwargs)
-        started = time.perf_counter()
-        record = CallRecord(
-            lane.index, target.alias, getattr(func, "__name__", "?"), queued, started
-        )
-        self.calls += 1
-        self.wait_time += started - queued
-        if len(self.records) < _MAX_RECORDS:
-            self.records.append(record)
+        record = self._record(lane.index, target.alias, func, queued)
         lane.calls += 1
         stats.incr("calls")
         if cursor is not None and cursor not in self._cursors:
@@ -408,7 +401,8 @@ class ConnectionSet:
                 func, args, kwargs, target.alias, self._abandoned_done, self._timeout_ms
             )
         except asyncio.CancelledError:
-            if lane.give_up():
+            assert lane.job is not None
+            if lane.job.give_up():
                 self._abandon(lane)
             else:
                 self._free(lane)
@@ -425,17 +419,27 @@ class ConnectionSet:
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         # Stock Django, timed for figures and timelines: lane 0, no scheduling.
-        started = time.perf_counter()
         target = target_of(func, args, kwargs)
         alias = target.alias if target is not None else ""
-        record = CallRecord(0, alias, getattr(func, "__name__", "?"), started, started)
-        self.calls += 1
-        if len(self.records) < _MAX_RECORDS:
-            self.records.append(record)
+        record = self._record(0, alias, func, time.perf_counter())
         try:
             return await stock_sync_to_async(func)(*args, **kwargs)
         finally:
             record.ended = time.perf_counter()
+
+    def _record(
+        self, lane: int, alias: str, func: Callable[..., Any], queued: float
+    ) -> CallRecord:
+        """Count a call that starts now; keep its record (up to _MAX_RECORDS)."""
+        started = time.perf_counter()
+        record = CallRecord(
+            lane, alias, getattr(func, "__name__", "?"), queued, started
+        )
+        self.calls += 1
+        self.wait_time += started - queued
+        if len(self.records) < _MAX_RECORDS:
+            self.records.append(record)
+        return record
 
     @property
     def _timeout_ms(self) -> int | None:
@@ -503,10 +507,9 @@ class ConnectionSet:
         if isinstance(lane, PooledLane) and lane.broken and lane in self._lanes:
             self._lanes.remove(lane)
             lane.busy = True  # never again
-            for gen, pinned in list(self._cursors.items()):
-                if pinned is lane:
-                    orphaned_cursors.add(gen)
-                    del self._cursors[gen]
+            for gen in self._cursors_on(lane):
+                orphaned_cursors.add(gen)
+                del self._cursors[gen]
             self._spawn(self._retire(lane))
         self._dispatch()
 
@@ -541,15 +544,7 @@ class ConnectionSet:
         # ignored by it; an abandoned job starts no other query (Job.guard),
         # so sending again while that same query is in flight is safe.
         try:
-            sent = await first
-            for wait in _CANCEL_RETRY_WAITS:
-                if not sent:
-                    return
-                try:
-                    await asyncio.wait_for(ended.wait(), wait)
-                    return
-                except TimeoutError:
-                    sent = await _send_cancel(job)
+            await _cancel_until_ended(job, first, ended)
         finally:
             lane.quarantined = False
             if not lane.busy:
@@ -559,17 +554,7 @@ class ConnectionSet:
         for lane in self._lanes:
             job = lane.job
             if lane.busy and job is not None and job.stop():
-                self._spawn(self._cancel_stopped(job, _send_cancel(job)))
-
-    async def _cancel_stopped(self, job: Job, first: asyncio.Future[bool]) -> None:
-        sent = await first
-        for wait in _CANCEL_RETRY_WAITS:
-            if not sent:
-                return
-            await asyncio.sleep(wait)
-            if job.state == Job.DONE:
-                return
-            sent = await _send_cancel(job)
+                self._spawn(_cancel_until_ended(job, _send_cancel(job)))
 
     def _abandoned_done(self, lane: Lane) -> None:
         # Called on the loop by the lane's thread when an abandoned call ends.
@@ -618,20 +603,25 @@ class ConnectionSet:
             demand[target.alias] += 1
         now = time.monotonic()
         for alias, wanted in demand.items():
+            if not self._may_grow(alias, wanted):
+                continue
             if now < budget.retry_at(alias) or pool_is_contended(alias):
                 # Requests are waiting for their own connections (or a lease
                 # was just refused): an extra lane would queue ahead of them.
                 continue
-            while (
-                self._growing[alias] < wanted
-                and len(self._lanes) + sum(self._growing.values()) < self._parallelism
-            ):
+            while self._may_grow(alias, wanted):
                 if pool_max_size(alias) is None:
                     break  # not pooled: the checks said so; calls stay serial
                 if not budget.try_acquire(alias):
                     break
                 self._growing[alias] += 1
                 self._spawn(self._grow(alias))
+
+    def _may_grow(self, alias: str, wanted: int) -> bool:
+        return (
+            self._growing[alias] < wanted
+            and len(self._lanes) + sum(self._growing.values()) < self._parallelism
+        )
 
     async def _grow(self, alias: str) -> None:
         try:
@@ -690,6 +680,31 @@ def _send_cancel(job: Job) -> asyncio.Future[bool]:
     # shutdown the loop may stop before a new task ever runs, but it waits for
     # the default executor's threads.
     return asyncio.get_running_loop().run_in_executor(None, job.cancel_in_flight)
+
+
+async def _cancel_until_ended(
+    job: Job, first: asyncio.Future[bool], ended: asyncio.Event | None = None
+) -> None:
+    """Await the first cancel, then cancel again while the same query is still in
+    flight (bounded): a cancel that reaches the server before the query does is
+    ignored by it, and a stopped or abandoned job starts no other query
+    (Job.guard), so another cancel can only hit that query. ``ended`` is set
+    when the job ends, if the caller has such an event; else its state is read."""
+    sent = await first
+    for wait in _CANCEL_RETRY_WAITS:
+        if not sent:
+            return
+        if ended is not None:
+            try:
+                await asyncio.wait_for(ended.wait(), wait)
+                return
+            except TimeoutError:
+                pass
+        else:
+            await asyncio.sleep(wait)
+            if job.state == Job.DONE:
+                return
+        sent = await _send_cancel(job)
 
 
 def _close_generators(gens: list[types.GeneratorType[Any, None, None]]) -> None:

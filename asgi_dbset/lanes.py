@@ -82,6 +82,19 @@ class Job:
             with self.lock:
                 self.query_conn = None
 
+    def give_up(self) -> bool:
+        """The caller was cancelled: True if the job is still running (its lane
+        stays busy until it ends, and its thread frees it), False if the lane
+        is free now (the job never started, or has ended)."""
+        with self.lock:
+            if self.state == Job.PENDING:
+                self.state = Job.SKIPPED
+                return False
+            if self.state == Job.RUNNING:
+                self.abandoned = True
+                return True
+            return False
+
     def stop(self) -> bool:
         """Refuse the job's next queries; True if it is running (then its
         current query, if any, is worth cancelling)."""
@@ -184,20 +197,6 @@ class Lane:
                         loop.call_soon_threadsafe(on_abandoned_done, self)
 
         return await SyncToAsync(call, context=context, **self._executor_options())()
-
-    def give_up(self) -> bool:
-        """The caller was cancelled: return True if the call is still running
-        (the lane stays busy until it ends), False if the lane is free now."""
-        job = self.job
-        assert job is not None
-        with job.lock:
-            if job.state == Job.PENDING:
-                job.state = Job.SKIPPED
-                return False
-            if job.state == Job.RUNNING:
-                job.abandoned = True
-                return True
-            return False
 
 
 class RequestLane(Lane):
