@@ -5,7 +5,7 @@ Data path of one call, all on the set's event loop::
     routing.sync_to_async(f)(...)   # a Django async ORM entry point
       -> ConnectionSet.call()       # stock Django when the set is inactive
         -> _acquire()               # an idle lane that may run it, else queue
-           (_grow() leases another lane in the background when allowed)
+           (_maybe_grow() adds a lane whose lease is queued on its thread)
         -> Lane.run()               # on the lane's thread and connection
         -> _free()                  # hand the lane to the first queued call
 
@@ -20,7 +20,11 @@ Rules the scheduler keeps:
   come first), nor by any set for ``lease_timeout`` after one was refused.
 - Extra lanes are used only once lane 0 has reported that its connection for
   that alias is outside a transaction; inside one, every call of that alias
-  runs on lane 0 and so sees the transaction's rows.
+  runs on lane 0 and so sees the transaction's rows. Leases start before that
+  report (so they overlap it) unless lane 0 has already been seen inside one.
+- A call may be handed to a lane whose lease is still under way: the lane's
+  thread runs it after the lease; if the lease failed, the call is queued
+  again, first in line.
 - Every chunk of one ``aiterator()`` runs on the lane that opened its cursor.
 - A caller that gives up has its running query cancelled on the server; a
   set closing on an error stops all of its running calls the same way.
@@ -44,13 +48,14 @@ from typing import Any
 
 from asgiref.sync import AsyncToSync
 from asgiref.sync import sync_to_async as stock_sync_to_async
+from django.db import OperationalError
 
 from . import stats
 from .aio import finish_shielded
 from .budget import budget, pool_is_contended, pool_max_size
 from .context import current_set
 from .errors import OrphanedIteratorError
-from .lanes import Job, Lane, PooledLane, RequestLane
+from .lanes import Job, Lane, LeaseRefusedError, PooledLane, RequestLane
 from .targets import Target, target_of
 from .workers import workers
 
@@ -170,10 +175,11 @@ class ConnectionSet:
         self._lane0 = RequestLane(self._report_transactions)
         self._lanes: list[Lane] = [self._lane0]
         self._waiters: deque[_Waiter] = deque()
-        self._growing: Counter[str] = Counter()
         # Aliases whose lane-0 connection is inside a transaction; None until
         # lane 0 has reported (no extra lane is used before that).
         self._in_transaction: frozenset[str] | None = None
+        # Lane 0 was seen inside a transaction: no more leases before a report.
+        self._seen_transaction = False
         self._outer: object = None
         self._cursors: weakref.WeakKeyDictionary[Any, Lane] = (
             weakref.WeakKeyDictionary()
@@ -191,11 +197,15 @@ class ConnectionSet:
 
     def __repr__(self) -> str:
         busy = sum(lane.busy for lane in self._lanes)
+        leasing = sum(
+            isinstance(lane, PooledLane) and not lane.leased and not lane.broken
+            for lane in self._lanes
+        )
         state = "closed" if self._closed else "open" if self._loop else "new"
         return (
             f"<ConnectionSet {state} parallelism={self._parallelism} | "
             f"lanes: {busy} busy, {len(self._lanes) - busy} idle, "
-            f"{sum(self._growing.values())} leasing | "
+            f"{leasing} leasing | "
             f"calls: {len(self._waiters)} queued, {self.calls} run>"
         )
 
@@ -208,7 +218,7 @@ class ConnectionSet:
         self._parallelism = validate_parallelism(value)
         self.peak_parallelism = max(self.peak_parallelism, value)
         if self._loop is not None and not self._closed:
-            self._maybe_grow()
+            self._dispatch()
 
     @property
     def lanes(self) -> tuple[Lane, ...]:
@@ -330,13 +340,36 @@ class ConnectionSet:
             await asyncio.wait(pending)
         extra = [lane for lane in self._lanes if isinstance(lane, PooledLane)]
         self._lanes = [self._lane0]
+        busy = [lane for lane in extra if not self._give_back(lane)]
         results = await asyncio.gather(
-            *(self._retire(lane, close_cursors=True) for lane in extra),
+            *(self._retire(lane, close_cursors=True) for lane in busy),
             return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException):
                 logger.warning("asgi_dbset: error releasing a lane", exc_info=result)
+
+    def release_idle_lanes(self) -> None:
+        """Return every extra lane that is idle now; the set stays open, with
+        lane 0, and leases again if more calls queue. The middleware calls it
+        when the response is complete, so the connections are back in their
+        pools before the client has the response (and can ask again)."""
+        if self._closed:
+            return
+        for lane in list(self._lanes):
+            if isinstance(lane, PooledLane) and self._give_back(lane):
+                self._lanes.remove(lane)
+
+    def _give_back(self, lane: PooledLane) -> bool:
+        """Return an idle lane's connections right here, on the loop; False
+        when it is busy or its worker must do it (see PooledLane.release_here)."""
+        idle = not (lane.busy or lane.quarantined) and (lane.leased or lane.broken)
+        if not idle or self._cursors_on(lane) or not lane.release_here():
+            return False
+        lane.busy = True  # never again
+        budget.release(lane.alias or "")
+        stats.incr("lanes_open", -1)
+        return True
 
     async def _retire(self, lane: PooledLane, *, close_cursors: bool = False) -> None:
         try:
@@ -383,16 +416,46 @@ class ConnectionSet:
             # the request's own thread and connection.
             self._cursors[cursor] = self._lane0
         queued = time.perf_counter()
-        lane = await self._acquire(target)
-        if lane is None:
-            if cursor is not None:
-                check_cursor(cursor)
-            self._fall_back("the set ended while the call waited for a lane")
-            return await stock_sync_to_async(func)(*args, **kwargs)
+        first = False
+        while True:
+            lane = await self._acquire(target, first=first)
+            if lane is None:
+                if cursor is not None:
+                    check_cursor(cursor)
+                self._fall_back("the set ended while the call waited for a lane")
+                return await stock_sync_to_async(func)(*args, **kwargs)
+            try:
+                return await self._run(lane, target, func, args, kwargs, queued)
+            except LeaseRefusedError as exc:
+                # The lane never had a connection and the call did not run:
+                # queue it again, ahead of the calls that came after it.
+                if self._closed:
+                    # Its request is over (a task that outlived it): running
+                    # it as stock Django now would open a connection on a
+                    # thread nobody returns it from.
+                    raise OperationalError(
+                        "asgi_dbset: this ORM call did not run: its extra "
+                        "connection was refused and its connection set (its "
+                        "request) has ended. Await every query inside the "
+                        "request."
+                    ) from exc
+                first = True
+
+    async def _run(
+        self,
+        lane: Lane,
+        target: Target,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        queued: float,
+    ) -> Any:
+        cursor = target.cursor
         record = self._record(lane.index, target.alias, func, queued)
         lane.calls += 1
         stats.incr("calls")
-        if cursor is not None and cursor not in self._cursors:
+        pinned_here = cursor is not None and cursor not in self._cursors
+        if pinned_here:
             self._cursors[cursor] = lane
         elif cursor is not None or target.alias in (self._in_transaction or ()):
             stats.incr("pinned_calls")
@@ -400,6 +463,12 @@ class ConnectionSet:
             result = await lane.run(
                 func, args, kwargs, target.alias, self._abandoned_done, self._timeout_ms
             )
+        except LeaseRefusedError:
+            if pinned_here and self._cursors.get(cursor) is lane:
+                del self._cursors[cursor]  # its cursor was never opened
+            self._unrecord(record, lane)
+            self._free(lane)
+            raise
         except asyncio.CancelledError:
             assert lane.job is not None
             if lane.job.give_up():
@@ -441,6 +510,14 @@ class ConnectionSet:
             self.records.append(record)
         return record
 
+    def _unrecord(self, record: CallRecord, lane: Lane) -> None:
+        """Forget a call that did not run after all (its lane's lease failed)."""
+        self.calls -= 1
+        lane.calls -= 1
+        stats.incr("calls", -1)
+        if record in self.records:
+            self.records.remove(record)
+
     @property
     def _timeout_ms(self) -> int | None:
         if self.statement_timeout is None:
@@ -457,7 +534,7 @@ class ConnectionSet:
                 why,
             )
 
-    async def _acquire(self, target: Target) -> Lane | None:
+    async def _acquire(self, target: Target, *, first: bool = False) -> Lane | None:
         # Every change of lane state ends in _dispatch(), so an idle lane that
         # this call may use is one no queued call may use: taking it is fair.
         lane = self._idle_lane_for(target)
@@ -466,9 +543,13 @@ class ConnectionSet:
             return lane
         assert self._loop is not None
         waiter = _Waiter(target, self._loop.create_future())
-        self._waiters.append(waiter)
+        if first:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         stats.incr("waits")
-        self._maybe_grow()
+        if self._maybe_grow():
+            self._hand_out()
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -514,6 +595,12 @@ class ConnectionSet:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        """Hand idle lanes to queued calls; lease more for the calls left."""
+        self._hand_out()
+        if self._maybe_grow():
+            self._hand_out()
+
+    def _hand_out(self) -> None:
         for waiter in list(self._waiters):
             if waiter.future.done():
                 self._waiters.remove(waiter)
@@ -523,7 +610,6 @@ class ConnectionSet:
                 lane.busy = True
                 self._waiters.remove(waiter)
                 waiter.future.set_result(lane)
-        self._maybe_grow()
 
     # -- abandoned calls -----------------------------------------------------
 
@@ -586,79 +672,80 @@ class ConnectionSet:
         if generation != self._lane0.generation:
             return  # observed before the caller changed; a fresh report follows
         self._in_transaction = aliases
+        self._seen_transaction = self._seen_transaction or bool(aliases)
         if not self._closed:
             self._dispatch()
 
-    def _maybe_grow(self) -> None:
-        """Lease extra lanes for queued calls, within parallelism and budget."""
-        if self._closed or self._in_transaction is None or not self._waiters:
-            return
+    def _maybe_grow(self) -> bool:
+        """Add lanes for queued calls, within parallelism and budget; True if
+        any was added. Each new lane's lease is queued on its thread at once."""
+        if self._closed or not self._waiters:
+            return False
+        if self._in_transaction is None and self._seen_transaction:
+            return False  # likely inside one again: wait for lane 0's report
+        in_transaction = self._in_transaction or frozenset()
         demand: Counter[str] = Counter()
         for waiter in self._waiters:
             target = waiter.target
-            if target.alias in self._in_transaction:
+            if target.alias in in_transaction:
                 continue
             if target.cursor is not None and target.cursor in self._cursors:
                 continue
             demand[target.alias] += 1
+        for lane in self._lanes:
+            # Idle lanes (leasing, or waiting for lane 0's report) serve first.
+            if isinstance(lane, PooledLane) and not lane.busy and not lane.broken:
+                demand[lane.alias or ""] -= 1
+        added = False
         now = time.monotonic()
         for alias, wanted in demand.items():
-            if not self._may_grow(alias, wanted):
+            if wanted <= 0 or len(self._lanes) >= self._parallelism:
                 continue
+            if pool_max_size(alias) is None:
+                continue  # not pooled: the checks said so; calls stay serial
             if now < budget.retry_at(alias) or pool_is_contended(alias):
                 # Requests are waiting for their own connections (or a lease
                 # was just refused): an extra lane would queue ahead of them.
                 continue
-            while self._may_grow(alias, wanted):
-                if pool_max_size(alias) is None:
-                    break  # not pooled: the checks said so; calls stay serial
+            while wanted > 0 and len(self._lanes) < self._parallelism:
                 if not budget.try_acquire(alias):
                     break
-                self._growing[alias] += 1
-                self._spawn(self._grow(alias))
+                self._add_lane(alias)
+                wanted -= 1
+                added = True
+        return added
 
-    def _may_grow(self, alias: str, wanted: int) -> bool:
-        return (
-            self._growing[alias] < wanted
-            and len(self._lanes) + sum(self._growing.values()) < self._parallelism
-        )
-
-    async def _grow(self, alias: str) -> None:
+    def _add_lane(self, alias: str) -> None:
+        # Budget taken by the caller; _retire gives it and the worker back.
         try:
             worker = workers.acquire()
         except BaseException:
-            self._growing[alias] -= 1
             budget.release(alias)
             raise
         lane = PooledLane(self._next_index, alias, worker)
         self._next_index += 1
-        try:
-            await lane.open(self.lease_timeout)
-        except BaseException as exc:
-            self._growing[alias] -= 1
-            if not isinstance(exc, asyncio.CancelledError):
-                # Every set of the process backs off as long as the lease
-                # waited: a busy pool is not polled by each request in turn.
-                budget.back_off(alias, max(self.lease_timeout, 0.01))
-                stats.incr("lease_failures")
-                logger.debug("asgi_dbset: no extra lane for %r: %s", alias, exc)
-            # The worker may hold a half-made lease: its release runs after it.
-            try:
-                await finish_shielded(lane.close())
-            finally:
-                budget.release(alias)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        self._growing[alias] -= 1
-        logger.debug("asgi_dbset: leased lane %d on %r", lane.index, alias)
-        stats.incr("lanes_leased")
-        stats.incr("lanes_open")
-        if self._closed:
-            await finish_shielded(self._retire(lane))
-            return
         self._lanes.append(lane)
-        self._dispatch()
+        stats.incr("lanes_open")
+        lease = lane.start_lease(self.lease_timeout)
+        lease.add_done_callback(lambda future: self._lease_done(lane, future))
+
+    def _lease_done(self, lane: PooledLane, lease: asyncio.Future[None]) -> None:
+        exc = BaseException("cancelled") if lease.cancelled() else lease.exception()
+        if exc is None:
+            lane.leased = True
+            stats.incr("lanes_leased")
+            logger.debug("asgi_dbset: leased lane %d on %r", lane.index, lane.alias)
+            return
+        lane.broken = True
+        # Every set of the process backs off as long as the lease waited: a
+        # busy pool is not polled by each request in turn.
+        budget.back_off(lane.alias or "", max(self.lease_timeout, 0.01))
+        stats.incr("lease_failures")
+        logger.debug("asgi_dbset: no extra lane for %r: %s", lane.alias, exc)
+        if not lane.busy and lane in self._lanes:
+            # (A busy lane is retired by _free when its call comes back refused;
+            # a closed set has retired it already.)
+            self._free(lane)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

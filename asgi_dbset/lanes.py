@@ -16,7 +16,8 @@ import asyncio
 import contextvars
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -227,6 +228,10 @@ class RequestLane(Lane):
         if (generation, in_transaction) != self._reported:
             self._reported = (generation, in_transaction)
             self._report(in_transaction, generation)
+            # Let the loop act on the report (hand queued calls to the extra
+            # lanes) now, not after this thread has built its own query: the
+            # other lanes' queries are what the request waits for.
+            time.sleep(0)
         if timeout_ms is not None:
             set_statement_timeout(connections[alias], timeout_ms)
 
@@ -257,19 +262,51 @@ def _bounded_getconn(pool: Any) -> None:
     pool.getconn = getconn
 
 
+class LeaseRefusedError(Exception):
+    """A call reached a pooled lane whose lease had failed; it did not run."""
+
+
 class PooledLane(Lane):
-    """A worker thread with a connection leased from ``alias``'s pool."""
+    """A worker thread with a connection leased from ``alias``'s pool.
+
+    The lease is queued on the worker the moment the lane is made
+    (:meth:`start_lease`), and calls may be handed to the lane at once: the
+    worker runs them after the lease, in order, so a call never waits for a
+    round trip through the event loop between the lease and its query. A call
+    queued behind a failed lease runs nothing and raises :class:`LeaseRefusedError`
+    (the set queues it again for another lane).
+    """
 
     def __init__(self, index: int, alias: str, worker: Worker) -> None:
         super().__init__(index)
         self.alias = alias
         self.worker = worker
         self.broken = False
+        #: Set on the loop once the lease has succeeded.
+        self.leased = False
+        # Written by the lease and read by the calls after it, all on the
+        # worker thread, in that order.
+        self._refused: BaseException | None = None
+        # The worker thread's Django connections, as its last job left them
+        # (read by release_here() only while the worker has nothing to run).
+        self._wrappers: list[BaseDatabaseWrapper] = []
+
+    def __repr__(self) -> str:
+        state = "busy" if self.busy else "idle"
+        lease = "leased" if self.leased else "broken" if self.broken else "leasing"
+        return (
+            f"<PooledLane {self.index} {self.alias} {state} {lease} "
+            f"calls={self.calls} on {self.worker.name}>"
+        )
 
     def _executor_options(self) -> dict[str, Any]:
         return {"thread_sensitive": False, "executor": self.worker}
 
     def _before(self, alias: str, timeout_ms: int | None) -> None:
+        if self._refused is not None:
+            # Never let Django open the connection itself: it would wait the
+            # pool's own timeout, not the lease's.
+            raise LeaseRefusedError(str(self._refused))
         wrapper = connections[alias]
         if timeout_ms is None:
             reset_statement_timeout(wrapper)
@@ -277,30 +314,61 @@ class PooledLane(Lane):
             set_statement_timeout(wrapper, timeout_ms)
 
     def _after(self, alias: str) -> None:
+        self._wrappers = list(connections.all(initialized_only=True))
         conn = connections[alias].connection
         if conn is None or conn.closed or conn.broken:
             # Never hand a dead connection to another call: the set retires
             # this lane and returns (the pool discards) its connection.
             self.broken = True
 
-    async def open(self, lease_timeout: float) -> None:
-        """Lease the connection on the worker thread, waiting at most
-        ``lease_timeout`` seconds for the pool; raises if it is not had."""
+    def release_here(self) -> bool:
+        """Return the lane's connections to their pools from the calling
+        thread, with no round trip to the worker, and give the worker back.
+
+        Only for a lane whose worker has nothing queued or running (its lease
+        and calls are over, as the set sees them), so no thread touches these
+        connections meanwhile. Declines (False, nothing done) when returning
+        one would take a query - a statement timeout to reset, a transaction
+        for the pool to roll back - or when the connection is dead: then
+        :meth:`close` does it on the worker.
+        """
+        for wrapper in self._wrappers:
+            conn = wrapper.connection
+            if conn is None:
+                continue
+            if getattr(wrapper, _TIMEOUT_ATTR, None) is not None:
+                return False
+            if conn.closed or conn.broken:
+                return False
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                return False
+        _return_all(self._wrappers, _put_back)
+        self._wrappers = []
+        workers.release(self.worker)
+        return True
+
+    def start_lease(self, lease_timeout: float) -> asyncio.Future[None]:
+        """Queue the lease on the worker thread and return at once; the future
+        fails if no connection was had within ``lease_timeout`` seconds."""
         alias = self.alias
         assert alias is not None
 
         def lease() -> None:
             wrapper = connections[alias]
+            self._wrappers = [wrapper]
             _bounded_getconn(wrapper.pool)  # type: ignore[attr-defined]
             # Bound only this lease: a connection to another alias that a call
             # opens later on this thread waits as stock Django would.
             _thread.lease_timeout = lease_timeout
             try:
                 wrapper.ensure_connection()
+            except BaseException as exc:
+                self._refused = exc
+                raise
             finally:
                 _thread.lease_timeout = None
 
-        await asyncio.get_running_loop().run_in_executor(self.worker, lease)
+        return asyncio.get_running_loop().run_in_executor(self.worker, lease)
 
     async def close(self) -> None:
         """Return every connection of the worker thread to its pool, after the
@@ -310,6 +378,7 @@ class PooledLane(Lane):
                 self.worker, release_thread_connections
             )
         finally:
+            self._wrappers = []
             workers.release(self.worker)
 
 
@@ -351,9 +420,18 @@ def release_thread_connections() -> None:
     is rolled back by the pool; one that is broken is discarded by it. Every
     wrapper is left clean for the thread's next lane.
     """
-    for wrapper in connections.all(initialized_only=True):
+    _return_all(connections.all(initialized_only=True), _return_connection)
+
+
+def _return_all(
+    wrappers: Sequence[BaseDatabaseWrapper],
+    return_one: Callable[[BaseDatabaseWrapper], None],
+) -> None:
+    """Return each wrapper's connection; leave every wrapper clean, even if
+    returning one of them fails."""
+    for wrapper in wrappers:
         try:
-            _return_connection(wrapper)
+            return_one(wrapper)
         except Exception:
             logger.warning(
                 "asgi_dbset: error returning a connection of database %r",
@@ -361,13 +439,26 @@ def release_thread_connections() -> None:
                 exc_info=True,
             )
         finally:
-            wrapper.connection = None
-            wrapper.in_atomic_block = False
-            wrapper.savepoint_ids = []
-            wrapper.atomic_blocks = []
-            wrapper.needs_rollback = False
-            wrapper.closed_in_transaction = False
-            wrapper.run_on_commit = []
+            _clear(wrapper)
+
+
+def _put_back(wrapper: BaseDatabaseWrapper) -> None:
+    # What Django's close() does for a pooled connection; its close() itself
+    # refuses to run on an event loop's thread (async_unsafe).
+    conn = wrapper.connection
+    if conn is not None:
+        conn._pool.putconn(conn)
+
+
+def _clear(wrapper: BaseDatabaseWrapper) -> None:
+    """Leave *wrapper* without a connection and clean for the thread's next lane."""
+    wrapper.connection = None
+    wrapper.in_atomic_block = False
+    wrapper.savepoint_ids = []
+    wrapper.atomic_blocks = []
+    wrapper.needs_rollback = False
+    wrapper.closed_in_transaction = False
+    wrapper.run_on_commit = []
 
 
 def _return_connection(wrapper: BaseDatabaseWrapper) -> None:

@@ -80,6 +80,7 @@ class DBSetMiddleware:
         async with connection_set() as dbset:
             scope["asgi_dbset"] = dbset
             dbset.record_stock_calls = server_timing or history > 0
+            send = _returning_lanes_when_complete(send, dbset)
             if server_timing:
                 send = _with_server_timing(send, dbset)
             await self.app(scope, receive, send)
@@ -112,6 +113,20 @@ class DBSetMiddleware:
             if app_received:
                 return
         await _serve_lifespan(receive, send)
+
+
+def _returning_lanes_when_complete(send: Send, dbset: ConnectionSet) -> Send:
+    """Return the set's idle extra lanes as the response's last body message
+    goes out: the view is done with them, and they are back in the pool before
+    the client has the response and can send its next request. The set stays
+    open (on lane 0) for whatever the app still does."""
+
+    async def send_returning_lanes(message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            dbset.release_idle_lanes()
+        await send(message)
+
+    return send_returning_lanes
 
 
 def _with_server_timing(send: Send, dbset: ConnectionSet) -> Send:

@@ -324,16 +324,16 @@ def lanes(seconds: int) -> None:
             after = json.loads(http_get(server.base + "/stats/")[1])
             ta, tb = after["trace"]["totals"], before["trace"]["totals"]
             n = max(ta["requests"] - tb["requests"], 1)
-            leased = (
-                after["asgi_dbset"]["lanes_leased"]
-                - before["asgi_dbset"]["lanes_leased"]
+            leased, refused = (
+                after["asgi_dbset"][key] - before["asgi_dbset"][key]
+                for key in ("lanes_leased", "lease_failures")
             )
             print(
                 f"  p={p} k={k}: client latency {figures['latency_us']['mean'] / 1000:6.2f} ms"
                 f" | set open {(ta['wall_ms'] - tb['wall_ms']) / n:6.2f} ms"
                 f" | calls ran {(ta['query_ms'] - tb['query_ms']) / n:7.2f} ms in all"
                 f" | calls queued for a lane {(ta['wait_ms'] - tb['wait_ms']) / n:6.2f} ms"
-                f" | lanes leased {leased / n:4.2f}"
+                f" | lanes leased {leased / n:4.2f}, refused {refused / n:4.2f}"
             )
     finally:
         server.stop()

@@ -53,3 +53,18 @@ def active_sleeps() -> int:
             [name, "%pg_sleep%"],
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+async def take_every_pooled_connection(alias: str = "default") -> tuple[Any, list[Any]]:
+    """Leave the pool of *alias* empty the way other requests would: lane 0
+    (this test's own thread) takes its connection first, then the test holds
+    every other one. Returns the pool and the held connections; give them back
+    with ``pool.putconn``."""
+    pool = connections[alias].pool  # type: ignore[attr-defined]
+    pool.open()
+    await asyncio.to_thread(pool.wait)
+    await sleeping(0).acount()  # lane 0's own connection
+    held = []
+    while checked_out(alias) < pool.max_size:
+        held.append(await asyncio.to_thread(pool.getconn, 5))
+    return pool, held

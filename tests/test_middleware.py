@@ -95,6 +95,29 @@ async def test_a_streaming_response_keeps_its_lanes_until_the_body_is_sent(
     assert budget.total == 0
 
 
+@pytest.mark.usefixtures("rows")
+async def test_extra_lanes_are_back_before_the_client_has_the_response(
+    django_app: DBSetMiddleware,
+) -> None:
+    # The request's own connection goes back with Django's request_finished,
+    # after the response; the extra lanes go back as its last body goes out,
+    # so a client's next request finds them in the pool.
+    before = checked_out()
+    seen: list[tuple[int, int]] = []
+    response = await request(
+        django_app,
+        "/dashboard/",
+        "sleep=0.05",
+        on_chunk=lambda _: seen.append((budget.total, checked_out())),
+    )
+    assert response.status == 200
+    assert response.json()["lanes_used"] == 3
+    assert seen
+    assert seen[-1][0] == 0  # no extra lane held any more
+    assert seen[-1][1] <= before + 1  # at most the request's own connection
+    assert checked_out() == before
+
+
 async def test_a_view_raising_while_its_siblings_run(
     django_app: DBSetMiddleware,
 ) -> None:

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext
-from django.db import connections
+from django.db import OperationalError, connections
 from django.test import override_settings
 
 from asgi_dbset import connection_set, get_stats
 from asgi_dbset.budget import budget
-from tests.helpers import checked_out, sleeping, timed
+from tests.helpers import checked_out, sleeping, take_every_pooled_connection, timed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -57,7 +57,7 @@ async def test_a_set_never_holds_more_lanes_than_its_parallelism() -> None:
     async with connection_set(parallelism=3) as dbset:
         results, lanes = await sample_while(
             gather_sleeps(9, 0.05),
-            lambda: len(dbset.lanes) + sum(dbset._growing.values()),
+            lambda: len(dbset.lanes),
         )
         assert results == [0] * 9
         assert max(lanes) <= 3
@@ -94,15 +94,7 @@ async def _close_request_connections() -> None:
 
 
 async def test_nearly_exhausted_pool_degrades_to_serial_without_timeouts() -> None:
-    pool = connections["default"].pool
-    pool.open()
-    await asyncio.to_thread(pool.wait)
-    # Warm lane 0 (asgiref's shared thread) so it holds its own connection.
-    await sleeping(0).acount()
-    # Take every remaining connection the way other requests would.
-    held = []
-    while checked_out() < pool.max_size:
-        held.append(await asyncio.to_thread(pool.getconn, 5))
+    pool, held = await take_every_pooled_connection()
     try:
         failures_before = get_stats()["lease_failures"]
         async with connection_set(parallelism=4, lease_timeout=0.05) as dbset:
@@ -115,6 +107,32 @@ async def test_nearly_exhausted_pool_degrades_to_serial_without_timeouts() -> No
     finally:
         for conn in held:
             pool.putconn(conn)
+
+
+async def test_a_refused_call_of_a_task_that_outlived_its_set_raises() -> None:
+    """A call handed to a lane whose lease is still under way runs after the
+    lease; when the lease is refused it is queued again - unless its set has
+    ended meanwhile: then it raises, instead of opening a connection as stock
+    Django on a thread that nobody returns it from."""
+    pool, held = await take_every_pooled_connection()
+    try:
+        async with connection_set(parallelism=2, lease_timeout=0.2) as dbset:
+            first = asyncio.ensure_future(sleeping(0.05).acount())
+            # Lane 0 is busy: this one goes to the new lane, whose lease waits.
+            outliving = asyncio.ensure_future(sleeping(0).acount())
+            assert await first == 0
+            await asyncio.sleep(0.05)
+            assert len(dbset.lanes) == 2
+            assert dbset.lanes[1].busy
+        # (Closing waited for the lane: its lease, then the call it refused.)
+        with pytest.raises(OperationalError, match="did not run"):
+            await outliving
+    finally:
+        for conn in held:
+            pool.putconn(conn)
+    assert budget.total == 0
+    # The refusal makes every set back off for lease_timeout: outwait it.
+    await asyncio.sleep(0.2)
 
 
 async def test_the_set_returns_every_connection_it_leased() -> None:
@@ -130,13 +148,7 @@ async def test_the_set_returns_every_connection_it_leased() -> None:
 
 
 async def test_no_lease_while_requests_wait_for_the_pool() -> None:
-    pool = connections["default"].pool
-    pool.open()
-    await asyncio.to_thread(pool.wait)
-    await sleeping(0).acount()  # lane 0's own connection
-    held = []
-    while checked_out() < pool.max_size:
-        held.append(await asyncio.to_thread(pool.getconn, 5))
+    pool, held = await take_every_pooled_connection()
     # Another request waits for its own connection...
     waiting = asyncio.ensure_future(asyncio.to_thread(pool.getconn, 5))
     for _ in range(100):

@@ -14,13 +14,12 @@ from typing import Any
 
 import pytest
 from django.core.handlers.asgi import ASGIHandler
-from django.db import connections
 from django.test import override_settings
 from hypothesis import HealthCheck, given, settings
 
 from asgi_dbset import DBSetMiddleware, connection_set, db_parallelism, get_stats
 from tests.asgi import request
-from tests.helpers import checked_out, sleeping
+from tests.helpers import sleeping, take_every_pooled_connection
 from tests.reliability import properties
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -112,13 +111,7 @@ async def test_an_infinite_lease_timeout_still_leases_when_the_pool_frees_up() -
         dbset = connection_set(parallelism=3, lease_timeout=float("inf"))
     except (TypeError, ValueError):
         return  # refused when made: fixed
-    pool = connections["default"].pool
-    pool.open()
-    await asyncio.to_thread(pool.wait)
-    await sleeping(0).acount()  # lane 0's own connection
-    held = []
-    while checked_out() < pool.max_size:
-        held.append(await asyncio.to_thread(pool.getconn, 5))
+    pool, held = await take_every_pooled_connection()
     failures = get_stats()["lease_failures"]
 
     async def give_back_soon() -> None:

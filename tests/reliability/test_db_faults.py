@@ -11,6 +11,7 @@ query that gets it fails (stock Django behaves the same).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
@@ -306,7 +307,7 @@ def restart_mid_load(
             check_clean(result, pool_timeout=pool["timeout"])
             figures["recoveries"].append(recovers(server, within=30))
             state = server.wait_quiet()
-            assert quiet(state), state
+            assert quiet(state), json.dumps(state)  # the whole state: what stayed out
             assert watch.max_total <= pool["max_size"], watch.max_total
             assert len(backends(pg.url, app_name)) == state["pool"]["pool_size"]
             figures.update(
