@@ -661,12 +661,14 @@ class ConnectionSet:
             self._lane0.generation += 1
             self._in_transaction = None
 
-    def _report_transactions(self, aliases: frozenset[str], generation: int) -> None:
-        # Runs on lane 0's thread: hand the news to the loop.
+    def _report_transactions(self, aliases: frozenset[str], generation: int) -> bool:
+        """Runs on lane 0's thread: hand the news to the loop. True if calls
+        are queued (a hint read across threads: the deque is only read)."""
         assert self._loop is not None
         self._loop.call_soon_threadsafe(
             self._transactions_reported, aliases, generation
         )
+        return bool(self._waiters)
 
     def _transactions_reported(self, aliases: frozenset[str], generation: int) -> None:
         if generation != self._lane0.generation:

@@ -204,7 +204,7 @@ class RequestLane(Lane):
     """Lane 0: the request's own thread-sensitive thread and its connections."""
 
     def __init__(
-        self, report_transactions: Callable[[frozenset[str], int], None]
+        self, report_transactions: Callable[[frozenset[str], int], bool]
     ) -> None:
         super().__init__(0)
         self._report = report_transactions
@@ -227,11 +227,11 @@ class RequestLane(Lane):
         )
         if (generation, in_transaction) != self._reported:
             self._reported = (generation, in_transaction)
-            self._report(in_transaction, generation)
-            # Let the loop act on the report (hand queued calls to the extra
-            # lanes) now, not after this thread has built its own query: the
-            # other lanes' queries are what the request waits for.
-            time.sleep(0)
+            if self._report(in_transaction, generation):
+                # Calls are queued for other lanes: let the loop hand them out
+                # now, not after this thread has built its own query - theirs
+                # are what the request waits for.
+                time.sleep(0)
         if timeout_ms is not None:
             set_statement_timeout(connections[alias], timeout_ms)
 

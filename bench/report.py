@@ -487,10 +487,17 @@ def findings(results: dict[str, Any], f: Figures) -> list[str]:
             + ". Above k = p the calls queue for the p lanes, so latency steps up every "
             "p queries. django-async-backend builds the same model objects without "
             "threads, so the gap between it and the ceiling is roughly the ORM's own "
-            "cost; asgi_dbset's gap beyond that is its lanes: a lane is leased from the "
-            "pool on a worker thread per request (the calls queue meanwhile), and every "
-            "call is a thread hop competing for the GIL (`python -m bench.diagnose "
-            "lanes` shows the time calls spend queued while lanes are leased)."
+            "cost; asgi_dbset's gap beyond that is its threads: every call is a hop to "
+            "a lane's thread, and the Django work of the k queries (building the SQL "
+            "before, the rows and model objects after) takes turns on the GIL, so the "
+            "k-th query leaves and its result is built later than the first's. A "
+            "lease is cheap next to that: it runs on the lane's thread, right before "
+            "the first call handed to the lane, and the lanes go back to the pool as "
+            "the response goes out (`python -m bench.diagnose lanes` shows, per "
+            "request, the time calls spent queued for a lane). Stock Django's own "
+            "one-query request is already above 1.1 x the ceiling at k = 1, so the "
+            "'within 10% of the ceiling' target is out of reach for any variant that "
+            "runs the Django ORM."
         )
     one = [
         f.value("W1", s, 1, "mean_ms")
@@ -583,7 +590,11 @@ def findings(results: dict[str, Any], f: Figures) -> list[str]:
                 )
                 + " (each refusal is a lane thread that waited LEASE_TIMEOUT in the "
                 "pool's queue). So under saturation the views run one query at a time, "
-                "as stock Django does, and pay for the attempts."
+                "as stock Django does - but stock Django queues a request's calls on "
+                "its thread back to back, while a set hands lane 0 from one call to "
+                "the next through the event loop, which is busy with every other "
+                "request here: the gap likely keeps each request's connection out "
+                "of the pool a little longer than stock's."
             )
         out.append(text)
     spin = results.get("release_spin_check") or {}
