@@ -91,6 +91,16 @@ class Budget:
             return max_size // 2
         return max(0, min(budget, max_size - 1))
 
+    def may_acquire(self, alias: str) -> bool:
+        """True if :meth:`try_acquire` would succeed now (a hint: other
+        threads may take the room first)."""
+        limit = self.limit(alias)
+        budget = conf.BUDGET
+        with self._lock:
+            if self._held[alias] >= limit:
+                return False
+            return budget is None or self.total < budget
+
     def try_acquire(self, alias: str) -> bool:
         """Take one extra lane for *alias* if the budget allows, without waiting."""
         limit = self.limit(alias)

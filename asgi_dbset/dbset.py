@@ -26,6 +26,11 @@ Rules the scheduler keeps:
   thread runs it after the lease; if the lease failed, the call is queued
   again, first in line.
 - Every chunk of one ``aiterator()`` runs on the lane that opened its cursor.
+- A call that can only wait for a busy lane 0 (the set has no other lane and
+  cannot lease one now, and nothing queues before it) is queued on lane 0's
+  thread right away, behind the call running there, as stock Django queues
+  it: the thread goes from one query to the next without a round trip
+  through the loop while it holds the request's connection.
 - A caller that gives up has its running query cancelled on the server; a
   set closing on an error stops all of its running calls the same way.
 - Closing returns every extra lane's connection from its own thread after the
@@ -185,6 +190,8 @@ class ConnectionSet:
             weakref.WeakKeyDictionary()
         )
         self._background: set[asyncio.Future[Any]] = set()
+        # Jobs queued on lane 0's thread behind its current call.
+        self._behind_lane0: set[Job] = set()
         self._next_index = 1
         self.records: list[CallRecord] = []
         self.calls = 0
@@ -415,6 +422,8 @@ class ConnectionSet:
             # Opened before this set routed it, so as stock Django runs it: on
             # the request's own thread and connection.
             self._cursors[cursor] = self._lane0
+        if self._best_queued_on_lane0(target):
+            return await self._run_behind_lane0(target, func, args, kwargs)
         queued = time.perf_counter()
         first = False
         while True:
@@ -483,6 +492,43 @@ class ConnectionSet:
             record.ended = time.perf_counter()
         self._free(lane)
         return result
+
+    async def _run_behind_lane0(
+        self,
+        target: Target,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        lane = self._lane0
+        record = self._record(0, target.alias, func, time.perf_counter())
+        lane.calls += 1
+        stats.incr("calls")
+        stats.incr("lane0_queued_calls")
+        job = Job()
+        ended = asyncio.Event()
+        self._behind_lane0.add(job)
+        try:
+            return await lane.run(
+                func,
+                args,
+                kwargs,
+                target.alias,
+                lambda _lane: ended.set(),
+                self._timeout_ms,
+                job=job,
+            )
+        except asyncio.CancelledError:
+            if job.give_up():
+                self._cancel_abandoned(lane, job, ended)
+            raise
+        finally:
+            self._behind_lane0.discard(job)
+            record.ended = time.perf_counter()
+            if job.started > record.started:
+                # It queued on the thread, not in the set: count that as waiting.
+                self.wait_time += job.started - record.started
+                record.started = job.started
 
     async def _run_stock_recorded(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -562,6 +608,38 @@ class ConnectionSet:
                 self._waiters.remove(waiter)
             raise
 
+    def _best_queued_on_lane0(self, target: Target) -> bool:
+        """True when the call can only wait for lane 0: it is busy, the set has
+        no other lane and cannot lease one now, and no call queues before it."""
+        if not self._lane0.busy or len(self._lanes) > 1 or self._waiters:
+            return False
+        cursor = target.cursor
+        if cursor is not None and self._cursors.get(cursor, self._lane0) is not (
+            self._lane0
+        ):
+            return False
+        return not self._could_lease(target.alias)
+
+    def _could_lease(self, alias: str) -> bool:
+        """True if a lane for *alias* may be leased now, as far as this set,
+        the budget and the pool can tell without trying."""
+        if len(self._lanes) >= self._parallelism:
+            return False
+        if alias in (self._in_transaction or ()):
+            return False
+        if self._in_transaction is None and self._seen_transaction:
+            return False
+        return budget.may_acquire(alias) and self._pool_allows_lease(alias)
+
+    def _pool_allows_lease(self, alias: str) -> bool:
+        if pool_max_size(alias) is None:
+            return False  # not pooled: the checks said so; calls stay serial
+        # Requests are waiting for their own connections (or a lease was just
+        # refused): an extra lane would queue ahead of them.
+        return time.monotonic() >= budget.retry_at(alias) and not pool_is_contended(
+            alias
+        )
+
     def _may_run(self, lane: Lane, target: Target) -> bool:
         if lane.busy or lane.quarantined:
             return False
@@ -616,12 +694,17 @@ class ConnectionSet:
     def _abandon(self, lane: Lane) -> None:
         """A caller was cancelled while its call runs: cancel it on the server,
         and keep the lane out of use until both the cancel and the call end."""
-        lane.quarantined = True
         lane.abandoned_done = asyncio.Event()
         assert lane.job is not None
-        self._spawn(
-            self._cancel(lane, lane.job, _send_cancel(lane.job), lane.abandoned_done)
-        )
+        self._cancel_abandoned(lane, lane.job, lane.abandoned_done)
+
+    def _cancel_abandoned(self, lane: Lane, job: Job, ended: asyncio.Event) -> None:
+        # No call is handed to the lane, and jobs already queued on its thread
+        # (behind lane 0's call) wait at its gate, until the cancel has landed.
+        lane.quarantined = True
+        lane.gate_holds += 1
+        lane.gate.clear()
+        self._spawn(self._cancel(lane, job, _send_cancel(job), ended))
 
     async def _cancel(
         self, lane: Lane, job: Job, first: asyncio.Future[bool], ended: asyncio.Event
@@ -632,14 +715,17 @@ class ConnectionSet:
         try:
             await _cancel_until_ended(job, first, ended)
         finally:
-            lane.quarantined = False
-            if not lane.busy:
-                self._dispatch()
+            lane.gate_holds -= 1
+            if not lane.gate_holds:
+                lane.gate.set()
+                lane.quarantined = False
+                if not lane.busy:
+                    self._dispatch()
 
     def _stop_running(self) -> None:
-        for lane in self._lanes:
-            job = lane.job
-            if lane.busy and job is not None and job.stop():
+        running = [lane.job for lane in self._lanes if lane.busy]
+        for job in [*running, *self._behind_lane0]:
+            if job is not None and job.stop():
                 self._spawn(_cancel_until_ended(job, _send_cancel(job)))
 
     def _abandoned_done(self, lane: Lane) -> None:
@@ -699,15 +785,10 @@ class ConnectionSet:
             if isinstance(lane, PooledLane) and not lane.busy and not lane.broken:
                 demand[lane.alias or ""] -= 1
         added = False
-        now = time.monotonic()
         for alias, wanted in demand.items():
             if wanted <= 0 or len(self._lanes) >= self._parallelism:
                 continue
-            if pool_max_size(alias) is None:
-                continue  # not pooled: the checks said so; calls stay serial
-            if now < budget.retry_at(alias) or pool_is_contended(alias):
-                # Requests are waiting for their own connections (or a lease
-                # was just refused): an extra lane would queue ahead of them.
+            if not self._pool_allows_lease(alias):
                 continue
             while wanted > 0 and len(self._lanes) < self._parallelism:
                 if not budget.try_acquire(alias):

@@ -33,6 +33,10 @@ logger = logging.getLogger("asgi_dbset")
 
 _thread = threading.local()
 
+# The longest a lane's thread waits for a cancel of an earlier job to land
+# before it starts the next one (the cancel's retries end well before).
+_GATE_WAIT = 10.0
+
 
 class Job:
     """One ORM call on a lane; its state moves PENDING -> RUNNING -> DONE, or
@@ -47,7 +51,7 @@ class Job:
     connection cannot move on to another query meanwhile.
     """
 
-    __slots__ = ("abandoned", "lock", "query_conn", "state", "stopped")
+    __slots__ = ("abandoned", "lock", "query_conn", "started", "state", "stopped")
 
     PENDING, RUNNING, DONE, SKIPPED = range(4)
 
@@ -60,6 +64,8 @@ class Job:
         self.stopped = False
         # The psycopg connection running this job's query now, if any.
         self.query_conn: psycopg.Connection[Any] | None = None
+        #: perf_counter() when its thread started it (0.0 until then).
+        self.started = 0.0
 
     def guard(
         self,
@@ -137,6 +143,12 @@ class Lane:
         self.job: Job | None = None
         # Set on the loop when an abandoned job of this lane has ended.
         self.abandoned_done: asyncio.Event | None = None
+        # Closed (by the set, on its loop) while a server-side cancel for an
+        # abandoned job of this lane may be in flight: the lane's thread starts
+        # no job meanwhile, so a late cancel cannot hit the next one's query.
+        self.gate = threading.Event()
+        self.gate.set()
+        self.gate_holds = 0
 
     def __repr__(self) -> str:
         state = "busy" if self.busy else "idle"
@@ -162,15 +174,20 @@ class Lane:
         alias: str,
         on_abandoned_done: Callable[[Lane], None],
         timeout_ms: int | None = None,
+        *,
+        job: Job | None = None,
     ) -> Any:
         """Run ``func(*args, **kwargs)`` on this lane's thread.
 
         Returns when the call has finished. If the caller is cancelled while
         the call runs, the call is marked abandoned and ``on_abandoned_done``
-        is called on the loop once its thread is done with it.
+        is called on the loop once its thread is done with it. A *job* given
+        by the caller is one queued behind the lane's current call (lane 0
+        only): it is not the lane's ``job``.
         """
         loop = asyncio.get_running_loop()
-        job = self.job = Job()
+        if job is None:
+            job = self.job = Job()
         # The call runs in a private copy of the caller's context, never copied
         # back: code on a lane does not see the set (an async_to_sync inside it
         # runs its ORM calls on this very thread, as stock Django does), and
@@ -179,10 +196,13 @@ class Lane:
         context.run(current_set.set, None)
 
         def call() -> Any:
+            if not self.gate.is_set():
+                self.gate.wait(_GATE_WAIT)
             with job.lock:
                 if job.state == Job.SKIPPED:
                     return None
                 job.state = Job.RUNNING
+                job.started = time.perf_counter()
             try:
                 self._before(alias, timeout_ms)
                 with connections[alias].execute_wrapper(job.guard):

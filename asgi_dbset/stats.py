@@ -19,6 +19,8 @@ COUNTERS = {
     "calls": "ORM calls run through a set",
     "waits": "calls that queued for a lane",
     "pinned_calls": "calls that had to run on one lane (cursor or transaction)",
+    "lane0_queued_calls": "calls queued on lane 0's thread behind its current call: "
+    "no other lane could be had",
     "fallbacks": "calls that ran as stock Django although a set was active",
     "cancels": "server-side cancels sent for abandoned queries",
     "connections_discarded": "lane connections found broken and discarded",

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from asgi_dbset import connection_set
+from asgi_dbset import connection_set, get_stats
 from asgi_dbset.budget import budget
 from tests.helpers import active_sleeps, sleeping, timed
 
@@ -36,6 +36,43 @@ async def test_a_timeout_around_a_gather_cancels_on_the_server() -> None:
         assert results == [0, 0, 0]
         assert elapsed < 0.5
         assert not any(lane.busy or lane.quarantined for lane in dbset.lanes)
+    assert budget.total == 0
+
+
+async def test_calls_queued_on_lane_0_are_cancelled_like_the_others() -> None:
+    """Under a full budget the calls behind lane 0's go to its thread at once
+    (lane0_queued_calls); a cancelled one that runs has its query cancelled on
+    the server, one that has not started never starts, and the call queued
+    after them is not hit by a late cancel."""
+    limit = budget.limit("default")
+    taken = [budget.try_acquire("default") for _ in range(limit)]
+    assert all(taken)
+    before = get_stats()
+    try:
+        async with connection_set(parallelism=3) as dbset:
+            first = asyncio.ensure_future(sleeping(0.3).acount())
+            running = asyncio.ensure_future(sleeping(20).acount())
+            never = asyncio.ensure_future(sleeping(20).acount())
+            after = asyncio.ensure_future(sleeping(0.05).acount())
+            assert await first == 0
+            await asyncio.sleep(0.2)  # `running` is on the server now
+            assert await asyncio.to_thread(active_sleeps) == 1
+            never.cancel()
+            running.cancel()
+            results = await asyncio.gather(
+                running, never, after, return_exceptions=True
+            )
+            assert isinstance(results[0], asyncio.CancelledError)
+            assert isinstance(results[1], asyncio.CancelledError)
+            assert results[2] == 0
+            assert await no_sleeps_within(1.0)
+            assert len(dbset.lanes) == 1
+    finally:
+        for _ in taken:
+            budget.release("default")
+    counters = get_stats()
+    assert counters["lane0_queued_calls"] == before["lane0_queued_calls"] + 3
+    assert counters["cancels"] > before["cancels"]
     assert budget.total == 0
 
 
