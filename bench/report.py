@@ -590,11 +590,9 @@ def findings(results: dict[str, Any], f: Figures) -> list[str]:
                 )
                 + " (each refusal is a lane thread that waited LEASE_TIMEOUT in the "
                 "pool's queue). So under saturation the views run one query at a time, "
-                "as stock Django does - but stock Django queues a request's calls on "
-                "its thread back to back, while a set hands lane 0 from one call to "
-                "the next through the event loop, which is busy with every other "
-                "request here: the gap likely keeps each request's connection out "
-                "of the pool a little longer than stock's."
+                "as stock Django does: a set that cannot lease queues the calls behind "
+                "lane 0's on the request's thread, as stock Django queues them "
+                "(`lane0_queued_calls`)."
             )
         out.append(text)
     spin = results.get("release_spin_check") or {}
