@@ -54,7 +54,23 @@ def connection_set(
         async with connection_set(parallelism=4):
             a, b = await asyncio.gather(A.objects.acount(), B.objects.acount())
     """
-    values = conf.snapshot()
+    return set_from_settings(
+        conf.snapshot(),
+        parallelism=parallelism,
+        lease_timeout=lease_timeout,
+        statement_timeout=statement_timeout,
+    )
+
+
+def set_from_settings(
+    values: dict[str, Any],
+    *,
+    parallelism: int | None = None,
+    lease_timeout: float | None = None,
+    statement_timeout: float | Unset | None = UNSET,
+) -> ConnectionSet:
+    """:func:`connection_set` from settings already read (``conf.snapshot()``):
+    the middleware reads them once per request."""
     if parallelism is None:
         parallelism = int(values["DEFAULT_PARALLELISM"])
     validate_parallelism(parallelism, what="connection_set(parallelism=...)")

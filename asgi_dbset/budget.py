@@ -94,15 +94,13 @@ class Budget:
     def may_acquire(self, alias: str) -> bool:
         """True if :meth:`try_acquire` would succeed now (a hint: other
         threads may take the room first)."""
-        limit = self.limit(alias)
-        budget = conf.BUDGET
-        with self._lock:
-            if self._held[alias] >= limit:
-                return False
-            return budget is None or self.total < budget
+        return self._take(alias, take=False)
 
     def try_acquire(self, alias: str) -> bool:
         """Take one extra lane for *alias* if the budget allows, without waiting."""
+        return self._take(alias, take=True)
+
+    def _take(self, alias: str, *, take: bool) -> bool:
         limit = self.limit(alias)
         budget = conf.BUDGET
         with self._lock:
@@ -110,7 +108,8 @@ class Budget:
                 return False
             if budget is not None and self.total >= budget:
                 return False
-            self._held[alias] += 1
+            if take:
+                self._held[alias] += 1
             return True
 
     def release(self, alias: str) -> None:

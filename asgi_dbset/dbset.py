@@ -347,9 +347,9 @@ class ConnectionSet:
             await asyncio.wait(pending)
         extra = [lane for lane in self._lanes if isinstance(lane, PooledLane)]
         self._lanes = [self._lane0]
-        busy = [lane for lane in extra if not self._give_back(lane)]
+        rest = [lane for lane in extra if not self._give_back(lane)]
         results = await asyncio.gather(
-            *(self._retire(lane, close_cursors=True) for lane in busy),
+            *(self._retire(lane, close_cursors=True) for lane in rest),
             return_exceptions=True,
         )
         for result in results:
@@ -374,8 +374,7 @@ class ConnectionSet:
         if not idle or self._cursors_on(lane) or not lane.release_here():
             return False
         lane.busy = True  # never again
-        budget.release(lane.alias or "")
-        stats.incr("lanes_open", -1)
+        _returned(lane)
         return True
 
     async def _retire(self, lane: PooledLane, *, close_cursors: bool = False) -> None:
@@ -388,8 +387,7 @@ class ConnectionSet:
                     )
             await lane.close()
         finally:
-            budget.release(lane.alias or "")
-            stats.incr("lanes_open", -1)
+            _returned(lane)
 
     def _cursors_on(self, lane: Lane) -> list[types.GeneratorType[Any, None, None]]:
         return [gen for gen, pinned in list(self._cursors.items()) if pinned is lane]
@@ -626,18 +624,17 @@ class ConnectionSet:
         if len(self._lanes) >= self._parallelism:
             return False
         if alias in (self._in_transaction or ()):
-            return False
+            return False  # its calls stay on lane 0
         if self._in_transaction is None and self._seen_transaction:
-            return False
-        return budget.may_acquire(alias) and self._pool_allows_lease(alias)
-
-    def _pool_allows_lease(self, alias: str) -> bool:
+            return False  # likely inside one again: wait for lane 0's report
         if pool_max_size(alias) is None:
             return False  # not pooled: the checks said so; calls stay serial
         # Requests are waiting for their own connections (or a lease was just
         # refused): an extra lane would queue ahead of them.
-        return time.monotonic() >= budget.retry_at(alias) and not pool_is_contended(
-            alias
+        return (
+            budget.may_acquire(alias)
+            and time.monotonic() >= budget.retry_at(alias)
+            and not pool_is_contended(alias)
         )
 
     def _may_run(self, lane: Lane, target: Target) -> bool:
@@ -700,10 +697,8 @@ class ConnectionSet:
 
     def _cancel_abandoned(self, lane: Lane, job: Job, ended: asyncio.Event) -> None:
         # No call is handed to the lane, and jobs already queued on its thread
-        # (behind lane 0's call) wait at its gate, until the cancel has landed.
-        lane.quarantined = True
-        lane.gate_holds += 1
-        lane.gate.clear()
+        # (behind lane 0's call) wait, until the cancel has landed.
+        lane.cancel_started()
         self._spawn(self._cancel(lane, job, _send_cancel(job), ended))
 
     async def _cancel(
@@ -715,12 +710,8 @@ class ConnectionSet:
         try:
             await _cancel_until_ended(job, first, ended)
         finally:
-            lane.gate_holds -= 1
-            if not lane.gate_holds:
-                lane.gate.set()
-                lane.quarantined = False
-                if not lane.busy:
-                    self._dispatch()
+            if lane.cancel_ended() and not lane.busy:
+                self._dispatch()
 
     def _stop_running(self) -> None:
         running = [lane.job for lane in self._lanes if lane.busy]
@@ -769,26 +760,18 @@ class ConnectionSet:
         any was added. Each new lane's lease is queued on its thread at once."""
         if self._closed or not self._waiters:
             return False
-        if self._in_transaction is None and self._seen_transaction:
-            return False  # likely inside one again: wait for lane 0's report
-        in_transaction = self._in_transaction or frozenset()
         demand: Counter[str] = Counter()
         for waiter in self._waiters:
-            target = waiter.target
-            if target.alias in in_transaction:
-                continue
-            if target.cursor is not None and target.cursor in self._cursors:
-                continue
-            demand[target.alias] += 1
+            cursor = waiter.target.cursor
+            if cursor is None or cursor not in self._cursors:  # pinned: no new lane
+                demand[waiter.target.alias] += 1
         for lane in self._lanes:
             # Idle lanes (leasing, or waiting for lane 0's report) serve first.
             if isinstance(lane, PooledLane) and not lane.busy and not lane.broken:
                 demand[lane.alias or ""] -= 1
         added = False
         for alias, wanted in demand.items():
-            if wanted <= 0 or len(self._lanes) >= self._parallelism:
-                continue
-            if not self._pool_allows_lease(alias):
+            if wanted <= 0 or not self._could_lease(alias):
                 continue
             while wanted > 0 and len(self._lanes) < self._parallelism:
                 if not budget.try_acquire(alias):
@@ -843,6 +826,12 @@ class ConnectionSet:
                 self,
                 exc_info=task.exception(),
             )
+
+
+def _returned(lane: PooledLane) -> None:
+    """Count a lane whose connections went back out of the budget."""
+    budget.release(lane.alias or "")
+    stats.incr("lanes_open", -1)
 
 
 def _send_cancel(job: Job) -> asyncio.Future[bool]:

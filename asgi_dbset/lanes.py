@@ -136,19 +136,34 @@ class Lane:
     def __init__(self, index: int) -> None:
         self.index = index
         self.busy = False
-        # True while a server-side cancel for an abandoned call is in flight:
-        # no new call may start before it lands.
-        self.quarantined = False
         self.calls = 0
         self.job: Job | None = None
         # Set on the loop when an abandoned job of this lane has ended.
         self.abandoned_done: asyncio.Event | None = None
-        # Closed (by the set, on its loop) while a server-side cancel for an
-        # abandoned job of this lane may be in flight: the lane's thread starts
-        # no job meanwhile, so a late cancel cannot hit the next one's query.
-        self.gate = threading.Event()
-        self.gate.set()
-        self.gate_holds = 0
+        # Open unless a server-side cancel for an abandoned job of this lane
+        # may be in flight: the lane's thread starts no job while it is closed,
+        # so a late cancel cannot hit the next job's query.
+        self._gate = threading.Event()
+        self._gate.set()
+        self._cancels = 0
+
+    @property
+    def quarantined(self) -> bool:
+        """True while a cancel is in flight: no call may be handed to the lane."""
+        return self._cancels > 0
+
+    def cancel_started(self) -> None:
+        """On the loop: a cancel for an abandoned job of this lane is sent."""
+        self._cancels += 1
+        self._gate.clear()
+
+    def cancel_ended(self) -> bool:
+        """On the loop: that cancel has landed; True if none is left in flight."""
+        self._cancels -= 1
+        if self._cancels:
+            return False
+        self._gate.set()
+        return True
 
     def __repr__(self) -> str:
         state = "busy" if self.busy else "idle"
@@ -196,8 +211,8 @@ class Lane:
         context.run(current_set.set, None)
 
         def call() -> Any:
-            if not self.gate.is_set():
-                self.gate.wait(_GATE_WAIT)
+            if not self._gate.is_set():
+                self._gate.wait(_GATE_WAIT)
             with job.lock:
                 if job.state == Job.SKIPPED:
                     return None

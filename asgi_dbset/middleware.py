@@ -25,7 +25,7 @@ from django.core.handlers.asgi import ASGIHandler
 from django.db import close_old_connections, connections
 
 from .aio import finish_shielded
-from .api import connection_set
+from .api import set_from_settings
 from .budget import pool_options
 from .conf import conf
 from .dbset import ConnectionSet
@@ -77,7 +77,7 @@ class DBSetMiddleware:
     async def _with_set(self, scope: Scope, receive: Receive, send: Send) -> None:
         values = conf.snapshot()
         history, server_timing = int(values["HISTORY"]), bool(values["SERVER_TIMING"])
-        async with connection_set() as dbset:
+        async with set_from_settings(values) as dbset:
             scope["asgi_dbset"] = dbset
             dbset.record_stock_calls = server_timing or history > 0
             send = _returning_lanes_when_complete(send, dbset)
