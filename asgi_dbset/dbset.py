@@ -18,13 +18,17 @@ Rules the scheduler keeps:
   waits for another connection while holding one - its calls queue instead.
   No lease is tried while requests wait for the pool (their own connections
   come first), nor by any set for ``lease_timeout`` after one was refused.
-- Extra lanes are used only once lane 0 has reported that its connection for
-  that alias is outside a transaction; inside one, every call of that alias
-  runs on lane 0 and so sees the transaction's rows. Leases start before that
-  report (so they overlap it) unless lane 0 has already been seen inside one.
+- Extra lanes run a call only once lane 0 has reported that its connection
+  for that alias is outside a transaction; inside one, every call of that
+  alias runs on lane 0 and so sees the transaction's rows. Leases start before
+  that report (so they overlap it) unless lane 0 has already been seen inside
+  one. While lane 0 runs a call that is about to report, calls may already be
+  handed to extra lanes: their threads wait for the report themselves (on
+  lane 0's ReportBoard) and give the call back, unrun, if it does not clear
+  them.
 - A call may be handed to a lane whose lease is still under way: the lane's
-  thread runs it after the lease; if the lease failed, the call is queued
-  again, first in line.
+  thread runs it after the lease; if the lease failed (or lane 0's report did
+  not clear it), the call is queued again, first in line.
 - Every chunk of one ``aiterator()`` runs on the lane that opened its cursor.
 - A call that can only wait for a busy lane 0 (the set has no other lane and
   cannot lease one now, and nothing queues before it) is queued on lane 0's
@@ -60,7 +64,7 @@ from .aio import finish_shielded
 from .budget import budget, pool_is_contended, pool_max_size
 from .context import current_set
 from .errors import OrphanedIteratorError
-from .lanes import Job, Lane, LeaseRefusedError, PooledLane, RequestLane
+from .lanes import Job, Lane, NotClearedError, NotRunError, PooledLane, RequestLane
 from .targets import Target, target_of
 from .workers import workers
 
@@ -185,6 +189,8 @@ class ConnectionSet:
         self._in_transaction: frozenset[str] | None = None
         # Lane 0 was seen inside a transaction: no more leases before a report.
         self._seen_transaction = False
+        # The generation of lane 0's report its current call will make.
+        self._report_due = -1
         self._outer: object = None
         self._cursors: weakref.WeakKeyDictionary[Any, Lane] = (
             weakref.WeakKeyDictionary()
@@ -433,18 +439,19 @@ class ConnectionSet:
                 return await stock_sync_to_async(func)(*args, **kwargs)
             try:
                 return await self._run(lane, target, func, args, kwargs, queued)
-            except LeaseRefusedError as exc:
-                # The lane never had a connection and the call did not run:
-                # queue it again, ahead of the calls that came after it.
+            except NotRunError as exc:
+                # The lane never had a connection, or lane 0's report kept the
+                # call off it; it did not run: queue it again, ahead of the
+                # calls that came after it.
                 if self._closed:
                     # Its request is over (a task that outlived it): running
                     # it as stock Django now would open a connection on a
                     # thread nobody returns it from.
                     raise OperationalError(
-                        "asgi_dbset: this ORM call did not run: its extra "
-                        "connection was refused and its connection set (its "
-                        "request) has ended. Await every query inside the "
-                        "request."
+                        "asgi_dbset: this ORM call did not run: it could not "
+                        "have an extra connection and its connection set (its "
+                        f"request) has ended ({exc}). Await every query inside "
+                        "the request."
                     ) from exc
                 first = True
 
@@ -458,6 +465,18 @@ class ConnectionSet:
         queued: float,
     ) -> Any:
         cursor = target.cursor
+        generation = self._lane0.generation
+        clearance = None
+        if lane is self._lane0:
+            self._report_due = generation  # its call reports first thing
+        elif cursor is None or cursor not in self._cursors:
+            if self._in_transaction is None and self._report_on_its_way():
+                clearance = generation  # its thread waits for that report
+            elif self._in_transaction is None or target.alias in self._in_transaction:
+                # Handed out on credit, but the report that came since (or a
+                # change of the sync caller above) keeps the call on lane 0.
+                self._free(lane)
+                raise NotClearedError("lane 0 may be inside a transaction")
         record = self._record(lane.index, target.alias, func, queued)
         lane.calls += 1
         stats.incr("calls")
@@ -468,19 +487,28 @@ class ConnectionSet:
             stats.incr("pinned_calls")
         try:
             result = await lane.run(
-                func, args, kwargs, target.alias, self._abandoned_done, self._timeout_ms
+                func,
+                args,
+                kwargs,
+                target.alias,
+                self._abandoned_done,
+                self._timeout_ms,
+                clearance=clearance,
             )
-        except LeaseRefusedError:
+        except NotRunError:
             if pinned_here and self._cursors.get(cursor) is lane:
                 del self._cursors[cursor]  # its cursor was never opened
             self._unrecord(record, lane)
             self._free(lane)
             raise
         except asyncio.CancelledError:
-            assert lane.job is not None
-            if lane.job.give_up():
+            job = lane.job
+            assert job is not None
+            if job.give_up():
                 self._abandon(lane)
             else:
+                if lane is self._lane0 and job.state == Job.SKIPPED:
+                    self._lane0.board.withdraw(generation)  # it will not report
                 self._free(lane)
             raise
         except BaseException:
@@ -499,6 +527,7 @@ class ConnectionSet:
         kwargs: dict[str, Any],
     ) -> Any:
         lane = self._lane0
+        self._report_due = generation = lane.generation
         record = self._record(0, target.alias, func, time.perf_counter())
         lane.calls += 1
         stats.incr("calls")
@@ -519,6 +548,8 @@ class ConnectionSet:
         except asyncio.CancelledError:
             if job.give_up():
                 self._cancel_abandoned(lane, job, ended)
+            elif job.state == Job.SKIPPED:
+                lane.board.withdraw(generation)  # it will not report
             raise
         finally:
             self._behind_lane0.discard(job)
@@ -646,9 +677,23 @@ class ConnectionSet:
                 return pinned is lane
         if lane is self._lane0:
             return True
-        if lane.alias != target.alias or self._in_transaction is None:
+        if lane.alias != target.alias:
             return False
+        if self._in_transaction is None:
+            return self._report_on_its_way()
         return target.alias not in self._in_transaction
+
+    def _report_on_its_way(self) -> bool:
+        """True when lane 0 runs a call that reports for the current generation
+        before it starts (so calls may be handed to extra lanes on credit: their
+        threads wait for that report), and lane 0 was never seen inside a
+        transaction (then it likely is again: calls wait on the loop)."""
+        lane0 = self._lane0
+        return (
+            lane0.busy
+            and self._report_due == lane0.generation
+            and not self._seen_transaction
+        )
 
     def _idle_lane_for(self, target: Target) -> Lane | None:
         for lane in self._lanes:
@@ -739,8 +784,9 @@ class ConnectionSet:
             self._in_transaction = None
 
     def _report_transactions(self, aliases: frozenset[str], generation: int) -> bool:
-        """Runs on lane 0's thread: hand the news to the loop. True if calls
-        are queued (a hint read across threads: the deque is only read)."""
+        """Runs on lane 0's thread: hand the news to the loop (pooled lanes'
+        threads read it on lane 0's board). True if calls are queued (a hint
+        read across threads: the deque is only read)."""
         assert self._loop is not None
         self._loop.call_soon_threadsafe(
             self._transactions_reported, aliases, generation
@@ -788,7 +834,7 @@ class ConnectionSet:
         except BaseException:
             budget.release(alias)
             raise
-        lane = PooledLane(self._next_index, alias, worker)
+        lane = PooledLane(self._next_index, alias, worker, self._lane0.board)
         self._next_index += 1
         self._lanes.append(lane)
         stats.incr("lanes_open")

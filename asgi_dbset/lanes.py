@@ -36,6 +36,80 @@ _thread = threading.local()
 # The longest a lane's thread waits for a cancel of an earlier job to land
 # before it starts the next one (the cancel's retries end well before).
 _GATE_WAIT = 10.0
+# The longest a pooled lane's thread waits for lane 0's report before it gives
+# the call back to the set (lane 0 reports when it starts its call; this only
+# bounds a thread that lane 0's own work keeps waiting).
+_CLEARANCE_WAIT = 10.0
+
+
+class NotRunError(Exception):
+    """A call handed to a pooled lane did not run there; the set queues it again."""
+
+
+class LeaseRefusedError(NotRunError):
+    """A call reached a pooled lane whose lease had failed; it did not run."""
+
+
+class NotClearedError(NotRunError):
+    """A call handed to a pooled lane before lane 0's transaction report was
+    not cleared by it (lane 0 is inside a transaction of that alias, or the
+    report did not come); it did not run."""
+
+
+class ReportBoard:
+    """Lane 0's latest transaction report, for the threads of pooled lanes.
+
+    The set may hand a call to a pooled lane before lane 0's report for the
+    current generation has reached the loop, when lane 0 runs a call that is
+    about to report (see ``ConnectionSet._report_on_its_way``). The lane's
+    thread then waits here, not for a round trip through the loop, and runs
+    the call only if the report says its alias is outside a transaction.
+    Lane 0 posts to the loop first and here second, so a call refused here
+    comes back to a loop that already knows why.
+    """
+
+    __slots__ = ("_aliases", "_cond", "_generation", "_waiting")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._generation = -1
+        # None: no report will come for this generation (see withdraw).
+        self._aliases: frozenset[str] | None = None
+        self._waiting = 0
+
+    def post(self, generation: int, aliases: frozenset[str] | None) -> bool:
+        """On lane 0's thread: publish a report; True if lane threads wait for it."""
+        with self._cond:
+            self._generation, self._aliases = generation, aliases
+            if self._waiting:
+                self._cond.notify_all()
+            return self._waiting > 0
+
+    def withdraw(self, generation: int) -> None:
+        """On the loop: the call that was to report this generation will not
+        run (its caller gave up before it started; asgiref may drop it from the
+        thread's queue unseen). Threads waiting for that report stop waiting;
+        a report already posted for it stands."""
+        with self._cond:
+            if self._generation < generation:
+                self._generation, self._aliases = generation, None
+                self._cond.notify_all()
+
+    def wait_clear(self, generation: int, alias: str, timeout: float) -> bool:
+        """On a pooled lane's thread: True once lane 0 has reported, for this
+        generation, that *alias* is outside a transaction; False if it reports
+        otherwise, if a newer generation is reported, or after *timeout*."""
+        with self._cond:
+            self._waiting += 1
+            try:
+                self._cond.wait_for(lambda: self._generation >= generation, timeout)
+            finally:
+                self._waiting -= 1
+            return (
+                self._generation == generation
+                and self._aliases is not None
+                and alias not in self._aliases
+            )
 
 
 class Job:
@@ -175,8 +249,11 @@ class Lane:
     def _executor_options(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _before(self, alias: str, timeout_ms: int | None) -> None:
-        """Runs on the lane's thread before each call."""
+    def _before(
+        self, alias: str, timeout_ms: int | None, clearance: int | None
+    ) -> None:
+        """Runs on the lane's thread before each call; ``clearance`` is the
+        generation of lane 0's report the call must wait for, if any."""
 
     def _after(self, alias: str) -> None:
         """Runs on the lane's thread after each call."""
@@ -191,6 +268,7 @@ class Lane:
         timeout_ms: int | None = None,
         *,
         job: Job | None = None,
+        clearance: int | None = None,
     ) -> Any:
         """Run ``func(*args, **kwargs)`` on this lane's thread.
 
@@ -198,7 +276,10 @@ class Lane:
         the call runs, the call is marked abandoned and ``on_abandoned_done``
         is called on the loop once its thread is done with it. A *job* given
         by the caller is one queued behind the lane's current call (lane 0
-        only): it is not the lane's ``job``.
+        only): it is not the lane's ``job``. With a *clearance* (a pooled
+        lane only), the thread first waits for lane 0's report of that
+        generation, and raises :class:`NotClearedError` unless it clears the
+        call's alias.
         """
         loop = asyncio.get_running_loop()
         if job is None:
@@ -219,7 +300,7 @@ class Lane:
                 job.state = Job.RUNNING
                 job.started = time.perf_counter()
             try:
-                self._before(alias, timeout_ms)
+                self._before(alias, timeout_ms, clearance)
                 with connections[alias].execute_wrapper(job.guard):
                     return func(*args, **kwargs)
             finally:
@@ -243,6 +324,8 @@ class RequestLane(Lane):
     ) -> None:
         super().__init__(0)
         self._report = report_transactions
+        #: Where pooled lanes' threads read the reports (see ReportBoard).
+        self.board = ReportBoard()
         # Bumped by the set (on its loop) when an earlier report may be stale.
         self.generation = 0
         self._reported: tuple[int, frozenset[str]] | None = None
@@ -250,7 +333,9 @@ class RequestLane(Lane):
     def _executor_options(self) -> dict[str, Any]:
         return {"thread_sensitive": True}
 
-    def _before(self, alias: str, timeout_ms: int | None) -> None:
+    def _before(
+        self, alias: str, timeout_ms: int | None, clearance: int | None
+    ) -> None:
         # The set may only use other connections while this one is outside a
         # transaction: tell it which aliases are inside one whenever it changes.
         # The generation is read first: a report that raced a newer one is dropped.
@@ -262,10 +347,14 @@ class RequestLane(Lane):
         )
         if (generation, in_transaction) != self._reported:
             self._reported = (generation, in_transaction)
-            if self._report(in_transaction, generation):
-                # Calls are queued for other lanes: let the loop hand them out
-                # now, not after this thread has built its own query - theirs
-                # are what the request waits for.
+            # The loop first: a call the board refuses goes back to the loop,
+            # which must know by then that it belongs on lane 0.
+            queued = self._report(in_transaction, generation)
+            waiting = self.board.post(generation, in_transaction)
+            if queued or waiting:
+                # Other lanes wait for this report: let them have the GIL now,
+                # not after this thread has built its own query - theirs are
+                # what the request waits for.
                 time.sleep(0)
         if timeout_ms is not None:
             set_statement_timeout(connections[alias], timeout_ms)
@@ -297,10 +386,6 @@ def _bounded_getconn(pool: Any) -> None:
     pool.getconn = getconn
 
 
-class LeaseRefusedError(Exception):
-    """A call reached a pooled lane whose lease had failed; it did not run."""
-
-
 class PooledLane(Lane):
     """A worker thread with a connection leased from ``alias``'s pool.
 
@@ -312,10 +397,14 @@ class PooledLane(Lane):
     (the set queues it again for another lane).
     """
 
-    def __init__(self, index: int, alias: str, worker: Worker) -> None:
+    def __init__(
+        self, index: int, alias: str, worker: Worker, board: ReportBoard
+    ) -> None:
         super().__init__(index)
         self.alias = alias
         self.worker = worker
+        # Lane 0's reports, for calls handed to this lane with a clearance.
+        self.board = board
         self.broken = False
         #: Set on the loop once the lease has succeeded.
         self.leased = False
@@ -337,11 +426,19 @@ class PooledLane(Lane):
     def _executor_options(self) -> dict[str, Any]:
         return {"thread_sensitive": False, "executor": self.worker}
 
-    def _before(self, alias: str, timeout_ms: int | None) -> None:
+    def _before(
+        self, alias: str, timeout_ms: int | None, clearance: int | None
+    ) -> None:
         if self._refused is not None:
             # Never let Django open the connection itself: it would wait the
             # pool's own timeout, not the lease's.
             raise LeaseRefusedError(str(self._refused))
+        if clearance is not None and not self.board.wait_clear(
+            clearance, alias, _CLEARANCE_WAIT
+        ):
+            raise NotClearedError(
+                f"lane 0 did not report {alias!r} outside a transaction"
+            )
         wrapper = connections[alias]
         if timeout_ms is None:
             reset_statement_timeout(wrapper)

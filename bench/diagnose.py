@@ -1,10 +1,12 @@
 """Small reproductions behind the findings in docs/benchmarks.md.
 
-    python -m bench.diagnose overhead [--requests 2000] [--profile]
+    python -m bench.diagnose overhead [--requests 2000] [--clients 1] [--profile]
         Per-request CPU of the W3 view, in-process (no HTTP, no wrk): the ASGI
-        app is called directly, one request after another, in a fresh process
-        per variant, variants alternated. Shows what the middleware costs when
-        a request makes one query, without the machine's noise in req/s.
+        app is called directly, one request after another (or --clients at
+        once, as wrk's connections), in a fresh process per variant, variants
+        alternated. Shows what the middleware costs when a request makes one
+        query, without the machine's noise in req/s; also the process's thread
+        switches per request.
 
     python -m bench.diagnose saturation [--seconds 5] [--rounds 2]
         W4 (64 clients, pool of 16) on stock Django and at each parallelism,
@@ -32,6 +34,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -120,20 +123,32 @@ def _wrapped(how: str) -> Any:
     return app
 
 
-def _child(path: str, query: str, requests: int, profile: bool) -> None:
-    """Runs in the variant's own process; prints one JSON line."""
+def _child(path: str, query: str, requests: int, profile: bool, clients: int) -> None:
+    """Runs in the variant's own process; prints one JSON line. ``clients``
+    request loops run at once, as wrk's connections do."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.djsite.settings")
     application = _wrapped(os.environ.get("BENCH_WRAP", ""))
 
     async def run() -> dict[str, Any]:
         for _ in range(200):  # warm: pool, threads, caches
             assert await _one(application, path, query) == 200
+
+        async def client(n: int) -> None:
+            for _ in range(n):
+                await _one(application, path, query)
+
+        share = [requests // clients + (i < requests % clients) for i in range(clients)]
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu, wall = time.process_time(), time.perf_counter()
-        for _ in range(requests):
-            await _one(application, path, query)
+        await asyncio.gather(*(client(n) for n in share))
+        after = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "cpu_us": (time.process_time() - cpu) / requests * 1e6,
             "wall_us": (time.perf_counter() - wall) / requests * 1e6,
+            # Thread switches (the process's, all threads): a hop to another
+            # thread costs one or two, whatever the machine's noise.
+            "switches": (after.ru_nvcsw + after.ru_nivcsw - usage.ru_nvcsw - usage.ru_nivcsw)
+            / requests,
         }
 
     if profile:
@@ -169,7 +184,9 @@ SPLIT = {
 }
 
 
-def overhead(requests: int, rounds: int, profile: str | None, split: bool) -> None:
+def overhead(
+    requests: int, rounds: int, profile: str | None, split: bool, clients: int = 1
+) -> None:
     variants = {**VARIANTS, **(SPLIT if split else {})}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     order = list(variants)
@@ -183,6 +200,8 @@ def overhead(requests: int, rounds: int, profile: str | None, split: bool) -> No
                 "_child",
                 path,
                 str(requests),
+                "--clients",
+                str(clients),
             ]
             if profile == name:
                 args.append("--profile")
@@ -205,14 +224,17 @@ def overhead(requests: int, rounds: int, profile: str | None, split: bool) -> No
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = statistics.median(r["cpu_us"] for r in results["stock"])
     print(
-        f"in-process W3 (one pk lookup), {requests} requests x {rounds} rounds, median:"
+        f"in-process W3 (one pk lookup), {requests} requests x {rounds} rounds, "
+        f"{clients} at a time, median:"
     )
     for name, runs in results.items():
         cpu = statistics.median(r["cpu_us"] for r in runs)
         wall = statistics.median(r["wall_us"] for r in runs)
+        switches = statistics.median(r["switches"] for r in runs)
         print(
             f"  {name:9} CPU {cpu:7.0f} us/request ({cpu / base:.3f} x stock)  "
-            f"wall {wall:7.0f} us/request   runs: "
+            f"wall {wall:7.0f} us/request  {switches:5.1f} thread switches/request"
+            "   runs: "
             + ", ".join(f"{r['cpu_us']:.0f}" for r in runs)
         )
 
@@ -388,6 +410,9 @@ def main() -> None:
     over.add_argument(
         "--split", action="store_true", help="also the middleware's halves"
     )
+    over.add_argument(
+        "--clients", type=int, default=1, help="requests in flight at once (wrk's -c)"
+    )
     sat = sub.add_parser("saturation")
     sat.add_argument("--seconds", type=int, default=5)
     sat.add_argument("--clients", type=int, default=64)
@@ -399,9 +424,10 @@ def main() -> None:
     child.add_argument("path")
     child.add_argument("requests", type=int)
     child.add_argument("--profile", action="store_true")
+    child.add_argument("--clients", type=int, default=1)
     args = parser.parse_args()
     if args.command == "overhead":
-        overhead(args.requests, args.rounds, args.profile, args.split)
+        overhead(args.requests, args.rounds, args.profile, args.split, args.clients)
     elif args.command == "saturation":
         saturation(args.seconds, args.clients, args.rounds)
     elif args.command == "lanes":
@@ -409,7 +435,7 @@ def main() -> None:
     elif args.command == "spin":
         spin()
     else:
-        _child(args.path, "", args.requests, args.profile)
+        _child(args.path, "", args.requests, args.profile, args.clients)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,53 @@ async def test_calls_inside_a_transaction_opened_later_on_lane_zero() -> None:
     assert await Author.objects.filter(name="must roll back").acount() == 0
 
 
+def test_a_set_opened_inside_a_transaction_keeps_its_first_calls_on_lane_zero() -> None:
+    # Lane 0 has not reported yet when the 2nd and 3rd calls are handed to extra
+    # lanes; their threads wait for its report, which says "in a transaction",
+    # and hand the calls back unrun.
+    async def parallel_part(pk: int) -> tuple[list[bool], set[int]]:
+        async with connection_set(parallelism=3) as dbset:
+            seen = await asyncio.gather(
+                *(Author.objects.filter(pk=pk).aexists() for _ in range(3))
+            )
+        return seen, {record.lane for record in dbset.records}
+
+    with transaction.atomic():
+        author = Author.objects.create(name="not committed")
+        seen, lanes = async_to_sync(parallel_part)(author.pk)
+        transaction.set_rollback(True)
+    assert seen == [True, True, True]
+    assert lanes == {0}
+    assert budget.total == 0
+
+
+async def test_calls_waiting_for_a_report_that_will_not_come_are_not_held() -> None:
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=3) as dbset:
+            # Lane 0's thread is busy with work the set does not see: the next
+            # call waits behind it, and the two after it are handed to extra
+            # lanes, to wait there for the report that call makes when it starts.
+            busy = asyncio.ensure_future(sync_to_async(time.sleep)(0.3))
+            await asyncio.sleep(0.01)
+            first = asyncio.ensure_future(Author.objects.acount())
+            await asyncio.sleep(0)
+            others = asyncio.gather(Author.objects.acount(), Book.objects.acount())
+            await asyncio.sleep(0.05)
+            assert dbset.lanes[0].busy
+            # Its caller gives up before it starts: it never reports...
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            # ...and the waiting calls run as soon as lane 0's thread says so,
+            # not after their threads' 10 s bound on the wait.
+            counts, elapsed = await timed(others)
+            assert counts == [0, 0]
+            assert elapsed < 3
+            await busy
+        await sync_to_async(_close_all)()
+    assert budget.total == 0
+
+
 class ReadReplicaRouter:
     def db_for_read(self, model: object, **hints: object) -> str:
         return "other"
