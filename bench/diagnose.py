@@ -147,7 +147,9 @@ def _child(path: str, query: str, requests: int, profile: bool, clients: int) ->
             "wall_us": (time.perf_counter() - wall) / requests * 1e6,
             # Thread switches (the process's, all threads): a hop to another
             # thread costs one or two, whatever the machine's noise.
-            "switches": (after.ru_nvcsw + after.ru_nivcsw - usage.ru_nvcsw - usage.ru_nivcsw)
+            "switches": (
+                after.ru_nvcsw + after.ru_nivcsw - usage.ru_nvcsw - usage.ru_nivcsw
+            )
             / requests,
         }
 
@@ -234,8 +236,7 @@ def overhead(
         print(
             f"  {name:9} CPU {cpu:7.0f} us/request ({cpu / base:.3f} x stock)  "
             f"wall {wall:7.0f} us/request  {switches:5.1f} thread switches/request"
-            "   runs: "
-            + ", ".join(f"{r['cpu_us']:.0f}" for r in runs)
+            "   runs: " + ", ".join(f"{r['cpu_us']:.0f}" for r in runs)
         )
 
 
