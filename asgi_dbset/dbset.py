@@ -417,6 +417,7 @@ class ConnectionSet:
             return await stock_sync_to_async(func)(*args, **kwargs)
 
         self._check_outer_thread()
+        self._read_report()
         cursor = target.cursor
         if (
             cursor is not None
@@ -612,6 +613,8 @@ class ConnectionSet:
     async def _acquire(self, target: Target, *, first: bool = False) -> Lane | None:
         # Every change of lane state ends in _dispatch(), so an idle lane that
         # this call may use is one no queued call may use: taking it is fair.
+        if self._read_report():
+            self._dispatch()
         lane = self._idle_lane_for(target)
         if lane is not None:
             lane.busy = True
@@ -623,7 +626,9 @@ class ConnectionSet:
         else:
             self._waiters.append(waiter)
         stats.incr("waits")
-        if self._maybe_grow():
+        if self._in_transaction is None and self._want_report():
+            self._dispatch()
+        elif self._maybe_grow():
             self._hand_out()
         try:
             return await waiter.future
@@ -716,6 +721,7 @@ class ConnectionSet:
 
     def _dispatch(self) -> None:
         """Hand idle lanes to queued calls; lease more for the calls left."""
+        self._read_report()
         self._hand_out()
         if self._maybe_grow():
             self._hand_out()
@@ -782,22 +788,45 @@ class ConnectionSet:
             self._outer = outer
             self._lane0.generation += 1
             self._in_transaction = None
+            # Calls queued already wait for the new report too.
+            if self._waiters and self._want_report():
+                self._dispatch()
 
-    def _report_transactions(self, aliases: frozenset[str], generation: int) -> bool:
-        """Runs on lane 0's thread: hand the news to the loop (pooled lanes'
-        threads read it on lane 0's board). True if calls are queued (a hint
-        read across threads: the deque is only read)."""
+    def _read_report(self) -> bool:
+        """Take lane 0's report for the current generation from its board, if
+        it has come; True if it was taken just now."""
+        if self._in_transaction is not None:
+            return False
+        aliases = self._lane0.board.report_for(self._lane0.generation)
+        if aliases is None:
+            return False
+        self._take_report(aliases)
+        return True
+
+    def _want_report(self) -> bool:
+        """Calls wait for lane 0's report: take it if it has come (True), else
+        have lane 0's thread wake the loop when it posts it."""
+        aliases = self._lane0.board.want(self._lane0.generation)
+        if aliases is None:
+            return False
+        self._take_report(aliases)
+        return True
+
+    def _take_report(self, aliases: frozenset[str]) -> None:
+        self._in_transaction = aliases
+        self._seen_transaction = self._seen_transaction or bool(aliases)
+
+    def _report_transactions(self, aliases: frozenset[str], generation: int) -> None:
+        """Runs on lane 0's thread when the loop asked for its report."""
         assert self._loop is not None
         self._loop.call_soon_threadsafe(
             self._transactions_reported, aliases, generation
         )
-        return bool(self._waiters)
 
     def _transactions_reported(self, aliases: frozenset[str], generation: int) -> None:
-        if generation != self._lane0.generation:
-            return  # observed before the caller changed; a fresh report follows
-        self._in_transaction = aliases
-        self._seen_transaction = self._seen_transaction or bool(aliases)
+        if generation != self._lane0.generation or self._in_transaction is not None:
+            return  # stale (the caller changed since), or read off the board
+        self._take_report(aliases)
         if not self._closed:
             self._dispatch()
 

@@ -57,33 +57,57 @@ class NotClearedError(NotRunError):
 
 
 class ReportBoard:
-    """Lane 0's latest transaction report, for the threads of pooled lanes.
+    """Lane 0's transaction reports: posted by its thread, read where needed.
 
-    The set may hand a call to a pooled lane before lane 0's report for the
-    current generation has reached the loop, when lane 0 runs a call that is
-    about to report (see ``ConnectionSet._report_on_its_way``). The lane's
-    thread then waits here, not for a round trip through the loop, and runs
-    the call only if the report says its alias is outside a transaction.
-    Lane 0 posts to the loop first and here second, so a call refused here
-    comes back to a loop that already knows why.
+    Before each call, lane 0's thread posts here which aliases its connections
+    hold a transaction for (see ``RequestLane._before``). Two kinds of reader:
+
+    - The set, on the loop, reads the board when it needs to know
+      (:meth:`report_for`), and asks to be woken (:meth:`want`) only when calls
+      wait for the report: a request whose calls never wait costs no trip
+      through the loop.
+    - A pooled lane's thread that was handed a call before the report (see
+      ``ConnectionSet._report_on_its_way``) waits for it here
+      (:meth:`wait_clear`), and runs the call only if the report clears it.
     """
 
-    __slots__ = ("_aliases", "_cond", "_generation", "_waiting")
+    __slots__ = ("_cond", "_latest", "_waiting", "_wanted")
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._generation = -1
-        # None: no report will come for this generation (see withdraw).
-        self._aliases: frozenset[str] | None = None
-        self._waiting = 0
+        # (generation, aliases in a transaction); aliases None: no report will
+        # come for that generation (see withdraw). Replaced whole, never mutated.
+        self._latest: tuple[int, frozenset[str] | None] = (-1, None)
+        self._waiting = 0  # pooled lanes' threads in wait_clear()
+        self._wanted = -1  # the generation whose report the loop waits for
 
-    def post(self, generation: int, aliases: frozenset[str] | None) -> bool:
-        """On lane 0's thread: publish a report; True if lane threads wait for it."""
+    def post(self, generation: int, aliases: frozenset[str]) -> tuple[bool, bool]:
+        """On lane 0's thread: publish a report. Returns (the loop asked to be
+        told, threads of pooled lanes wait for it)."""
         with self._cond:
-            self._generation, self._aliases = generation, aliases
+            self._latest = (generation, aliases)
+            tell_loop = 0 <= self._wanted <= generation
+            if tell_loop:
+                self._wanted = -1
             if self._waiting:
                 self._cond.notify_all()
-            return self._waiting > 0
+            return tell_loop, self._waiting > 0
+
+    def report_for(self, generation: int) -> frozenset[str] | None:
+        """On the loop: the report of this generation, if posted (a plain
+        read: the pair is replaced whole)."""
+        posted, aliases = self._latest
+        return aliases if posted == generation else None
+
+    def want(self, generation: int) -> frozenset[str] | None:
+        """On the loop: the report of this generation if it is posted already;
+        else None, and lane 0's thread tells the loop when it posts it."""
+        with self._cond:
+            posted, aliases = self._latest
+            if posted == generation and aliases is not None:
+                return aliases
+            self._wanted = generation
+            return None
 
     def withdraw(self, generation: int) -> None:
         """On the loop: the call that was to report this generation will not
@@ -91,8 +115,8 @@ class ReportBoard:
         thread's queue unseen). Threads waiting for that report stop waiting;
         a report already posted for it stands."""
         with self._cond:
-            if self._generation < generation:
-                self._generation, self._aliases = generation, None
+            if self._latest[0] < generation:
+                self._latest = (generation, None)
                 self._cond.notify_all()
 
     def wait_clear(self, generation: int, alias: str, timeout: float) -> bool:
@@ -102,14 +126,11 @@ class ReportBoard:
         with self._cond:
             self._waiting += 1
             try:
-                self._cond.wait_for(lambda: self._generation >= generation, timeout)
+                self._cond.wait_for(lambda: self._latest[0] >= generation, timeout)
             finally:
                 self._waiting -= 1
-            return (
-                self._generation == generation
-                and self._aliases is not None
-                and alias not in self._aliases
-            )
+            posted, aliases = self._latest
+            return posted == generation and aliases is not None and alias not in aliases
 
 
 class Job:
@@ -320,7 +341,7 @@ class RequestLane(Lane):
     """Lane 0: the request's own thread-sensitive thread and its connections."""
 
     def __init__(
-        self, report_transactions: Callable[[frozenset[str], int], bool]
+        self, report_transactions: Callable[[frozenset[str], int], None]
     ) -> None:
         super().__init__(0)
         self._report = report_transactions
@@ -347,11 +368,10 @@ class RequestLane(Lane):
         )
         if (generation, in_transaction) != self._reported:
             self._reported = (generation, in_transaction)
-            # The loop first: a call the board refuses goes back to the loop,
-            # which must know by then that it belongs on lane 0.
-            queued = self._report(in_transaction, generation)
-            waiting = self.board.post(generation, in_transaction)
-            if queued or waiting:
+            tell_loop, waiting = self.board.post(generation, in_transaction)
+            if tell_loop:
+                self._report(in_transaction, generation)
+            if tell_loop or waiting:
                 # Other lanes wait for this report: let them have the GIL now,
                 # not after this thread has built its own query - theirs are
                 # what the request waits for.

@@ -141,6 +141,31 @@ def test_a_set_opened_inside_a_transaction_keeps_its_first_calls_on_lane_zero() 
     assert budget.total == 0
 
 
+async def test_calls_that_wait_for_lane_zeros_report_start_when_it_comes() -> None:
+    # Once lane 0 was seen inside a transaction, later calls wait on the loop
+    # (not on extra lanes) for its next report; they must start when lane 0
+    # reports, not when its call ends.
+    async def phase(seconds: float) -> float:
+        _, elapsed = await timed(
+            asyncio.gather(*(sleeping(seconds).acount() for _ in range(3)))
+        )
+        return elapsed
+
+    def in_and_out_of_a_transaction() -> float:
+        with transaction.atomic():
+            async_to_sync(phase)(0.01)  # all on lane 0: it reports the transaction
+        return async_to_sync(phase)(0.5)  # another caller: a new report is due
+
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=3) as dbset:
+            elapsed = await sync_to_async(in_and_out_of_a_transaction)()
+        await sync_to_async(_close_all)()
+    # Parallel: about 0.5 s; waiting for lane 0's call to end first: 1 s or more.
+    assert elapsed < 0.8
+    assert len({record.lane for record in dbset.records}) == 3
+    assert budget.total == 0
+
+
 async def test_calls_waiting_for_a_report_that_will_not_come_are_not_held() -> None:
     async with ThreadSensitiveContext():
         async with connection_set(parallelism=3) as dbset:
