@@ -72,8 +72,9 @@ def set_from_settings(
     """:func:`connection_set` from settings already read (``conf.snapshot()``):
     the middleware reads them once per request."""
     if parallelism is None:
-        parallelism = int(values["DEFAULT_PARALLELISM"])
-    validate_parallelism(parallelism, what="connection_set(parallelism=...)")
+        parallelism = int(values["DEFAULT_PARALLELISM"])  # (checked at startup)
+    else:
+        validate_parallelism(parallelism, what="connection_set(parallelism=...)")
     return ConnectionSet(
         parallelism=min(parallelism, int(values["MAX_PARALLELISM"])),
         lease_timeout=values["LEASE_TIMEOUT"]

@@ -195,6 +195,8 @@ class ConnectionSet:
         self._cursors: weakref.WeakKeyDictionary[Any, Lane] = (
             weakref.WeakKeyDictionary()
         )
+        # A cursor was ever pinned here (a cheap guard for the _cursors check).
+        self._pinned_cursors = False
         self._background: set[asyncio.Future[Any]] = set()
         # Jobs queued on lane 0's thread behind its current call.
         self._behind_lane0: set[Job] = set()
@@ -301,13 +303,11 @@ class ConnectionSet:
             raise RuntimeError(
                 "This ConnectionSet was already opened; create a new one."
             )
-        from .routing import ensure_installed
-
-        # A script may use sets without the app or the middleware installed.
-        ensure_installed()
+        if not _routing_installed:
+            # A script may use sets without the app or the middleware installed.
+            _install_routing()
         self._loop = asyncio.get_running_loop()
         self.opened_at = time.perf_counter()
-        logger.debug("asgi_dbset: opened %r", self)
         stats.incr("sets_opened")
         stats.incr("sets_open")
 
@@ -326,7 +326,7 @@ class ConnectionSet:
                 self._lanes != [self._lane0]
                 or self._waiters
                 or self._background
-                or self._cursors
+                or (self._pinned_cursors and self._cursors)
             ):
                 await finish_shielded(self._release_all())
             # else nothing was leased: no task to create (the common request).
@@ -400,11 +400,22 @@ class ConnectionSet:
 
     # -- the call path -------------------------------------------------------
 
+    def passes_through(self) -> bool:
+        """True when calls made now would run as plain stock Django: one lane,
+        nothing pinned, no statement timeout, no record kept."""
+        return (
+            self._parallelism == 1
+            and self.statement_timeout is None
+            and not self.record_stock_calls
+            and not (self._pinned_cursors and self._cursors)
+        )
+
     async def call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """Run one ORM call on a lane of this set, or as stock Django when the
-        set cannot take it (closed, another loop, parallelism 1, unknown call)."""
+        set cannot take it (closed, another loop, parallelism 1, unknown call).
+        The router skips this when :meth:`passes_through` says so."""
         target = None
         if self._parallelism > 1 or self._cursors or self.statement_timeout is not None:
             if self._closed or asyncio.get_running_loop() is not self._loop:
@@ -427,6 +438,7 @@ class ConnectionSet:
             # Opened before this set routed it, so as stock Django runs it: on
             # the request's own thread and connection.
             self._cursors[cursor] = self._lane0
+            self._pinned_cursors = True
         if self._best_queued_on_lane0(target):
             return await self._run_behind_lane0(target, func, args, kwargs)
         queued = time.perf_counter()
@@ -484,6 +496,7 @@ class ConnectionSet:
         pinned_here = cursor is not None and cursor not in self._cursors
         if pinned_here:
             self._cursors[cursor] = lane
+            self._pinned_cursors = True
         elif cursor is not None or target.alias in (self._in_transaction or ()):
             stats.incr("pinned_calls")
         try:
@@ -901,6 +914,17 @@ class ConnectionSet:
                 self,
                 exc_info=task.exception(),
             )
+
+
+_routing_installed = False
+
+
+def _install_routing() -> None:
+    global _routing_installed
+    from .routing import ensure_installed  # (routing imports this module)
+
+    ensure_installed()
+    _routing_installed = True
 
 
 def _returned(lane: PooledLane) -> None:

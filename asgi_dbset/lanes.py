@@ -17,6 +17,7 @@ import contextvars
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -71,10 +72,13 @@ class ReportBoard:
       (:meth:`wait_clear`), and runs the call only if the report clears it.
     """
 
-    __slots__ = ("_cond", "_latest", "_waiting", "_wanted")
+    __slots__ = ("_cond", "_latest", "_lock", "_waiting", "_wanted")
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        # Made (on this lock) by the first thread that waits: most sets never
+        # hand a call out before lane 0's report.
+        self._cond: threading.Condition | None = None
         # (generation, aliases in a transaction); aliases None: no report will
         # come for that generation (see withdraw). Replaced whole, never mutated.
         self._latest: tuple[int, frozenset[str] | None] = (-1, None)
@@ -84,12 +88,12 @@ class ReportBoard:
     def post(self, generation: int, aliases: frozenset[str]) -> tuple[bool, bool]:
         """On lane 0's thread: publish a report. Returns (the loop asked to be
         told, threads of pooled lanes wait for it)."""
-        with self._cond:
+        with self._lock:
             self._latest = (generation, aliases)
             tell_loop = 0 <= self._wanted <= generation
             if tell_loop:
                 self._wanted = -1
-            if self._waiting:
+            if self._waiting and self._cond is not None:
                 self._cond.notify_all()
             return tell_loop, self._waiting > 0
 
@@ -102,7 +106,7 @@ class ReportBoard:
     def want(self, generation: int) -> frozenset[str] | None:
         """On the loop: the report of this generation if it is posted already;
         else None, and lane 0's thread tells the loop when it posts it."""
-        with self._cond:
+        with self._lock:
             posted, aliases = self._latest
             if posted == generation and aliases is not None:
                 return aliases
@@ -114,16 +118,19 @@ class ReportBoard:
         run (its caller gave up before it started; asgiref may drop it from the
         thread's queue unseen). Threads waiting for that report stop waiting;
         a report already posted for it stands."""
-        with self._cond:
+        with self._lock:
             if self._latest[0] < generation:
                 self._latest = (generation, None)
-                self._cond.notify_all()
+                if self._cond is not None:
+                    self._cond.notify_all()
 
     def wait_clear(self, generation: int, alias: str, timeout: float) -> bool:
         """On a pooled lane's thread: True once lane 0 has reported, for this
         generation, that *alias* is outside a transaction; False if it reports
         otherwise, if a newer generation is reported, or after *timeout*."""
-        with self._cond:
+        with self._lock:
+            if self._cond is None:
+                self._cond = threading.Condition(self._lock)
             self._waiting += 1
             try:
                 self._cond.wait_for(lambda: self._latest[0] >= generation, timeout)
@@ -235,11 +242,11 @@ class Lane:
         self.job: Job | None = None
         # Set on the loop when an abandoned job of this lane has ended.
         self.abandoned_done: asyncio.Event | None = None
-        # Open unless a server-side cancel for an abandoned job of this lane
-        # may be in flight: the lane's thread starts no job while it is closed,
-        # so a late cancel cannot hit the next job's query.
-        self._gate = threading.Event()
-        self._gate.set()
+        # Open (None, or set) unless a server-side cancel for an abandoned job
+        # of this lane may be in flight: the lane's thread starts no job while
+        # it is closed, so a late cancel cannot hit the next job's query. Made
+        # on the first cancel: most lanes never need one.
+        self._gate: threading.Event | None = None
         self._cancels = 0
 
     @property
@@ -250,13 +257,17 @@ class Lane:
     def cancel_started(self) -> None:
         """On the loop: a cancel for an abandoned job of this lane is sent."""
         self._cancels += 1
-        self._gate.clear()
+        if self._gate is None:
+            self._gate = threading.Event()  # made closed
+        else:
+            self._gate.clear()
 
     def cancel_ended(self) -> bool:
         """On the loop: that cancel has landed; True if none is left in flight."""
         self._cancels -= 1
         if self._cancels:
             return False
+        assert self._gate is not None
         self._gate.set()
         return True
 
@@ -313,8 +324,9 @@ class Lane:
         context.run(current_set.set, None)
 
         def call() -> Any:
-            if not self._gate.is_set():
-                self._gate.wait(_GATE_WAIT)
+            gate = self._gate
+            if gate is not None and not gate.is_set():
+                gate.wait(_GATE_WAIT)
             with job.lock:
                 if job.state == Job.SKIPPED:
                     return None
@@ -344,7 +356,9 @@ class RequestLane(Lane):
         self, report_transactions: Callable[[frozenset[str], int], None]
     ) -> None:
         super().__init__(0)
-        self._report = report_transactions
+        # Weak: the set owns this lane, and a cycle between them would leave
+        # every request's set to the cyclic garbage collector.
+        self._report = weakref.WeakMethod(report_transactions)
         #: Where pooled lanes' threads read the reports (see ReportBoard).
         self.board = ReportBoard()
         # Bumped by the set (on its loop) when an earlier report may be stale.
@@ -369,8 +383,9 @@ class RequestLane(Lane):
         if (generation, in_transaction) != self._reported:
             self._reported = (generation, in_transaction)
             tell_loop, waiting = self.board.post(generation, in_transaction)
-            if tell_loop:
-                self._report(in_transaction, generation)
+            report = self._report() if tell_loop else None
+            if report is not None:
+                report(in_transaction, generation)
             if tell_loop or waiting:
                 # Other lanes wait for this report: let them have the GIL now,
                 # not after this thread has built its own query - theirs are

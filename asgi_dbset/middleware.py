@@ -42,8 +42,11 @@ class DBSetMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         # Django's handler gives each request its own thread-sensitive context
-        # and returns that thread's connections (request_finished) itself.
-        self._app_has_request_threads = isinstance(app, ASGIHandler)
+        # and returns that thread's connections (request_finished) itself;
+        # other apps get both from a wrapper inside the set.
+        self._inner: ASGIApp = app
+        if not isinstance(app, ASGIHandler):
+            self._inner = _with_request_thread(app)
         from .apps import prepare
 
         # Fails here, at startup, on bad settings - not at request time.
@@ -53,28 +56,14 @@ class DBSetMiddleware:
         return f"DBSetMiddleware({self.app!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._app_has_request_threads:
-            await self._with_set(scope, receive, send)
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
-        # An outer ThreadSensitiveContext wins over any inner one (asgiref),
-        # so only apps that lack their own get this one.
-        async with ThreadSensitiveContext() as context:
-            try:
-                await self._with_set(scope, receive, send)
-            finally:
-                if context in SyncToAsync.context_to_thread_executor:
-                    # The app used the request's thread: return its connections.
-                    await finish_shielded(_return_request_thread_connections())
-
-    async def _with_set(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The request's own path, in this one frame: every await of the app
+        # resumes each coroutine frame around it.
         values = conf.snapshot()
         history, server_timing = int(values["HISTORY"]), bool(values["SERVER_TIMING"])
         async with set_from_settings(values) as dbset:
@@ -83,7 +72,7 @@ class DBSetMiddleware:
             send = _returning_lanes_when_complete(send, dbset)
             if server_timing:
                 send = _with_server_timing(send, dbset)
-            await self.app(scope, receive, send)
+            await self._inner(scope, receive, send)
         if history > 0:
             remember(scope.get("path", ""), dbset, history)
 
@@ -113,6 +102,25 @@ class DBSetMiddleware:
             if app_received:
                 return
         await _serve_lifespan(receive, send)
+
+
+def _with_request_thread(app: ASGIApp) -> ASGIApp:
+    """Give each request of a non-Django app its own thread-sensitive context,
+    as Django's handler does, and return that thread's connections at the end."""
+
+    async def app_with_request_thread(
+        scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        # An outer ThreadSensitiveContext wins over any inner one (asgiref).
+        async with ThreadSensitiveContext() as context:
+            try:
+                await app(scope, receive, send)
+            finally:
+                if context in SyncToAsync.context_to_thread_executor:
+                    # The app used the request's thread: return its connections.
+                    await finish_shielded(_return_request_thread_connections())
+
+    return app_with_request_thread
 
 
 def _returning_lanes_when_complete(send: Send, dbset: ConnectionSet) -> Send:

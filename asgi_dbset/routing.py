@@ -58,7 +58,7 @@ def sync_to_async(
         if args and type(args[0]) is types.GeneratorType:
             check_cursor(args[0])
         dbset = current_set.get()
-        if dbset is None:
+        if dbset is None or dbset.passes_through():
             return stock_sync_to_async(func)(*args, **kwargs)
         return dbset.call(func, args, kwargs)
 

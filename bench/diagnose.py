@@ -8,6 +8,14 @@
         query, without the machine's noise in req/s; also the process's thread
         switches per request.
 
+    python -m bench.diagnose instructions [--requests 300]
+        Instructions per request of the W3 view (one pk lookup), counted by
+        valgrind (callgrind) in the serving process: exact where CPU time on a
+        shared VM swings by 10-15% between runs. Each variant runs twice, with
+        100 and 100 + --requests requests; the difference is divided out, so
+        start-up and warm-up cancel. Needs valgrind (Debian: apt-get install
+        valgrind).
+
     python -m bench.diagnose saturation [--seconds 5] [--rounds 2]
         W4 (64 clients, pool of 16) on stock Django and at each parallelism,
         with what the sets did per request (lanes leased, refused, used; time
@@ -35,6 +43,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -240,6 +249,63 @@ def overhead(
         )
 
 
+# -- instructions -----------------------------------------------------------------
+
+
+def _serve_requests(path: str, requests: int) -> None:
+    """Runs under valgrind: *requests* requests, one after another."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.djsite.settings")
+    application = _wrapped("")
+
+    async def run() -> None:
+        for _ in range(requests):
+            assert await _one(application, path, "") == 200
+
+    asyncio.run(run())
+
+
+def _instructions(variant: str, path: str, requests: int) -> int:
+    out = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            "-m",
+            "bench.diagnose",
+            "_serve",
+            path,
+            str(requests),
+        ],
+        cwd=REPO,
+        env={**os.environ, "BENCH_VARIANT": variant, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=True,
+    )
+    for line in out.stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.split(":")[-1].strip())
+    raise RuntimeError(f"valgrind printed no instruction count:\n{out.stderr}")
+
+
+def instructions(requests: int) -> None:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is missing: apt-get install valgrind")
+    base = 100
+    print(f"W3 view (one pk lookup), instructions per request ({requests} requests):")
+    stock = 0.0
+    for name, (variant, path, _wrap) in VARIANTS.items():
+        short = _instructions(variant, path, base)
+        long = _instructions(variant, path, base + requests)
+        per_request = (long - short) / requests
+        stock = stock or per_request
+        print(
+            f"  {name:9} {per_request / 1e6:7.3f} M  ({per_request / stock:.3f} x stock)"
+        )
+
+
 # -- saturation -------------------------------------------------------------------
 
 
@@ -414,6 +480,8 @@ def main() -> None:
     over.add_argument(
         "--clients", type=int, default=1, help="requests in flight at once (wrk's -c)"
     )
+    ins = sub.add_parser("instructions")
+    ins.add_argument("--requests", type=int, default=300)
     sat = sub.add_parser("saturation")
     sat.add_argument("--seconds", type=int, default=5)
     sat.add_argument("--clients", type=int, default=64)
@@ -426,9 +494,16 @@ def main() -> None:
     child.add_argument("requests", type=int)
     child.add_argument("--profile", action="store_true")
     child.add_argument("--clients", type=int, default=1)
+    serve = sub.add_parser("_serve")
+    serve.add_argument("path")
+    serve.add_argument("requests", type=int)
     args = parser.parse_args()
     if args.command == "overhead":
         overhead(args.requests, args.rounds, args.profile, args.split, args.clients)
+    elif args.command == "instructions":
+        instructions(args.requests)
+    elif args.command == "_serve":
+        _serve_requests(args.path, args.requests)
     elif args.command == "saturation":
         saturation(args.seconds, args.clients, args.rounds)
     elif args.command == "lanes":
