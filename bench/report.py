@@ -547,8 +547,10 @@ def findings(results: dict[str, Any], f: Figures) -> list[str]:
                 for s, r, c in w3
                 if r is not None
             )
-            + ". `python -m bench.diagnose overhead` measures the same without HTTP "
-            "or wrk."
+            + ". On a shared VM, req/s and CPU time swing by 10-15% between runs of "
+            "one variant; `python -m bench.diagnose instructions` counts the "
+            "instructions per request exactly (valgrind), and `python -m "
+            "bench.diagnose overhead` measures CPU time without HTTP or wrk."
         )
     stock4 = f.get("W4", "stock", 4)
     if stock4:
