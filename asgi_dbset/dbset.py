@@ -63,17 +63,13 @@ from . import stats
 from .aio import finish_shielded
 from .budget import budget, pool_is_contended, pool_max_size
 from .context import current_set
-from .errors import OrphanedIteratorError
+from .cursors import check_cursor, orphaned_cursors
 from .lanes import Job, Lane, NotClearedError, NotRunError, PooledLane, RequestLane
+from .routing import ensure_installed
 from .targets import Target, target_of
 from .workers import workers
 
 logger = logging.getLogger("asgi_dbset")
-
-#: aiterator() generators whose cursor was closed with a lane's connection.
-orphaned_cursors: weakref.WeakSet[types.GeneratorType[Any, None, None]] = (
-    weakref.WeakSet()
-)
 
 # The most calls a set keeps a record of (for introspection and timelines).
 _MAX_RECORDS = 512
@@ -181,7 +177,7 @@ class ConnectionSet:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: Token[ConnectionSet | None] | None = None
         self._closed = False
-        self._lane0 = RequestLane(self._report_transactions)
+        self._lane0 = RequestLane(self._report_posted)
         self._lanes: list[Lane] = [self._lane0]
         self._waiters: deque[_Waiter] = deque()
         # Aliases whose lane-0 connection is inside a transaction; None until
@@ -303,9 +299,8 @@ class ConnectionSet:
             raise RuntimeError(
                 "This ConnectionSet was already opened; create a new one."
             )
-        if not _routing_installed:
-            # A script may use sets without the app or the middleware installed.
-            _install_routing()
+        # A script may use sets without the app or the middleware installed.
+        ensure_installed()
         self._loop = asyncio.get_running_loop()
         self.opened_at = time.perf_counter()
         stats.incr("sets_opened")
@@ -326,7 +321,7 @@ class ConnectionSet:
                 self._lanes != [self._lane0]
                 or self._waiters
                 or self._background
-                or (self._pinned_cursors and self._cursors)
+                or self._has_cursors()
             ):
                 await finish_shielded(self._release_all())
             # else nothing was leased: no task to create (the common request).
@@ -401,14 +396,22 @@ class ConnectionSet:
     # -- the call path -------------------------------------------------------
 
     def passes_through(self) -> bool:
-        """True when calls made now would run as plain stock Django: one lane,
-        nothing pinned, no statement timeout, no record kept."""
+        """True when calls made now would run as plain stock Django, with no
+        record kept: the router then skips :meth:`call`."""
+        return not (self.record_stock_calls or self._routes())
+
+    def _routes(self) -> bool:
+        """True when calls go to lanes: more than one lane, a statement timeout
+        to set, or a cursor pinned to a lane."""
         return (
-            self._parallelism == 1
-            and self.statement_timeout is None
-            and not self.record_stock_calls
-            and not (self._pinned_cursors and self._cursors)
+            self._parallelism > 1
+            or self.statement_timeout is not None
+            or self._has_cursors()
         )
+
+    def _has_cursors(self) -> bool:
+        # The flag spares the common set WeakKeyDictionary.__len__ (Python code).
+        return self._pinned_cursors and bool(self._cursors)
 
     async def call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -417,7 +420,7 @@ class ConnectionSet:
         set cannot take it (closed, another loop, parallelism 1, unknown call).
         The router skips this when :meth:`passes_through` says so."""
         target = None
-        if self._parallelism > 1 or self._cursors or self.statement_timeout is not None:
+        if self._routes():
             if self._closed or asyncio.get_running_loop() is not self._loop:
                 self._fall_back("the set has ended or belongs to another event loop")
             else:
@@ -626,8 +629,6 @@ class ConnectionSet:
     async def _acquire(self, target: Target, *, first: bool = False) -> Lane | None:
         # Every change of lane state ends in _dispatch(), so an idle lane that
         # this call may use is one no queued call may use: taking it is fair.
-        if self._read_report():
-            self._dispatch()
         lane = self._idle_lane_for(target)
         if lane is not None:
             lane.busy = True
@@ -639,7 +640,7 @@ class ConnectionSet:
         else:
             self._waiters.append(waiter)
         stats.incr("waits")
-        if self._in_transaction is None and self._want_report():
+        if self._read_report(want=True):
             self._dispatch()
         elif self._maybe_grow():
             self._hand_out()
@@ -802,46 +803,35 @@ class ConnectionSet:
             self._lane0.generation += 1
             self._in_transaction = None
             # Calls queued already wait for the new report too.
-            if self._waiters and self._want_report():
+            if self._waiters and self._read_report(want=True):
                 self._dispatch()
 
-    def _read_report(self) -> bool:
-        """Take lane 0's report for the current generation from its board, if
-        it has come; True if it was taken just now."""
+    def _read_report(self, *, want: bool = False) -> bool:
+        """Take lane 0's report for the current generation off its board, if it
+        has come; True if it was taken just now. With *want* (calls wait for
+        it), lane 0's thread wakes the loop when it posts a report not yet there
+        (see _transactions_reported)."""
         if self._in_transaction is not None:
             return False
-        aliases = self._lane0.board.report_for(self._lane0.generation)
+        board, generation = self._lane0.board, self._lane0.generation
+        aliases = board.want(generation) if want else board.report_for(generation)
         if aliases is None:
             return False
-        self._take_report(aliases)
-        return True
-
-    def _want_report(self) -> bool:
-        """Calls wait for lane 0's report: take it if it has come (True), else
-        have lane 0's thread wake the loop when it posts it."""
-        aliases = self._lane0.board.want(self._lane0.generation)
-        if aliases is None:
-            return False
-        self._take_report(aliases)
-        return True
-
-    def _take_report(self, aliases: frozenset[str]) -> None:
         self._in_transaction = aliases
         self._seen_transaction = self._seen_transaction or bool(aliases)
+        return True
 
-    def _report_transactions(self, aliases: frozenset[str], generation: int) -> None:
-        """Runs on lane 0's thread when the loop asked for its report."""
+    def _report_posted(self, generation: int) -> None:
+        """Runs on lane 0's thread when it posts a report the loop asked for."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(
-            self._transactions_reported, aliases, generation
-        )
+        self._loop.call_soon_threadsafe(self._transactions_reported, generation)
 
-    def _transactions_reported(self, aliases: frozenset[str], generation: int) -> None:
-        if generation != self._lane0.generation or self._in_transaction is not None:
-            return  # stale (the caller changed since), or read off the board
-        self._take_report(aliases)
-        if not self._closed:
-            self._dispatch()
+    def _transactions_reported(self, generation: int) -> None:
+        # The wake-up calls waited for. A call made meanwhile may have read the
+        # report off the board already: the waiting calls are served all the same.
+        if generation != self._lane0.generation or self._closed:
+            return  # stale: the caller changed since, and a fresh report follows
+        self._dispatch()  # (which reads the report off the board)
 
     def _maybe_grow(self) -> bool:
         """Add lanes for queued calls, within parallelism and budget; True if
@@ -916,17 +906,6 @@ class ConnectionSet:
             )
 
 
-_routing_installed = False
-
-
-def _install_routing() -> None:
-    global _routing_installed
-    from .routing import ensure_installed  # (routing imports this module)
-
-    ensure_installed()
-    _routing_installed = True
-
-
 def _returned(lane: PooledLane) -> None:
     """Count a lane whose connections went back out of the budget."""
     budget.release(lane.alias or "")
@@ -972,14 +951,3 @@ def _close_generators(gens: list[types.GeneratorType[Any, None, None]]) -> None:
             gen.close()
         except Exception:
             logger.debug("asgi_dbset: error closing an iterator", exc_info=True)
-
-
-def check_cursor(gen: object) -> None:
-    """Refuse to resume an aiterator() whose cursor went with its set."""
-    if gen in orphaned_cursors:
-        raise OrphanedIteratorError(
-            "This aiterator() was opened inside a connection set that has ended, "
-            "and its cursor was closed with that set's connection. Finish the "
-            "iteration inside the set (for a streaming response, iterate in the "
-            "response body while the request is open), or fetch the rows first."
-        )

@@ -352,13 +352,12 @@ class Lane:
 class RequestLane(Lane):
     """Lane 0: the request's own thread-sensitive thread and its connections."""
 
-    def __init__(
-        self, report_transactions: Callable[[frozenset[str], int], None]
-    ) -> None:
+    def __init__(self, report_posted: Callable[[int], None]) -> None:
         super().__init__(0)
-        # Weak: the set owns this lane, and a cycle between them would leave
-        # every request's set to the cyclic garbage collector.
-        self._report = weakref.WeakMethod(report_transactions)
+        # Told when a report the loop asked for is posted (on the board). Weak:
+        # the set owns this lane, and a cycle between them would leave every
+        # request's set to the cyclic garbage collector.
+        self._report_posted = weakref.WeakMethod(report_posted)
         #: Where pooled lanes' threads read the reports (see ReportBoard).
         self.board = ReportBoard()
         # Bumped by the set (on its loop) when an earlier report may be stale.
@@ -383,9 +382,9 @@ class RequestLane(Lane):
         if (generation, in_transaction) != self._reported:
             self._reported = (generation, in_transaction)
             tell_loop, waiting = self.board.post(generation, in_transaction)
-            report = self._report() if tell_loop else None
-            if report is not None:
-                report(in_transaction, generation)
+            report_posted = self._report_posted() if tell_loop else None
+            if report_posted is not None:
+                report_posted(generation)
             if tell_loop or waiting:
                 # Other lanes wait for this report: let them have the GIL now,
                 # not after this thread has built its own query - theirs are

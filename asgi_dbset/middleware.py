@@ -118,7 +118,7 @@ def _with_request_thread(app: ASGIApp) -> ASGIApp:
             finally:
                 if context in SyncToAsync.context_to_thread_executor:
                     # The app used the request's thread: return its connections.
-                    await finish_shielded(_return_request_thread_connections())
+                    await finish_shielded(stock_sync_to_async(close_old_connections)())
 
     return app_with_request_thread
 
@@ -195,7 +195,3 @@ async def close_pools() -> None:
         workers.shutdown()
 
     await asyncio.to_thread(close_all)
-
-
-async def _return_request_thread_connections() -> None:
-    await stock_sync_to_async(close_old_connections, thread_sensitive=True)()

@@ -18,7 +18,7 @@ from typing import Any
 from asgiref.sync import sync_to_async as stock_sync_to_async
 
 from .context import current_set
-from .dbset import check_cursor
+from .cursors import check_cursor
 
 #: The modules whose ``sync_to_async`` global is routed.
 MODULES = (

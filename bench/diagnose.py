@@ -105,16 +105,6 @@ def _wrapped(how: str) -> Any:
     work in two, to see which half costs what."""
     from bench.djsite.asgi import application
 
-    if how == "nohop":
-        # The experiment behind the finding: without the middleware's extra
-        # close_old_connections hop to the request thread at the end.
-        import asgi_dbset.middleware
-
-        async def skip(context: Any) -> None:
-            return None
-
-        asgi_dbset.middleware._return_request_thread_connections = skip  # type: ignore[assignment]
-        return application
     if how != "tsc" and how != "set":
         return application
     from asgiref.sync import ThreadSensitiveContext
@@ -183,12 +173,10 @@ VARIANTS = {
     "dbset-p1": ("dbset", "/p1/w3/", ""),
     "dbset-p4": ("dbset", "/p4/w3/", ""),
 }
-#: With --split: the middleware without its closing hop to the request thread
-#: ("p1-no-hop"); asgi_dbset installed but the Django app bare ("routing"), or
-#: wrapped in only the middleware's ThreadSensitiveContext ("tsc-only") or only
-#: its connection set ("set-only").
+#: With --split: asgi_dbset installed but the Django app bare ("routing"), or
+#: wrapped in only a ThreadSensitiveContext ("tsc-only", what the middleware
+#: adds for non-Django apps) or only a connection set ("set-only").
 SPLIT = {
-    "p1-no-hop": ("dbset", "/p1/w3/", "nohop"),
     "routing": ("dbset", "/p1/w3/", "bare"),
     "tsc-only": ("dbset", "/p1/w3/", "tsc"),
     "set-only": ("dbset", "/p1/w3/", "set"),
