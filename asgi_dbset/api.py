@@ -7,7 +7,7 @@ keyword arguments of :class:`~.dbset.ConnectionSet`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -63,7 +63,7 @@ def connection_set(
 
 
 def set_from_settings(
-    values: dict[str, Any],
+    values: Mapping[str, Any],
     *,
     parallelism: int | None = None,
     lease_timeout: float | None = None,

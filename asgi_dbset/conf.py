@@ -1,15 +1,20 @@
 """The ``ASGI_DBSET`` setting, read lazily so ``override_settings`` works.
 
-Every property reads ``django.conf.settings`` when it is accessed; nothing is
-cached at import time. Values are validated by the system checks in
-:mod:`asgi_dbset.checks`; the properties return them as written.
+Nothing is read at import time. The first read merges ``settings.ASGI_DBSET``
+over :data:`DEFAULTS` and keeps the result until Django's ``setting_changed``
+signal says the setting changed (``override_settings`` sends it), as Django's
+own modules keep the settings they derive. Values are validated by the system
+checks in :mod:`asgi_dbset.checks`; the properties return them as written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.signals import setting_changed
 
 DEFAULTS: dict[str, Any] = {
     # Parallelism of a request whose view sets none.
@@ -33,20 +38,28 @@ DEFAULTS: dict[str, Any] = {
 class Settings:
     """Typed, lazy view of ``settings.ASGI_DBSET`` merged over :data:`DEFAULTS`."""
 
+    def __init__(self) -> None:
+        self._snapshot: Mapping[str, Any] | None = None
+
     @property
     def raw(self) -> Any:
         return getattr(django_settings, "ASGI_DBSET", {})
 
-    def snapshot(self) -> dict[str, Any]:
-        """Every setting, from one read of ``settings.ASGI_DBSET`` (per request)."""
-        raw = self.raw
-        return {**DEFAULTS, **raw} if isinstance(raw, dict) else dict(DEFAULTS)
+    def snapshot(self) -> Mapping[str, Any]:
+        """Every setting, read-only: read once, then kept until it changes."""
+        values = self._snapshot
+        if values is None:
+            raw = self.raw
+            merged = {**DEFAULTS, **raw} if isinstance(raw, dict) else dict(DEFAULTS)
+            values = self._snapshot = MappingProxyType(merged)
+        return values
+
+    def forget(self) -> None:
+        """Read the setting again at the next access."""
+        self._snapshot = None
 
     def _get(self, name: str) -> Any:
-        raw = self.raw
-        if isinstance(raw, dict) and name in raw:
-            return raw[name]
-        return DEFAULTS[name]
+        return self.snapshot()[name]
 
     @property
     def DEFAULT_PARALLELISM(self) -> int:  # noqa: N802 - mirrors the setting's key
@@ -80,3 +93,11 @@ class Settings:
 
 
 conf = Settings()
+
+
+def _setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting == "ASGI_DBSET":
+        conf.forget()
+
+
+setting_changed.connect(_setting_changed)

@@ -50,7 +50,7 @@ import time
 import types
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import Token
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +73,9 @@ logger = logging.getLogger("asgi_dbset")
 
 # The most calls a set keeps a record of (for introspection and timelines).
 _MAX_RECORDS = 512
+
+# A set's cursor pins before its first (most sets never have one).
+_NO_CURSORS: Mapping[Any, Any] = types.MappingProxyType({})
 
 # Seconds to wait for an abandoned query to end before cancelling it again.
 _CANCEL_RETRY_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
@@ -159,6 +162,36 @@ class ConnectionSet:
     :func:`asgi_dbset.connection_set`, which reads the defaults from settings.
     """
 
+    # Slots: a request's set is made and dropped once per request.
+    __slots__ = (
+        "__weakref__",
+        "_background",
+        "_behind_lane0",
+        "_closed",
+        "_cursors",
+        "_in_transaction",
+        "_lane0",
+        "_lanes",
+        "_loop",
+        "_next_index",
+        "_outer",
+        "_parallelism",
+        "_report_due",
+        "_seen_transaction",
+        "_token",
+        "_waiters",
+        "_warned_fallback",
+        "calls",
+        "closed_at",
+        "lease_timeout",
+        "opened_at",
+        "peak_parallelism",
+        "record_stock_calls",
+        "records",
+        "statement_timeout",
+        "wait_time",
+    )
+
     def __init__(
         self,
         *,
@@ -177,7 +210,7 @@ class ConnectionSet:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: Token[ConnectionSet | None] | None = None
         self._closed = False
-        self._lane0 = RequestLane(self._report_posted)
+        self._lane0 = RequestLane()
         self._lanes: list[Lane] = [self._lane0]
         self._waiters: deque[_Waiter] = deque()
         # Aliases whose lane-0 connection is inside a transaction; None until
@@ -188,11 +221,8 @@ class ConnectionSet:
         # The generation of lane 0's report its current call will make.
         self._report_due = -1
         self._outer: object = None
-        self._cursors: weakref.WeakKeyDictionary[Any, Lane] = (
-            weakref.WeakKeyDictionary()
-        )
-        # A cursor was ever pinned here (a cheap guard for the _cursors check).
-        self._pinned_cursors = False
+        # The lane each open aiterator() cursor runs on; made on the first pin.
+        self._cursors: Mapping[Any, Lane] = _NO_CURSORS
         self._background: set[asyncio.Future[Any]] = set()
         # Jobs queued on lane 0's thread behind its current call.
         self._behind_lane0: set[Job] = set()
@@ -410,8 +440,19 @@ class ConnectionSet:
         )
 
     def _has_cursors(self) -> bool:
-        # The flag spares the common set WeakKeyDictionary.__len__ (Python code).
-        return self._pinned_cursors and bool(self._cursors)
+        # The identity test spares the common set WeakKeyDictionary.__len__
+        # (Python code).
+        return self._cursors is not _NO_CURSORS and bool(self._cursors)
+
+    def _pin(self, cursor: types.GeneratorType[Any, None, None], lane: Lane) -> None:
+        """Every later chunk of *cursor* runs on *lane*."""
+        if not isinstance(self._cursors, weakref.WeakKeyDictionary):
+            self._cursors = weakref.WeakKeyDictionary()
+        self._cursors[cursor] = lane
+
+    def _unpin(self, cursor: types.GeneratorType[Any, None, None]) -> None:
+        if isinstance(self._cursors, weakref.WeakKeyDictionary):
+            self._cursors.pop(cursor, None)
 
     async def call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -440,8 +481,7 @@ class ConnectionSet:
         ):
             # Opened before this set routed it, so as stock Django runs it: on
             # the request's own thread and connection.
-            self._cursors[cursor] = self._lane0
-            self._pinned_cursors = True
+            self._pin(cursor, self._lane0)
         if self._best_queued_on_lane0(target):
             return await self._run_behind_lane0(target, func, args, kwargs)
         queued = time.perf_counter()
@@ -496,10 +536,10 @@ class ConnectionSet:
         record = self._record(lane.index, target.alias, func, queued)
         lane.calls += 1
         stats.incr("calls")
-        pinned_here = cursor is not None and cursor not in self._cursors
-        if pinned_here:
-            self._cursors[cursor] = lane
-            self._pinned_cursors = True
+        # The cursor this call opens, pinned to its lane from here on.
+        pinned_here = cursor if cursor not in self._cursors else None
+        if pinned_here is not None:
+            self._pin(pinned_here, lane)
         elif cursor is not None or target.alias in (self._in_transaction or ()):
             stats.incr("pinned_calls")
         try:
@@ -513,8 +553,8 @@ class ConnectionSet:
                 clearance=clearance,
             )
         except NotRunError:
-            if pinned_here and self._cursors.get(cursor) is lane:
-                del self._cursors[cursor]  # its cursor was never opened
+            if pinned_here is not None and self._cursors.get(pinned_here) is lane:
+                self._unpin(pinned_here)  # its cursor was never opened
             self._unrecord(record, lane)
             self._free(lane)
             raise
@@ -729,7 +769,7 @@ class ConnectionSet:
             lane.busy = True  # never again
             for gen in self._cursors_on(lane):
                 orphaned_cursors.add(gen)
-                del self._cursors[gen]
+                self._unpin(gen)
             self._spawn(self._retire(lane))
         self._dispatch()
 
@@ -814,7 +854,11 @@ class ConnectionSet:
         if self._in_transaction is not None:
             return False
         board, generation = self._lane0.board, self._lane0.generation
-        aliases = board.want(generation) if want else board.report_for(generation)
+        aliases = (
+            board.want(generation, self._report_posted)
+            if want
+            else board.report_for(generation)
+        )
         if aliases is None:
             return False
         self._in_transaction = aliases

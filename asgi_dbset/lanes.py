@@ -17,7 +17,6 @@ import contextvars
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,7 +71,7 @@ class ReportBoard:
       (:meth:`wait_clear`), and runs the call only if the report clears it.
     """
 
-    __slots__ = ("_cond", "_latest", "_lock", "_waiting", "_wanted")
+    __slots__ = ("_cond", "_latest", "_lock", "_notify", "_waiting", "_wanted")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -84,18 +83,25 @@ class ReportBoard:
         self._latest: tuple[int, frozenset[str] | None] = (-1, None)
         self._waiting = 0  # pooled lanes' threads in wait_clear()
         self._wanted = -1  # the generation whose report the loop waits for
+        # What tells the loop, held only while it waits: no lasting reference
+        # from lane 0 back to its set (a cycle would leave every request's set
+        # to the cyclic garbage collector).
+        self._notify: Callable[[int], None] | None = None
 
-    def post(self, generation: int, aliases: frozenset[str]) -> tuple[bool, bool]:
-        """On lane 0's thread: publish a report. Returns (the loop asked to be
-        told, threads of pooled lanes wait for it)."""
+    def post(
+        self, generation: int, aliases: frozenset[str]
+    ) -> tuple[Callable[[int], None] | None, bool]:
+        """On lane 0's thread: publish a report. Returns (what to call with the
+        generation to tell the loop, if it asked to be told; threads of pooled
+        lanes wait for it)."""
         with self._lock:
             self._latest = (generation, aliases)
-            tell_loop = 0 <= self._wanted <= generation
-            if tell_loop:
-                self._wanted = -1
+            notify = None
+            if 0 <= self._wanted <= generation:
+                notify, self._notify, self._wanted = self._notify, None, -1
             if self._waiting and self._cond is not None:
                 self._cond.notify_all()
-            return tell_loop, self._waiting > 0
+            return notify, self._waiting > 0
 
     def report_for(self, generation: int) -> frozenset[str] | None:
         """On the loop: the report of this generation, if posted (a plain
@@ -103,14 +109,16 @@ class ReportBoard:
         posted, aliases = self._latest
         return aliases if posted == generation else None
 
-    def want(self, generation: int) -> frozenset[str] | None:
+    def want(
+        self, generation: int, notify: Callable[[int], None]
+    ) -> frozenset[str] | None:
         """On the loop: the report of this generation if it is posted already;
-        else None, and lane 0's thread tells the loop when it posts it."""
+        else None, and lane 0's thread calls *notify* when it posts it."""
         with self._lock:
             posted, aliases = self._latest
             if posted == generation and aliases is not None:
                 return aliases
-            self._wanted = generation
+            self._wanted, self._notify = generation, notify
             return None
 
     def withdraw(self, generation: int) -> None:
@@ -232,11 +240,21 @@ class Lane:
     """Common state; the owning :class:`~.dbset.ConnectionSet` mutates it on
     its event loop only."""
 
-    #: The alias whose connection this lane holds; None for lane 0 (any alias).
-    alias: str | None = None
+    __slots__ = (
+        "_cancels",
+        "_gate",
+        "abandoned_done",
+        "alias",
+        "busy",
+        "calls",
+        "index",
+        "job",
+    )
 
     def __init__(self, index: int) -> None:
         self.index = index
+        #: The alias whose connection this lane holds; None for lane 0 (any alias).
+        self.alias: str | None = None
         self.busy = False
         self.calls = 0
         self.job: Job | None = None
@@ -334,8 +352,14 @@ class Lane:
                 job.started = time.perf_counter()
             try:
                 self._before(alias, timeout_ms, clearance)
-                with connections[alias].execute_wrapper(job.guard):
+                # Django's execute_wrapper(), without its generator: every query
+                # of the call passes job.guard, and only those queries.
+                wrappers = connections[alias].execute_wrappers
+                wrappers.append(job.guard)
+                try:
                     return func(*args, **kwargs)
+                finally:
+                    wrappers.pop()
             finally:
                 try:
                     self._after(alias)
@@ -352,12 +376,10 @@ class Lane:
 class RequestLane(Lane):
     """Lane 0: the request's own thread-sensitive thread and its connections."""
 
-    def __init__(self, report_posted: Callable[[int], None]) -> None:
+    __slots__ = ("_reported", "board", "generation")
+
+    def __init__(self) -> None:
         super().__init__(0)
-        # Told when a report the loop asked for is posted (on the board). Weak:
-        # the set owns this lane, and a cycle between them would leave every
-        # request's set to the cyclic garbage collector.
-        self._report_posted = weakref.WeakMethod(report_posted)
         #: Where pooled lanes' threads read the reports (see ReportBoard).
         self.board = ReportBoard()
         # Bumped by the set (on its loop) when an earlier report may be stale.
@@ -381,11 +403,10 @@ class RequestLane(Lane):
         )
         if (generation, in_transaction) != self._reported:
             self._reported = (generation, in_transaction)
-            tell_loop, waiting = self.board.post(generation, in_transaction)
-            report_posted = self._report_posted() if tell_loop else None
-            if report_posted is not None:
-                report_posted(generation)
-            if tell_loop or waiting:
+            notify, waiting = self.board.post(generation, in_transaction)
+            if notify is not None:
+                notify(generation)
+            if notify is not None or waiting:
                 # Other lanes wait for this report: let them have the GIL now,
                 # not after this thread has built its own query - theirs are
                 # what the request waits for.
@@ -430,6 +451,8 @@ class PooledLane(Lane):
     queued behind a failed lease runs nothing and raises :class:`LeaseRefusedError`
     (the set queues it again for another lane).
     """
+
+    __slots__ = ("_refused", "_wrappers", "board", "broken", "leased", "worker")
 
     def __init__(
         self, index: int, alias: str, worker: Worker, board: ReportBoard

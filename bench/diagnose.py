@@ -8,13 +8,15 @@
         query, without the machine's noise in req/s; also the process's thread
         switches per request.
 
-    python -m bench.diagnose instructions [--requests 300]
-        Instructions per request of the W3 view (one pk lookup), counted by
-        valgrind (callgrind) in the serving process: exact where CPU time on a
-        shared VM swings by 10-15% between runs. Each variant runs twice, with
-        100 and 100 + --requests requests; the difference is divided out, so
-        start-up and warm-up cancel. Needs valgrind (Debian: apt-get install
-        valgrind).
+    python -m bench.diagnose instructions [--requests 300] [--variants a,b]
+        Instructions per request, counted by valgrind (callgrind) in the
+        serving process: exact where CPU time on a shared VM swings by 10-15%
+        between runs. Each variant runs twice, with 100 and 100 + --requests
+        requests; the difference is divided out, so start-up and warm-up
+        cancel. Variants (INSTRUCTION_VARIANTS): the W3 view (one pk lookup)
+        on stock Django and at p=1 and p=4, the middleware's halves, and W4's
+        four-lookup request as a saturated server serves it. Needs valgrind
+        (Debian: apt-get install valgrind).
 
     python -m bench.diagnose saturation [--seconds 5] [--rounds 2]
         W4 (64 clients, pool of 16) on stock Django and at each parallelism,
@@ -101,13 +103,19 @@ async def _one(app: Any, path: str, query: str) -> int:
 
 
 def _wrapped(how: str) -> Any:
-    """The app as the variant builds it; "tsc" and "set" split the middleware's
-    work in two, to see which half costs what."""
-    from bench.djsite.asgi import application
+    """The app as the variant builds it (how ""); else Django's app bare
+    ("bare": the ORM routed, no middleware), in a ThreadSensitiveContext
+    ("tsc") or in a connection set ("set"), to see which part costs what."""
+    if not how:
+        from bench.djsite.asgi import application
 
-    if how != "tsc" and how != "set":
         return application
     from asgiref.sync import ThreadSensitiveContext
+    from django.core.asgi import get_asgi_application
+
+    application = get_asgi_application()
+    if how == "bare":
+        return application
 
     from asgi_dbset import connection_set
 
@@ -240,19 +248,40 @@ def overhead(
 # -- instructions -----------------------------------------------------------------
 
 
-def _serve_requests(path: str, requests: int) -> None:
+def _serve_requests(path: str, query: str, requests: int) -> None:
     """Runs under valgrind: *requests* requests, one after another."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.djsite.settings")
-    application = _wrapped("")
+    application = _wrapped(os.environ.get("BENCH_WRAP", ""))
 
     async def run() -> None:
         for _ in range(requests):
-            assert await _one(application, path, "") == 200
+            assert await _one(application, path, query) == 200
 
     asyncio.run(run())
 
 
-def _instructions(variant: str, path: str, requests: int) -> int:
+#: name: (BENCH_VARIANT, path, query string, BENCH_WRAP, extra environment)
+INSTRUCTION_VARIANTS: dict[str, tuple[str, str, str, str, dict[str, str]]] = {
+    # W3: one pk lookup.
+    "stock": ("stock", "/p1/w3/", "", "", {}),
+    "dbset-p1": ("dbset", "/p1/w3/", "", "", {}),
+    "dbset-p4": ("dbset", "/p4/w3/", "", "", {}),
+    # W3, the middleware's halves (see SPLIT).
+    "routing": ("dbset", "/p1/w3/", "", "bare", {}),
+    "set-only": ("dbset", "/p1/w3/", "", "set", {}),
+    # W4's request as a saturated server serves it: four lookups, no extra
+    # lane to be had (a pool of one connection leaves the sets no budget), so
+    # at p=4 they queue on lane 0 as they do when the pool is busy.
+    "w4-stock": ("stock", "/p1/w1/", "k=4", "", {"BENCH_POOL_MAX_SIZE": "1"}),
+    "w4-p1": ("dbset", "/p1/w1/", "k=4", "", {"BENCH_POOL_MAX_SIZE": "1"}),
+    "w4-p4": ("dbset", "/p4/w1/", "k=4", "", {"BENCH_POOL_MAX_SIZE": "1"}),
+}
+#: The variants each group is compared with.
+_BASELINES = {"w4-": "w4-stock", "": "stock"}
+
+
+def _instructions(name: str, requests: int) -> int:
+    variant, path, query, wrap, extra = INSTRUCTION_VARIANTS[name]
     out = subprocess.run(
         [
             "valgrind",
@@ -264,12 +293,20 @@ def _instructions(variant: str, path: str, requests: int) -> int:
             "_serve",
             path,
             str(requests),
+            "--query",
+            query,
         ],
         cwd=REPO,
-        env={**os.environ, "BENCH_VARIANT": variant, "PYTHONPATH": str(REPO)},
+        env={
+            **os.environ,
+            **extra,
+            "BENCH_VARIANT": variant,
+            "BENCH_WRAP": wrap,
+            "PYTHONPATH": str(REPO),
+        },
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=1800,
         check=True,
     )
     for line in out.stderr.splitlines():
@@ -278,20 +315,35 @@ def _instructions(variant: str, path: str, requests: int) -> int:
     raise RuntimeError(f"valgrind printed no instruction count:\n{out.stderr}")
 
 
-def instructions(requests: int) -> None:
+def instructions(requests: int, names: list[str], jobs: int) -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is missing: apt-get install valgrind")
+    from concurrent.futures import ThreadPoolExecutor
+
     base = 100
-    print(f"W3 view (one pk lookup), instructions per request ({requests} requests):")
-    stock = 0.0
-    for name, (variant, path, _wrap) in VARIANTS.items():
-        short = _instructions(variant, path, base)
-        long = _instructions(variant, path, base + requests)
-        per_request = (long - short) / requests
-        stock = stock or per_request
-        print(
-            f"  {name:9} {per_request / 1e6:7.3f} M  ({per_request / stock:.3f} x stock)"
+    # Counts do not depend on timing, so variants may run side by side.
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        runs = {
+            (name, n): pool.submit(_instructions, name, n)
+            for name in names
+            for n in (base, base + requests)
+        }
+        counts = {key: future.result() for key, future in runs.items()}
+    print(f"instructions per request ({requests} requests; (N+100) - 100):")
+    per_request = {
+        name: (counts[name, base + requests] - counts[name, base]) / requests
+        for name in names
+    }
+    for name, value in per_request.items():
+        baseline = next(
+            b for prefix, b in _BASELINES.items() if name.startswith(prefix)
         )
+        ratio = (
+            f"({value / per_request[baseline]:.3f} x {baseline})"
+            if baseline in per_request
+            else ""
+        )
+        print(f"  {name:9} {value / 1e6:7.3f} M  {ratio}")
 
 
 # -- saturation -------------------------------------------------------------------
@@ -470,6 +522,12 @@ def main() -> None:
     )
     ins = sub.add_parser("instructions")
     ins.add_argument("--requests", type=int, default=300)
+    ins.add_argument(
+        "--variants",
+        default="stock,dbset-p1,dbset-p4",
+        help="comma-separated, of: " + ", ".join(INSTRUCTION_VARIANTS),
+    )
+    ins.add_argument("--jobs", type=int, default=2, help="valgrinds at once")
     sat = sub.add_parser("saturation")
     sat.add_argument("--seconds", type=int, default=5)
     sat.add_argument("--clients", type=int, default=64)
@@ -485,13 +543,20 @@ def main() -> None:
     serve = sub.add_parser("_serve")
     serve.add_argument("path")
     serve.add_argument("requests", type=int)
+    serve.add_argument("--query", default="")
     args = parser.parse_args()
     if args.command == "overhead":
         overhead(args.requests, args.rounds, args.profile, args.split, args.clients)
     elif args.command == "instructions":
-        instructions(args.requests)
+        names = args.variants.split(",")
+        unknown = sorted(set(names) - set(INSTRUCTION_VARIANTS))
+        if unknown:
+            parser.error(
+                f"unknown variants {unknown}: use {list(INSTRUCTION_VARIANTS)}"
+            )
+        instructions(args.requests, names, args.jobs)
     elif args.command == "_serve":
-        _serve_requests(args.path, args.requests)
+        _serve_requests(args.path, args.query, args.requests)
     elif args.command == "saturation":
         saturation(args.seconds, args.clients, args.rounds)
     elif args.command == "lanes":

@@ -49,7 +49,15 @@ DATABASES = {
         "CONN_MAX_AGE": 0,
         "OPTIONS": {
             **_server,
-            "pool": dict(POOL),
+            "pool": {
+                **POOL,
+                # bench.diagnose only: a pool too small for any extra lane.
+                **(
+                    {"min_size": 1, "max_size": int(os.environ["BENCH_POOL_MAX_SIZE"])}
+                    if "BENCH_POOL_MAX_SIZE" in os.environ
+                    else {}
+                ),
+            },
             "application_name": os.environ.get("BENCH_APP_NAME", f"bench_{VARIANT}"),
         },
     }

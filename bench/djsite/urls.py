@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.http import Http404, HttpRequest, HttpResponse
 from django.urls import path
 
 from bench.djsite import views
@@ -25,12 +26,25 @@ def _at(view: Any, n: int) -> Any:
     return db_parallelism(n)(view)
 
 
+VIEWS = {
+    (n, name): _at(getattr(views, name), n)
+    for n in PARALLELISMS
+    for name in ("w1", "w2", "w3")
+}
+
+
+async def workload(request: HttpRequest, n: int, name: str) -> HttpResponse:
+    # One pattern for every parallelism, so that each resolves the URL at the
+    # same cost (a pattern per view would make /p8/ match 9 patterns first).
+    view = VIEWS.get((n, name))
+    if view is None:
+        raise Http404(f"no workload {name!r} at parallelism {n}")
+    response: HttpResponse = await view(request)
+    return response
+
+
 urlpatterns = [
     path("health/", views.health),
     path("stats/", views.stats),
-    *(
-        path(f"p{n}/{name}/", _at(getattr(views, name), n))
-        for n in PARALLELISMS
-        for name in ("w1", "w2", "w3")
-    ),
+    path("p<int:n>/<str:name>/", workload),
 ]
