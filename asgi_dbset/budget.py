@@ -58,14 +58,6 @@ def pool_max_size(alias: str) -> int | None:
     return size
 
 
-def _setting_changed(*, setting: str, **kwargs: Any) -> None:
-    if setting == "DATABASES":
-        _max_sizes.clear()
-
-
-setting_changed.connect(_setting_changed)
-
-
 def pool_is_contended(alias: str) -> bool:
     """True when requests are waiting for a connection of *alias*'s pool now."""
     from django.db.backends.postgresql.base import DatabaseWrapper
@@ -83,6 +75,8 @@ class Budget:
         self._lock = threading.Lock()
         self._held: Counter[str] = Counter()
         self._retry_at: dict[str, float] = {}
+        # limit() of each alias asked for, until DATABASES or ASGI_DBSET changes.
+        self._limits: dict[str, int] = {}
 
     def back_off(self, alias: str, seconds: float) -> None:
         """No set leases for *alias* for ``seconds`` (after a refused lease)."""
@@ -104,13 +98,24 @@ class Budget:
 
     def limit(self, alias: str) -> int:
         """Extra lanes *alias* may have across the process (0 without a pool)."""
+        try:
+            return self._limits[alias]
+        except KeyError:
+            pass
         max_size = pool_max_size(alias)
-        if max_size is None:
-            return 0
         budget = conf.BUDGET
-        if budget is None:
-            return max_size // 2
-        return max(0, min(budget, max_size - 1))
+        if max_size is None:
+            limit = 0
+        elif budget is None:
+            limit = max_size // 2
+        else:
+            limit = max(0, min(budget, max_size - 1))
+        self._limits[alias] = limit
+        return limit
+
+    def forget_limits(self) -> None:
+        """Work the limits out again at the next use (the settings changed)."""
+        self._limits.clear()
 
     def may_acquire(self, alias: str) -> bool:
         """True if :meth:`try_acquire` would succeed now (a hint: other
@@ -123,7 +128,7 @@ class Budget:
 
     def _take(self, alias: str, *, take: bool) -> bool:
         limit = self.limit(alias)
-        budget = conf.BUDGET
+        budget = conf.snapshot()["BUDGET"]  # (checked at startup: None or int)
         with self._lock:
             if self._held[alias] >= limit:
                 return False
@@ -141,3 +146,13 @@ class Budget:
 
 
 budget = Budget()
+
+
+def _setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting == "DATABASES":
+        _max_sizes.clear()
+    if setting in ("DATABASES", "ASGI_DBSET"):
+        budget.forget_limits()
+
+
+setting_changed.connect(_setting_changed)

@@ -590,7 +590,14 @@ class ConnectionSet:
         stats.incr("calls")
         stats.incr("lane0_queued_calls")
         job = Job()
-        ended = asyncio.Event()
+        # Made only if the caller abandons the running job: the thread calls
+        # back (through the loop) only after that, once the job has ended.
+        ended: asyncio.Event | None = None
+
+        def abandoned_done(_lane: Lane) -> None:
+            if ended is not None:
+                ended.set()
+
         self._behind_lane0.add(job)
         try:
             return await lane.run(
@@ -598,12 +605,13 @@ class ConnectionSet:
                 args,
                 kwargs,
                 target.alias,
-                lambda _lane: ended.set(),
+                abandoned_done,
                 self._timeout_ms,
                 job=job,
             )
         except asyncio.CancelledError:
             if job.give_up():
+                ended = asyncio.Event()
                 self._cancel_abandoned(lane, job, ended)
             elif job.state == Job.SKIPPED:
                 lane.board.withdraw(generation)  # it will not report

@@ -148,6 +148,9 @@ class ReportBoard:
             return posted == generation and aliases is not None and alias not in aliases
 
 
+_NO_ALIASES: frozenset[str] = frozenset()
+
+
 class Job:
     """One ORM call on a lane; its state moves PENDING -> RUNNING -> DONE, or
     PENDING -> SKIPPED when its caller gave up before a thread picked it up.
@@ -300,12 +303,16 @@ class Lane:
         raise NotImplementedError
 
     def _before(
-        self, alias: str, timeout_ms: int | None, clearance: int | None
+        self,
+        wrapper: BaseDatabaseWrapper,
+        timeout_ms: int | None,
+        clearance: int | None,
     ) -> None:
-        """Runs on the lane's thread before each call; ``clearance`` is the
-        generation of lane 0's report the call must wait for, if any."""
+        """Runs on the lane's thread before each call, with the thread's Django
+        connection of the call's alias; ``clearance`` is the generation of lane
+        0's report the call must wait for, if any."""
 
-    def _after(self, alias: str) -> None:
+    def _after(self, wrapper: BaseDatabaseWrapper, timeout_ms: int | None) -> None:
         """Runs on the lane's thread after each call."""
 
     async def run(
@@ -350,19 +357,22 @@ class Lane:
                     return None
                 job.state = Job.RUNNING
                 job.started = time.perf_counter()
+            wrapper = None
             try:
-                self._before(alias, timeout_ms, clearance)
+                # (Looked up once: each lookup is an asgiref Local's.)
+                wrapper = connections[alias]
+                self._before(wrapper, timeout_ms, clearance)
                 # Django's execute_wrapper(), without its generator: every query
                 # of the call passes job.guard, and only those queries.
-                wrappers = connections[alias].execute_wrappers
-                wrappers.append(job.guard)
+                wrapper.execute_wrappers.append(job.guard)
                 try:
                     return func(*args, **kwargs)
                 finally:
-                    wrappers.pop()
+                    wrapper.execute_wrappers.pop()
             finally:
                 try:
-                    self._after(alias)
+                    if wrapper is not None:
+                        self._after(wrapper, timeout_ms)
                 finally:
                     with job.lock:
                         job.state = Job.DONE
@@ -390,17 +400,19 @@ class RequestLane(Lane):
         return {"thread_sensitive": True}
 
     def _before(
-        self, alias: str, timeout_ms: int | None, clearance: int | None
+        self,
+        wrapper: BaseDatabaseWrapper,
+        timeout_ms: int | None,
+        clearance: int | None,
     ) -> None:
         # The set may only use other connections while this one is outside a
         # transaction: tell it which aliases are inside one whenever it changes.
         # The generation is read first: a report that raced a newer one is dropped.
         generation = self.generation
-        in_transaction = frozenset(
-            w.alias
-            for w in connections.all(initialized_only=True)
-            if w.in_atomic_block or (w.connection is not None and not w.autocommit)
-        )
+        in_transaction = _NO_ALIASES
+        for w in connections.all(initialized_only=True):
+            if w.in_atomic_block or (w.connection is not None and not w.autocommit):
+                in_transaction = in_transaction | {w.alias}
         if (generation, in_transaction) != self._reported:
             self._reported = (generation, in_transaction)
             notify, waiting = self.board.post(generation, in_transaction)
@@ -412,12 +424,14 @@ class RequestLane(Lane):
                 # what the request waits for.
                 time.sleep(0)
         if timeout_ms is not None:
-            set_statement_timeout(connections[alias], timeout_ms)
+            set_statement_timeout(wrapper, timeout_ms)
 
-    def _after(self, alias: str) -> None:
+    def _after(self, wrapper: BaseDatabaseWrapper, timeout_ms: int | None) -> None:
         # The request's own connection outlives the set (Django returns it to
-        # the pool itself): never leave the set's timeout on it.
-        reset_statement_timeout(connections[alias])
+        # the pool itself): never leave the set's timeout on it. (Only a call
+        # with a timeout sets one, and each such call resets it here.)
+        if timeout_ms is not None:
+            reset_statement_timeout(wrapper)
 
 
 def _bounded_getconn(pool: Any) -> None:
@@ -484,27 +498,30 @@ class PooledLane(Lane):
         return {"thread_sensitive": False, "executor": self.worker}
 
     def _before(
-        self, alias: str, timeout_ms: int | None, clearance: int | None
+        self,
+        wrapper: BaseDatabaseWrapper,
+        timeout_ms: int | None,
+        clearance: int | None,
     ) -> None:
         if self._refused is not None:
             # Never let Django open the connection itself: it would wait the
             # pool's own timeout, not the lease's.
             raise LeaseRefusedError(str(self._refused))
+        alias = wrapper.alias
         if clearance is not None and not self.board.wait_clear(
             clearance, alias, _CLEARANCE_WAIT
         ):
             raise NotClearedError(
                 f"lane 0 did not report {alias!r} outside a transaction"
             )
-        wrapper = connections[alias]
         if timeout_ms is None:
             reset_statement_timeout(wrapper)
         else:
             set_statement_timeout(wrapper, timeout_ms)
 
-    def _after(self, alias: str) -> None:
+    def _after(self, wrapper: BaseDatabaseWrapper, timeout_ms: int | None) -> None:
         self._wrappers = list(connections.all(initialized_only=True))
-        conn = connections[alias].connection
+        conn = wrapper.connection
         if conn is None or conn.closed or conn.broken:
             # Never hand a dead connection to another call: the set retires
             # this lane and returns (the pool discards) its connection.
