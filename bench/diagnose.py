@@ -303,6 +303,8 @@ def _instructions(name: str, requests: int) -> int:
             "BENCH_VARIANT": variant,
             "BENCH_WRAP": wrap,
             "PYTHONPATH": str(REPO),
+            # The same string hashes, so the same dict layouts, in every run.
+            "PYTHONHASHSEED": "0",
         },
         capture_output=True,
         text=True,
@@ -315,9 +317,9 @@ def _instructions(name: str, requests: int) -> int:
     raise RuntimeError(f"valgrind printed no instruction count:\n{out.stderr}")
 
 
-def instructions(requests: int, names: list[str], jobs: int) -> None:
-    if shutil.which("valgrind") is None:
-        raise SystemExit("valgrind is missing: apt-get install valgrind")
+def count_instructions(requests: int, names: list[str], jobs: int) -> dict[str, Any]:
+    """Instructions per request of each variant, and its ratio to its group's
+    stock variant when that was counted too."""
     from concurrent.futures import ThreadPoolExecutor
 
     base = 100
@@ -329,21 +331,35 @@ def instructions(requests: int, names: list[str], jobs: int) -> None:
             for n in (base, base + requests)
         }
         counts = {key: future.result() for key, future in runs.items()}
-    print(f"instructions per request ({requests} requests; (N+100) - 100):")
     per_request = {
         name: (counts[name, base + requests] - counts[name, base]) / requests
         for name in names
     }
+    out: dict[str, Any] = {}
     for name, value in per_request.items():
         baseline = next(
             b for prefix, b in _BASELINES.items() if name.startswith(prefix)
         )
-        ratio = (
-            f"({value / per_request[baseline]:.3f} x {baseline})"
-            if baseline in per_request
-            else ""
-        )
-        print(f"  {name:9} {value / 1e6:7.3f} M  {ratio}")
+        out[name] = {
+            "per_request": round(value),
+            "baseline": baseline,
+            "ratio": (
+                round(value / per_request[baseline], 4)
+                if baseline in per_request
+                else None
+            ),
+        }
+    return out
+
+
+def instructions(requests: int, names: list[str], jobs: int) -> None:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is missing: apt-get install valgrind")
+    counted = count_instructions(requests, names, jobs)
+    print(f"instructions per request ({requests} requests; (N+100) - 100):")
+    for name, row in counted.items():
+        ratio = f"({row['ratio']:.3f} x {row['baseline']})" if row["ratio"] else ""
+        print(f"  {name:9} {row['per_request'] / 1e6:7.3f} M  {ratio}")
 
 
 # -- saturation -------------------------------------------------------------------

@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -883,6 +884,21 @@ def spin_check() -> dict[str, Any]:
     return out
 
 
+def instruction_counts(requests: int) -> dict[str, Any]:
+    """W3's and W4's requests, counted in instructions by valgrind (see
+    ``python -m bench.diagnose instructions``): exact where req/s and CPU time
+    on a shared VM swing by 10-15%."""
+    if shutil.which("valgrind") is None:
+        return {"missing": "valgrind is not installed (apt-get install valgrind)"}
+    from bench import diagnose
+
+    names = ["stock", "dbset-p1", "dbset-p4", "w4-stock", "w4-p1", "w4-p4"]
+    return {
+        "requests": requests,
+        "variants": diagnose.count_instructions(requests, names, jobs=2),
+    }
+
+
 def load_snapshot() -> dict[str, Any]:
     top = _run_text(["top", "-bn1", "-w", "160"]).splitlines()
     return {"loadavg": list(os.getloadavg()), "at": time.time(), "top": top[:14]}
@@ -946,6 +962,11 @@ def main(argv: list[str] | None = None) -> None:
         help="W5: delay added each way between the servers and PostgreSQL",
     )
     parser.add_argument("--no-report", action="store_true")
+    parser.add_argument(
+        "--no-instructions",
+        action="store_true",
+        help="skip the valgrind instruction counts of W3 and W4 (~6 min)",
+    )
     args = parser.parse_args(argv)
 
     plan = QUICK if args.quick else FULL
@@ -992,6 +1013,11 @@ def main(argv: list[str] | None = None) -> None:
         harness.saturation(series)
     w5_rtt = harness.w5(series, args.w5_delay_ms) if "W5" in workloads else None
     load_after = load_snapshot()
+    # After the HTTP runs, which it would slow down; counts do not depend on time.
+    instructions = None
+    if workloads & {"W3", "W4"} and not args.no_instructions:
+        say("counting instructions per request (valgrind)")
+        instructions = instruction_counts(50 if args.quick else 300)
 
     runs = [r for r in harness.runs if r["workload"] in workloads]
     results = {
@@ -1016,6 +1042,7 @@ def main(argv: list[str] | None = None) -> None:
         "sql_check": sql,
         "release_spin_check": spin,
         "w5": {"one_way_delay_ms": args.w5_delay_ms, "round_trip": w5_rtt},
+        "instructions": instructions,
         "quiet": quiet,
         "load_before": load_before,
         "load_after": load_after,
