@@ -19,6 +19,18 @@ orphaned_cursors: weakref.WeakSet[types.GeneratorType[Any, None, None]] = (
 )
 
 
+#: Some cursor was ever orphaned in this process: until then no call needs
+#: check_cursor() (WeakSet membership is Python code, and ORM calls are many).
+ever_orphaned = False
+
+
+def orphan(gen: types.GeneratorType[Any, None, None]) -> None:
+    """Remember that *gen*'s cursor was closed with its set's lane."""
+    global ever_orphaned
+    ever_orphaned = True
+    orphaned_cursors.add(gen)
+
+
 def check_cursor(gen: object) -> None:
     """Refuse to resume an aiterator() whose cursor went with its set."""
     if gen in orphaned_cursors:

@@ -59,13 +59,12 @@ from asgiref.sync import AsyncToSync
 from asgiref.sync import sync_to_async as stock_sync_to_async
 from django.db import OperationalError
 
-from . import stats
+from . import routing, stats
 from .aio import finish_shielded
 from .budget import budget, pool_is_contended, pool_max_size
 from .context import current_set
-from .cursors import check_cursor, orphaned_cursors
+from .cursors import check_cursor, orphan
 from .lanes import Job, Lane, NotClearedError, NotRunError, PooledLane, RequestLane
-from .routing import ensure_installed
 from .targets import Target, target_of
 from .workers import workers
 
@@ -176,8 +175,10 @@ class ConnectionSet:
         "_next_index",
         "_outer",
         "_parallelism",
+        "_record_stock_calls",
         "_report_due",
         "_seen_transaction",
+        "_statement_timeout",
         "_token",
         "_waiters",
         "_warned_fallback",
@@ -185,10 +186,9 @@ class ConnectionSet:
         "closed_at",
         "lease_timeout",
         "opened_at",
+        "passes_through",
         "peak_parallelism",
-        "record_stock_calls",
         "records",
-        "statement_timeout",
         "wait_time",
     )
 
@@ -199,14 +199,26 @@ class ConnectionSet:
         lease_timeout: float = 0.1,
         statement_timeout: float | None = None,
     ) -> None:
-        self._parallelism = validate_parallelism(parallelism)
+        # (The validators are called only for what is not plainly valid: the
+        # middleware makes a set per request from settings checked at startup.)
+        if type(parallelism) is not int or parallelism < 1:
+            validate_parallelism(parallelism)
+        if statement_timeout is not None:
+            statement_timeout = validate_statement_timeout(statement_timeout)
+        if not (
+            type(lease_timeout) is float and 0 <= lease_timeout <= MAX_LEASE_TIMEOUT
+        ):
+            lease_timeout = validate_lease_timeout(lease_timeout)
+        self._parallelism = parallelism
         #: The highest parallelism the set had (a block form may lower it again).
-        self.peak_parallelism = self._parallelism
-        #: Record calls that run as stock Django too (for figures and timelines;
-        #: the middleware turns it on with SERVER_TIMING or HISTORY).
-        self.record_stock_calls = False
-        self.statement_timeout = validate_statement_timeout(statement_timeout)
-        self.lease_timeout = validate_lease_timeout(lease_timeout)
+        self.peak_parallelism = parallelism
+        self._record_stock_calls = False
+        self._statement_timeout = statement_timeout
+        #: True when calls made now would run as plain stock Django, with no
+        #: record kept: the router then hands them to asgiref untouched. Kept
+        #: by _update_routing() whenever what it depends on changes.
+        self.passes_through = parallelism == 1 and statement_timeout is None
+        self.lease_timeout = lease_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: Token[ConnectionSet | None] | None = None
         self._closed = False
@@ -258,6 +270,7 @@ class ConnectionSet:
     def parallelism(self, value: int) -> None:
         self._parallelism = validate_parallelism(value)
         self.peak_parallelism = max(self.peak_parallelism, value)
+        self._update_routing()
         if self._loop is not None and not self._closed:
             self._dispatch()
 
@@ -265,6 +278,27 @@ class ConnectionSet:
     def lanes(self) -> tuple[Lane, ...]:
         """The lanes open now, lane 0 first."""
         return tuple(self._lanes)
+
+    @property
+    def statement_timeout(self) -> float | None:
+        """Seconds of server time each query may take; None: the server's limit."""
+        return self._statement_timeout
+
+    @statement_timeout.setter
+    def statement_timeout(self, value: float | None) -> None:
+        self._statement_timeout = validate_statement_timeout(value)
+        self._update_routing()
+
+    @property
+    def record_stock_calls(self) -> bool:
+        """Record calls that run as stock Django too (for figures and timelines;
+        the middleware turns it on with SERVER_TIMING or HISTORY)."""
+        return self._record_stock_calls
+
+    @record_stock_calls.setter
+    def record_stock_calls(self, value: bool) -> None:
+        self._record_stock_calls = value
+        self._update_routing()
 
     @property
     def closed(self) -> bool:
@@ -317,7 +351,8 @@ class ConnectionSet:
             # the server rather than wait for them.
             self._stop_running()
         try:
-            await self.aclose()
+            if not self._close_if_idle():
+                await self.aclose()
         finally:
             if self._token is not None:
                 current_set.reset(self._token)
@@ -330,11 +365,30 @@ class ConnectionSet:
                 "This ConnectionSet was already opened; create a new one."
             )
         # A script may use sets without the app or the middleware installed.
-        ensure_installed()
+        if not routing.installed_once:
+            routing.ensure_installed()
         self._loop = asyncio.get_running_loop()
         self.opened_at = time.perf_counter()
-        stats.incr("sets_opened")
-        stats.incr("sets_open")
+        stats.incr("sets_opened")  # (sets_open is opened - closed)
+
+    def _holds_lanes(self) -> bool:
+        """True while closing has something to give back or wait for."""
+        return (
+            len(self._lanes) > 1
+            or bool(self._waiters)
+            or bool(self._background)
+            or (self._cursors is not _NO_CURSORS and bool(self._cursors))
+        )
+
+    def _close_if_idle(self) -> bool:
+        """Close at once, with no task, when there is nothing to give back (the
+        common request); True if it did."""
+        if self._closed or self._loop is None or self._holds_lanes():
+            return False
+        self._closed = True
+        self.closed_at = time.perf_counter()
+        stats.incr("sets_closed")
+        return True
 
     async def aclose(self) -> None:
         """Return every extra lane; safe to call twice; shielded from cancellation.
@@ -347,25 +401,19 @@ class ConnectionSet:
             return
         self._closed = True
         try:
-            if (
-                self._lanes != [self._lane0]
-                or self._waiters
-                or self._background
-                or self._has_cursors()
-            ):
+            if self._holds_lanes():
                 await finish_shielded(self._release_all())
-            # else nothing was leased: no task to create (the common request).
+                logger.debug("asgi_dbset: closed %r", self)
         finally:
             self.closed_at = time.perf_counter()
-            stats.incr("sets_open", -1)
-            logger.debug("asgi_dbset: closed %r", self)
+            stats.incr("sets_closed")
 
     async def _release_all(self) -> None:
         # Cursors go with their lanes: mark them before any waiting chunk of
         # theirs wakes up, so it fails loudly instead of running elsewhere.
         for gen, pinned in list(self._cursors.items()):
             if isinstance(pinned, PooledLane):
-                orphaned_cursors.add(gen)
+                orphan(gen)
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
@@ -425,17 +473,17 @@ class ConnectionSet:
 
     # -- the call path -------------------------------------------------------
 
-    def passes_through(self) -> bool:
-        """True when calls made now would run as plain stock Django, with no
-        record kept: the router then skips :meth:`call`."""
-        return not (self.record_stock_calls or self._routes())
+    def _update_routing(self) -> None:
+        # (A cursor whose generator is gone leaves its pin only when collected:
+        # until the next update the set may route calls it could pass on.)
+        self.passes_through = not (self._record_stock_calls or self._routes())
 
     def _routes(self) -> bool:
         """True when calls go to lanes: more than one lane, a statement timeout
         to set, or a cursor pinned to a lane."""
         return (
             self._parallelism > 1
-            or self.statement_timeout is not None
+            or self._statement_timeout is not None
             or self._has_cursors()
         )
 
@@ -449,10 +497,12 @@ class ConnectionSet:
         if not isinstance(self._cursors, weakref.WeakKeyDictionary):
             self._cursors = weakref.WeakKeyDictionary()
         self._cursors[cursor] = lane
+        self.passes_through = False
 
     def _unpin(self, cursor: types.GeneratorType[Any, None, None]) -> None:
         if isinstance(self._cursors, weakref.WeakKeyDictionary):
             self._cursors.pop(cursor, None)
+            self._update_routing()
 
     async def call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -467,7 +517,7 @@ class ConnectionSet:
             else:
                 target = target_of(func, args, kwargs)
         if target is None:
-            if self.record_stock_calls and not self._closed:
+            if self._record_stock_calls and not self._closed:
                 return await self._run_stock_recorded(func, args, kwargs)
             return await stock_sync_to_async(func)(*args, **kwargs)
 
@@ -660,9 +710,9 @@ class ConnectionSet:
 
     @property
     def _timeout_ms(self) -> int | None:
-        if self.statement_timeout is None:
+        if self._statement_timeout is None:
             return None
-        return max(1, round(self.statement_timeout * 1000))
+        return max(1, round(self._statement_timeout * 1000))
 
     def _fall_back(self, why: str) -> None:
         stats.incr("fallbacks")
@@ -776,7 +826,7 @@ class ConnectionSet:
             self._lanes.remove(lane)
             lane.busy = True  # never again
             for gen in self._cursors_on(lane):
-                orphaned_cursors.add(gen)
+                orphan(gen)
                 self._unpin(gen)
             self._spawn(self._retire(lane))
         self._dispatch()

@@ -68,7 +68,8 @@ class DBSetMiddleware:
         history, server_timing = int(values["HISTORY"]), bool(values["SERVER_TIMING"])
         async with set_from_settings(values) as dbset:
             scope["asgi_dbset"] = dbset
-            dbset.record_stock_calls = server_timing or history > 0
+            if server_timing or history > 0:
+                dbset.record_stock_calls = True
             send = _returning_lanes_when_complete(send, dbset)
             if server_timing:
                 send = _with_server_timing(send, dbset)

@@ -17,6 +17,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async as stock_sync_to_async
 
+from . import cursors
 from .context import current_set
 from .cursors import check_cursor
 
@@ -39,7 +40,9 @@ def sync_to_async(
     """asgiref's ``sync_to_async`` for Django's ORM modules, set-aware.
 
     Only the plain thread-sensitive form is routed; any other form is
-    asgiref's own.
+    asgiref's own. Django calls what this returns at once, in the same
+    context (``await sync_to_async(f)(...)``), so the active set is read here:
+    when no set would take the call, the call is asgiref's own, unwrapped.
     """
     if (
         func is None
@@ -54,11 +57,14 @@ def sync_to_async(
             executor=executor,
         )
 
+    dbset = current_set.get()
+    if (dbset is None or dbset.passes_through) and not cursors.ever_orphaned:
+        return stock_sync_to_async(func)
+
     def routed(*args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         if args and type(args[0]) is types.GeneratorType:
             check_cursor(args[0])
-        dbset = current_set.get()
-        if dbset is None or dbset.passes_through():
+        if dbset is None or dbset.passes_through:
             return stock_sync_to_async(func)(*args, **kwargs)
         return dbset.call(func, args, kwargs)
 
@@ -74,15 +80,16 @@ def _routable_modules() -> list[str]:
     return [name for name in MODULES if contenttypes or ".contenttypes." not in name]
 
 
-_installed = False
+#: install() has run in this process (ensure_installed() sets it).
+installed_once = False
 
 
 def ensure_installed() -> None:
     """Install once per process; cheap after the first call."""
-    global _installed
-    if not _installed:
+    global installed_once
+    if not installed_once:
         install()
-        _installed = True
+        installed_once = True
 
 
 def install() -> list[str]:

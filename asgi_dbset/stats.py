@@ -45,4 +45,7 @@ def get_pool_stats() -> dict[str, dict[str, int]]:
 def get_stats() -> dict[str, int]:
     """Return a snapshot of the process-wide counters (every name in COUNTERS)."""
     with _lock:
-        return {name: _counters[name] for name in COUNTERS}
+        counts = {name: _counters[name] for name in COUNTERS}
+        # Counted as opened and closed: one update per set open, one per close.
+        counts["sets_open"] = _counters["sets_opened"] - _counters["sets_closed"]
+        return counts
