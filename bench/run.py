@@ -1015,9 +1015,9 @@ def main(argv: list[str] | None = None) -> None:
     load_after = load_snapshot()
     # After the HTTP runs, which it would slow down; counts do not depend on time.
     instructions = None
-    if workloads & {"W3", "W4"} and not args.no_instructions:
+    if workloads & {"W3", "W4"} and not (args.no_instructions or args.quick):
         say("counting instructions per request (valgrind)")
-        instructions = instruction_counts(50 if args.quick else 300)
+        instructions = instruction_counts(300)
 
     runs = [r for r in harness.runs if r["workload"] in workloads]
     results = {
