@@ -36,26 +36,14 @@ def pool_options(alias: str) -> dict[str, Any] | None:
     return {} if options is True else dict(options)
 
 
-# pool_max_size() of each alias asked for, until DATABASES changes.
-_max_sizes: dict[str, int | None] = {}
-
-
 def pool_max_size(alias: str) -> int | None:
     """The pool's ``max_size`` as psycopg_pool computes it, or None without a pool."""
-    try:
-        return _max_sizes[alias]
-    except KeyError:
-        pass
     options = pool_options(alias)
     if options is None:
-        size = None
-    else:
-        max_size = options.get("max_size")
-        size = int(
-            options.get("min_size", _POOL_MIN_SIZE) if max_size is None else max_size
-        )
-    _max_sizes[alias] = size
-    return size
+        return None
+    min_size = int(options.get("min_size", _POOL_MIN_SIZE))
+    max_size = options.get("max_size")
+    return min_size if max_size is None else int(max_size)
 
 
 def pool_is_contended(alias: str) -> bool:
@@ -149,8 +137,6 @@ budget = Budget()
 
 
 def _setting_changed(*, setting: str, **kwargs: Any) -> None:
-    if setting == "DATABASES":
-        _max_sizes.clear()
     if setting in ("DATABASES", "ASGI_DBSET"):
         budget.forget_limits()
 

@@ -61,7 +61,7 @@ from django.db import OperationalError
 
 from . import routing, stats
 from .aio import finish_shielded
-from .budget import budget, pool_is_contended, pool_max_size
+from .budget import budget, pool_is_contended
 from .context import current_set
 from .cursors import check_cursor, orphan
 from .lanes import Job, Lane, NotClearedError, NotRunError, PooledLane, RequestLane
@@ -216,7 +216,8 @@ class ConnectionSet:
         self._statement_timeout = statement_timeout
         #: True when calls made now would run as plain stock Django, with no
         #: record kept: the router then hands them to asgiref untouched. Kept
-        #: by _update_routing() whenever what it depends on changes.
+        #: by _update_routing() whenever what it depends on changes (here its
+        #: rule for a set that records nothing and has no cursor).
         self.passes_through = parallelism == 1 and statement_timeout is None
         self.lease_timeout = lease_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -365,8 +366,7 @@ class ConnectionSet:
                 "This ConnectionSet was already opened; create a new one."
             )
         # A script may use sets without the app or the middleware installed.
-        if not routing.installed_once:
-            routing.ensure_installed()
+        routing.ensure_installed()
         self._loop = asyncio.get_running_loop()
         self.opened_at = time.perf_counter()
         stats.incr("sets_opened")  # (sets_open is opened - closed)
@@ -377,7 +377,7 @@ class ConnectionSet:
             len(self._lanes) > 1
             or bool(self._waiters)
             or bool(self._background)
-            or (self._cursors is not _NO_CURSORS and bool(self._cursors))
+            or self._has_cursors()
         )
 
     def _close_if_idle(self) -> bool:
@@ -396,14 +396,15 @@ class ConnectionSet:
         Calls still queued fall back to stock Django. Calls running on a lane
         finish first (abandoned ones were already cancelled on the server).
         """
+        if self._close_if_idle():
+            return
         if self._closed or self._loop is None:
             self._closed = True
             return
         self._closed = True
         try:
-            if self._holds_lanes():
-                await finish_shielded(self._release_all())
-                logger.debug("asgi_dbset: closed %r", self)
+            await finish_shielded(self._release_all())
+            logger.debug("asgi_dbset: closed %r", self)
         finally:
             self.closed_at = time.perf_counter()
             stats.incr("sets_closed")
@@ -775,10 +776,9 @@ class ConnectionSet:
             return False  # its calls stay on lane 0
         if self._in_transaction is None and self._seen_transaction:
             return False  # likely inside one again: wait for lane 0's report
-        if pool_max_size(alias) is None:
-            return False  # not pooled: the checks said so; calls stay serial
-        # Requests are waiting for their own connections (or a lease was just
-        # refused): an extra lane would queue ahead of them.
+        # The budget is 0 for an alias without a pool (calls stay serial, as
+        # the checks said). Requests waiting for their own connections (or a
+        # lease just refused): an extra lane would queue ahead of them.
         return (
             budget.may_acquire(alias)
             and time.monotonic() >= budget.retry_at(alias)

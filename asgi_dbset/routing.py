@@ -80,16 +80,15 @@ def _routable_modules() -> list[str]:
     return [name for name in MODULES if contenttypes or ".contenttypes." not in name]
 
 
-#: install() has run in this process (ensure_installed() sets it).
-installed_once = False
+_installed = False
 
 
 def ensure_installed() -> None:
     """Install once per process; cheap after the first call."""
-    global installed_once
-    if not installed_once:
+    global _installed
+    if not _installed:
         install()
-        installed_once = True
+        _installed = True
 
 
 def install() -> list[str]:

@@ -191,6 +191,33 @@ SPLIT = {
 }
 
 
+def _run_child(
+    args: list[str],
+    variant: str,
+    wrap: str,
+    timeout: float,
+    extra: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """``python -m bench.diagnose *args`` in a fresh process serving *variant*
+    (BENCH_VARIANT) wrapped as *wrap* (BENCH_WRAP), run under *prefix*."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "bench.diagnose", *args],
+        cwd=REPO,
+        env={
+            **os.environ,
+            **(extra or {}),
+            "BENCH_VARIANT": variant,
+            "BENCH_WRAP": wrap,
+            "PYTHONPATH": str(REPO),
+        },
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+
+
 def overhead(
     requests: int, rounds: int, profile: str | None, split: bool, clients: int = 1
 ) -> None:
@@ -200,32 +227,10 @@ def overhead(
     for round_no in range(rounds):
         for name in order[round_no % len(order) :] + order[: round_no % len(order)]:
             variant, path, wrap = variants[name]
-            args = [
-                sys.executable,
-                "-m",
-                "bench.diagnose",
-                "_child",
-                path,
-                str(requests),
-                "--clients",
-                str(clients),
-            ]
+            args = ["_child", path, str(requests), "--clients", str(clients)]
             if profile == name:
                 args.append("--profile")
-            out = subprocess.run(
-                args,
-                cwd=REPO,
-                env={
-                    **os.environ,
-                    "BENCH_VARIANT": variant,
-                    "BENCH_WRAP": wrap,
-                    "PYTHONPATH": str(REPO),
-                },
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=True,
-            )
+            out = _run_child(args, variant, wrap, timeout=600)
             if profile == name and round_no == 0:
                 print(out.stderr)
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -262,13 +267,11 @@ def _serve_requests(path: str, query: str, requests: int) -> None:
 
 #: name: (BENCH_VARIANT, path, query string, BENCH_WRAP, extra environment)
 INSTRUCTION_VARIANTS: dict[str, tuple[str, str, str, str, dict[str, str]]] = {
-    # W3: one pk lookup.
-    "stock": ("stock", "/p1/w3/", "", "", {}),
-    "dbset-p1": ("dbset", "/p1/w3/", "", "", {}),
-    "dbset-p4": ("dbset", "/p4/w3/", "", "", {}),
-    # W3, the middleware's halves (see SPLIT).
-    "routing": ("dbset", "/p1/w3/", "", "bare", {}),
-    "set-only": ("dbset", "/p1/w3/", "", "set", {}),
+    # W3 (one pk lookup): overhead's variants and the middleware's halves.
+    **{
+        name: (variant, path, "", wrap, {})
+        for name, (variant, path, wrap) in {**VARIANTS, **SPLIT}.items()
+    },
     # W4's request as a saturated server serves it: four lookups, no extra
     # lane to be had (a pool of one connection leaves the sets no budget), so
     # at p=4 they queue on lane 0 as they do when the pool is busy.
@@ -282,34 +285,14 @@ _BASELINES = {"w4-": "w4-stock", "": "stock"}
 
 def _instructions(name: str, requests: int) -> int:
     variant, path, query, wrap, extra = INSTRUCTION_VARIANTS[name]
-    out = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            "-m",
-            "bench.diagnose",
-            "_serve",
-            path,
-            str(requests),
-            "--query",
-            query,
-        ],
-        cwd=REPO,
-        env={
-            **os.environ,
-            **extra,
-            "BENCH_VARIANT": variant,
-            "BENCH_WRAP": wrap,
-            "PYTHONPATH": str(REPO),
-            # The same string hashes, so the same dict layouts, in every run.
-            "PYTHONHASHSEED": "0",
-        },
-        capture_output=True,
-        text=True,
+    out = _run_child(
+        ["_serve", path, str(requests), "--query", query],
+        variant,
+        wrap,
         timeout=1800,
-        check=True,
+        # The same string hashes, so the same dict layouts, in every run.
+        extra={**extra, "PYTHONHASHSEED": "0"},
+        prefix=("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
     )
     for line in out.stderr.splitlines():
         if "Collected :" in line:
