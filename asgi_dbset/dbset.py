@@ -522,7 +522,7 @@ class ConnectionSet:
                 return await self._run_stock_recorded(func, args, kwargs)
             return await stock_sync_to_async(func)(*args, **kwargs)
 
-        self._check_outer_thread()
+        outer = self._check_outer_thread()
         self._read_report()
         cursor = target.cursor
         if (
@@ -534,7 +534,7 @@ class ConnectionSet:
             # the request's own thread and connection.
             self._pin(cursor, self._lane0)
         if self._best_queued_on_lane0(target):
-            return await self._run_behind_lane0(target, func, args, kwargs)
+            return await self._run_behind_lane0(target, func, args, kwargs, outer)
         queued = time.perf_counter()
         first = False
         while True:
@@ -545,7 +545,7 @@ class ConnectionSet:
                 self._fall_back("the set ended while the call waited for a lane")
                 return await stock_sync_to_async(func)(*args, **kwargs)
             try:
-                return await self._run(lane, target, func, args, kwargs, queued)
+                return await self._run(lane, target, func, args, kwargs, queued, outer)
             except NotRunError as exc:
                 # The lane never had a connection, or lane 0's report kept the
                 # call off it; it did not run: queue it again, ahead of the
@@ -570,6 +570,7 @@ class ConnectionSet:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         queued: float,
+        outer: object,
     ) -> Any:
         cursor = target.cursor
         generation = self._lane0.generation
@@ -602,6 +603,7 @@ class ConnectionSet:
                 self._abandoned_done,
                 self._timeout_ms,
                 clearance=clearance,
+                outer=outer,
             )
         except NotRunError:
             if pinned_here is not None and self._cursors.get(pinned_here) is lane:
@@ -633,6 +635,7 @@ class ConnectionSet:
         func: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        outer: object,
     ) -> Any:
         lane = self._lane0
         self._report_due = generation = lane.generation
@@ -659,6 +662,7 @@ class ConnectionSet:
                 abandoned_done,
                 self._timeout_ms,
                 job=job,
+                outer=outer,
             )
         except asyncio.CancelledError:
             if job.give_up():
@@ -891,10 +895,11 @@ class ConnectionSet:
 
     # -- growing -------------------------------------------------------------
 
-    def _check_outer_thread(self) -> None:
+    def _check_outer_thread(self) -> object:
         """Forget lane 0's transaction report when the sync caller above us
         changes: under ``async_to_sync``, lane 0 is that caller's thread, which
-        may have entered a transaction since it last reported."""
+        may have entered a transaction since it last reported. Returns that
+        caller's executor (``AsyncToSync.executors.current``), if any."""
         outer = getattr(AsyncToSync.executors, "current", None)
         if outer is not self._outer:
             self._outer = outer
@@ -903,6 +908,7 @@ class ConnectionSet:
             # Calls queued already wait for the new report too.
             if self._waiters and self._read_report(want=True):
                 self._dispatch()
+        return outer
 
     def _read_report(self, *, want: bool = False) -> bool:
         """Take lane 0's report for the current generation off its board, if it

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 import psycopg
@@ -27,6 +28,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import stats
 from .context import current_set
+from .hop import hop, request_thread_executor
 from .workers import Worker, workers
 
 logger = logging.getLogger("asgi_dbset")
@@ -299,7 +301,8 @@ class Lane:
             f"calls={self.calls}>"
         )
 
-    def _executor_options(self) -> dict[str, Any]:
+    def _executor(self, outer: object) -> Executor | None:
+        """The executor of the lane's thread; None when asgiref must choose it."""
         raise NotImplementedError
 
     def _before(
@@ -326,6 +329,7 @@ class Lane:
         *,
         job: Job | None = None,
         clearance: int | None = None,
+        outer: object = None,
     ) -> Any:
         """Run ``func(*args, **kwargs)`` on this lane's thread.
 
@@ -336,7 +340,8 @@ class Lane:
         only): it is not the lane's ``job``. With a *clearance* (a pooled
         lane only), the thread first waits for lane 0's report of that
         generation, and raises :class:`NotClearedError` unless it clears the
-        call's alias.
+        call's alias. *outer* is the caller's ``AsyncToSync.executors.current``
+        (lane 0 runs on that thread when there is one).
         """
         loop = asyncio.get_running_loop()
         if job is None:
@@ -380,7 +385,12 @@ class Lane:
                     if abandoned:
                         loop.call_soon_threadsafe(on_abandoned_done, self)
 
-        return await SyncToAsync(call, context=context, **self._executor_options())()
+        executor = self._executor(outer)
+        if executor is None:
+            # The request's thread is not made yet (or its context has exited):
+            # asgiref makes it (or refuses the call) as for stock Django.
+            return await SyncToAsync(call, context=context)()
+        return await hop(loop, executor, context, call)
 
 
 class RequestLane(Lane):
@@ -396,8 +406,8 @@ class RequestLane(Lane):
         self.generation = 0
         self._reported: tuple[int, frozenset[str]] | None = None
 
-    def _executor_options(self) -> dict[str, Any]:
-        return {"thread_sensitive": True}
+    def _executor(self, outer: object) -> Executor | None:
+        return request_thread_executor(outer)
 
     def _before(
         self,
@@ -494,8 +504,8 @@ class PooledLane(Lane):
             f"calls={self.calls} on {self.worker.name}>"
         )
 
-    def _executor_options(self) -> dict[str, Any]:
-        return {"thread_sensitive": False, "executor": self.worker}
+    def _executor(self, outer: object) -> Executor | None:
+        return self.worker
 
     def _before(
         self,

@@ -10,6 +10,7 @@ is asgiref's ``sync_to_async``, plus one context-variable read.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import types
 from collections.abc import Callable, Coroutine
@@ -20,6 +21,7 @@ from asgiref.sync import sync_to_async as stock_sync_to_async
 from . import cursors
 from .context import current_set
 from .cursors import check_cursor
+from .hop import run_as_stock
 
 #: The modules whose ``sync_to_async`` global is routed.
 MODULES = (
@@ -41,8 +43,10 @@ def sync_to_async(
 
     Only the plain thread-sensitive form is routed; any other form is
     asgiref's own. Django calls what this returns at once, in the same
-    context (``await sync_to_async(f)(...)``), so the active set is read here:
-    when no set would take the call, the call is asgiref's own, unwrapped.
+    context (``await sync_to_async(f)(...)``), so the active set is read here.
+    Without a set, the call is asgiref's own, unwrapped; with a set that runs
+    calls as stock Django does (parallelism 1), it runs where asgiref would
+    run it, through the lanes' leaner hop (:func:`~.hop.run_as_stock`).
     """
     if (
         func is None
@@ -58,14 +62,19 @@ def sync_to_async(
         )
 
     dbset = current_set.get()
-    if (dbset is None or dbset.passes_through) and not cursors.ever_orphaned:
-        return stock_sync_to_async(func)
+    if not cursors.ever_orphaned:
+        if dbset is None:
+            return stock_sync_to_async(func)
+        if dbset.passes_through:
+            return functools.partial(run_as_stock, func)
 
     def routed(*args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         if args and type(args[0]) is types.GeneratorType:
             check_cursor(args[0])
-        if dbset is None or dbset.passes_through:
+        if dbset is None:
             return stock_sync_to_async(func)(*args, **kwargs)
+        if dbset.passes_through:
+            return run_as_stock(func, *args, **kwargs)
         return dbset.call(func, args, kwargs)
 
     return routed

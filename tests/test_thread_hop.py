@@ -1,0 +1,136 @@
+"""A lane hands its call to its thread itself (asgi_dbset.hop), not through a
+``SyncToAsync`` per call: what code inside an ORM call relies on still holds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
+from django.db import connections
+from django.db.models.signals import post_save
+from django.utils import timezone
+
+from asgi_dbset import connection_set
+from tests.helpers import sleeping
+from tests.testapp.models import Tag
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Seen:
+    """What the post_save receivers of Tag saw, by tag name."""
+
+    def __init__(self) -> None:
+        self.sync: dict[str, tuple[int, str]] = {}
+        self.loops: dict[str, asyncio.AbstractEventLoop] = {}
+
+    def on_save(self, instance: Tag, **kwargs: Any) -> None:
+        # Runs on the thread of the lane that ran the ORM call.
+        self.sync[instance.name] = (
+            threading.get_ident(),
+            timezone.get_current_timezone_name(),
+        )
+
+    async def on_save_async(self, instance: Tag, **kwargs: Any) -> None:
+        # Django runs async receivers of a sync send() through async_to_sync.
+        self.loops[instance.name] = asyncio.get_running_loop()
+
+
+@pytest.fixture
+def seen() -> Iterator[Seen]:
+    seen = Seen()
+    post_save.connect(seen.on_save, sender=Tag, weak=False)
+    post_save.connect(seen.on_save_async, sender=Tag, weak=False)
+    try:
+        yield seen
+    finally:
+        post_save.disconnect(seen.on_save, sender=Tag)
+        post_save.disconnect(seen.on_save_async, sender=Tag)
+
+
+def _close_all() -> None:
+    for wrapper in connections.all(initialized_only=True):
+        wrapper.close()
+
+
+async def test_calls_on_every_lane_see_the_callers_context_and_loop(
+    seen: Seen,
+) -> None:
+    loop = asyncio.get_running_loop()
+    async with ThreadSensitiveContext():
+        request_thread = await sync_to_async(threading.get_ident)()
+        with timezone.override("Asia/Tokyo"):
+            async with connection_set(parallelism=3) as dbset:
+                # Lane 0 is busy sleeping: the writes run on extra lanes.
+                await asyncio.gather(
+                    sleeping(0.3).acount(),
+                    Tag.objects.acreate(name="a"),
+                    Tag.objects.acreate(name="b"),
+                )
+                # Lane 0 is idle now: the next call runs there.
+                await Tag.objects.acreate(name="c")
+        await sync_to_async(_close_all)()
+
+    writes = [record.lane for record in dbset.records if record.name == "create"]
+    # a and b ran on extra lanes, c on lane 0.
+    assert writes[2] == 0
+    assert 0 not in writes[:2], writes
+    assert seen.sync["c"][0] == request_thread
+    assert {seen.sync[name][0] for name in "ab"}.isdisjoint({request_thread})
+    # asgiref moves the caller's Local storage (its active timezone) onto the
+    # thread, and its thread-local makes async_to_sync use this loop.
+    assert {tz for _, tz in seen.sync.values()} == {"Asia/Tokyo"}
+    assert set(seen.loops) == {"a", "b", "c"}
+    assert all(seen_loop is loop for seen_loop in seen.loops.values())
+
+
+def test_lane_zero_is_the_sync_callers_thread_under_async_to_sync(seen: Seen) -> None:
+    async def parallel_part() -> set[int]:
+        async with connection_set(parallelism=2) as dbset:
+            await asyncio.gather(
+                sleeping(0.2).acount(), Tag.objects.acreate(name="beside")
+            )
+            await Tag.objects.acreate(name="after")
+        return {record.lane for record in dbset.records}
+
+    lanes = async_to_sync(parallel_part)()
+    assert lanes == {0, 1}
+    # Lane 0 is the thread that called async_to_sync, as for stock Django.
+    assert seen.sync["after"][0] == threading.get_ident()
+    assert seen.sync["beside"][0] != threading.get_ident()
+    _close_all()
+
+
+last_saved: contextvars.ContextVar[str] = contextvars.ContextVar("last_saved")
+
+
+def _mark(instance: Tag, **kwargs: Any) -> None:
+    last_saved.set(instance.name)
+
+
+async def test_at_parallelism_one_a_call_runs_and_returns_its_context_as_stock(
+    seen: Seen,
+) -> None:
+    # At parallelism 1 the router runs calls through the hop, not SyncToAsync:
+    # same thread, and context changes made there come back to the caller.
+    post_save.connect(_mark, sender=Tag, weak=False)
+    try:
+        async with ThreadSensitiveContext():
+            request_thread = await sync_to_async(threading.get_ident)()
+            await Tag.objects.acreate(name="stock")
+            stock_mark = last_saved.get(None)
+            async with connection_set(parallelism=1) as dbset:
+                assert dbset.passes_through
+                await Tag.objects.acreate(name="in a set")
+                set_mark = last_saved.get(None)
+            await sync_to_async(_close_all)()
+    finally:
+        post_save.disconnect(_mark, sender=Tag)
+    assert (stock_mark, set_mark) == ("stock", "in a set")
+    assert seen.sync["stock"][0] == seen.sync["in a set"][0] == request_thread
+    assert seen.loops["in a set"] is asyncio.get_running_loop()
