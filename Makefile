@@ -9,7 +9,7 @@
 #   make db-start, make db-stop      start/stop the embedded PostgreSQL (.pgdata/)
 #   make chromium                    install Debian's chromium if absent (browser test)
 #   make docs                        build the documentation (mkdocs --strict) into site/
-#   make bench                       benchmarks (~12 min) -> bench/results/, docs/benchmarks.md
+#   make bench                       benchmarks (~17 min) -> bench/results/, docs/benchmarks.md
 #   make bench BENCH_ARGS=--quick    a ~2 min benchmark smoke run, written under bench/.work/
 #   make soak                        the soak tests (-m soak, ~20 min), main cell, figures shown
 #
