@@ -12,7 +12,7 @@ executor itself, and keeps only what code inside the call relies on:
   inside the call (an async signal receiver, say) runs its coroutine on this
   loop, and the caller's cancellation reaches that coroutine's task;
 - asgiref's context restore on the thread (``_restore_context``), which also
-  moves ``Local`` storage to the thread (asgiref 3.10+): the call sees the
+  moves ``Local`` storage to the thread (asgiref 3.13): the call sees the
   caller's active timezone, language and urlconf;
 - the exception the caller is handling, as the context of one the call raises.
 
@@ -55,6 +55,18 @@ def request_thread_executor(outer: object) -> Executor | None:
     return SyncToAsync.context_to_thread_executor.get(context)
 
 
+def entering(context: contextvars.Context, fn: Callable[[], T]) -> Callable[[], T]:
+    """*fn*, made to run in *context* on whatever thread calls it, with
+    asgiref's ``Local`` storage moved onto that thread (for ``SyncToAsync``,
+    which copies a context of its own: its ``context=`` is asgiref 3.11+)."""
+
+    def restored() -> T:
+        _restore_context(context)
+        return fn()
+
+    return functools.partial(context.run, restored)
+
+
 async def hop(
     loop: asyncio.AbstractEventLoop,
     executor: Executor,
@@ -63,15 +75,18 @@ async def hop(
 ) -> T:
     """Run ``fn()`` in *context* on *executor*'s thread and return its result.
 
-    If the caller is cancelled, an ``async_to_sync`` task the call is running
-    is cancelled too and the cancellation propagates at once; the call itself
-    is the caller's to deal with (a lane's job, which marks it abandoned).
-    Nothing is copied back from *context*: it is the caller's private copy.
+    Cancelling the caller cancels as ``SyncToAsync`` does: a call not started
+    never starts; a running one goes on (a lane's job marks it abandoned),
+    but first an ``async_to_sync`` task it runs is cancelled and awaited, and
+    if that task absorbs the cancellation, the call's result is awaited and
+    returned. Nothing is copied back from *context*.
     """
+    __traceback_hide__ = True  # (Django's debug page skips this frame)
     task_context: list[asyncio.Task[Any]] = []
     handling = sys.exc_info()[1]
 
     def in_thread() -> T:
+        __traceback_hide__ = True
         local = SyncToAsync.threadlocal
         local.main_event_loop = loop
         local.main_event_loop_pid = os.getpid()
@@ -84,13 +99,24 @@ async def hop(
         except BaseException:
             return fn()
 
-    future = loop.run_in_executor(executor, context.run, in_thread)
+    # (What run_in_executor does, keeping the thread's own future: awaiting
+    # the asyncio one is what cancelling the caller cancels.)
+    running = executor.submit(context.run, in_thread)
     try:
-        return await future
+        return await asyncio.wrap_future(running, loop=loop)
     except asyncio.CancelledError:
-        if task_context:
-            task_context[0].cancel()
-        raise
+        if not task_context:
+            raise
+        # SyncToAsync.__call__'s rule for a call inside async_to_sync.
+        task = task_context[0]
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            raise  # the task took the cancellation: so does the caller
+        if running.done():
+            raise
+        return await asyncio.wrap_future(running, loop=loop)
 
 
 async def run_as_stock(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

@@ -28,7 +28,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import stats
 from .context import current_set
-from .hop import hop, request_thread_executor
+from .hop import entering, hop, request_thread_executor
 from .workers import Worker, workers
 
 logger = logging.getLogger("asgi_dbset")
@@ -389,7 +389,7 @@ class Lane:
         if executor is None:
             # The request's thread is not made yet (or its context has exited):
             # asgiref makes it (or refuses the call) as for stock Django.
-            return await SyncToAsync(call, context=context)()
+            return await SyncToAsync(entering(context, call))()
         return await hop(loop, executor, context, call)
 
 

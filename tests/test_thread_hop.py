@@ -10,12 +10,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
+from asgiref.sync import (
+    SyncToAsync,
+    ThreadSensitiveContext,
+    async_to_sync,
+    sync_to_async,
+)
 from django.db import connections
 from django.db.models.signals import post_save
 from django.utils import timezone
 
 from asgi_dbset import connection_set
+from asgi_dbset.hop import run_as_stock
 from tests.helpers import sleeping
 from tests.testapp.models import Tag
 
@@ -89,6 +95,21 @@ async def test_calls_on_every_lane_see_the_callers_context_and_loop(
     assert all(seen_loop is loop for seen_loop in seen.loops.values())
 
 
+async def test_a_requests_first_call_makes_its_thread_as_stock_and_sees_its_context(
+    seen: Seen,
+) -> None:
+    # No thread-sensitive call has run in this context yet: lane 0 has no
+    # thread to hand its call to, so SyncToAsync makes it.
+    async with ThreadSensitiveContext():
+        with timezone.override("Asia/Tokyo"):
+            async with connection_set(parallelism=2) as dbset:
+                await Tag.objects.acreate(name="first")
+            request_thread = await sync_to_async(threading.get_ident)()
+        await sync_to_async(_close_all)()
+    assert [record.lane for record in dbset.records] == [0]
+    assert seen.sync["first"] == (request_thread, "Asia/Tokyo")
+
+
 def test_lane_zero_is_the_sync_callers_thread_under_async_to_sync(seen: Seen) -> None:
     async def parallel_part() -> set[int]:
         async with connection_set(parallelism=2) as dbset:
@@ -134,3 +155,57 @@ async def test_at_parallelism_one_a_call_runs_and_returns_its_context_as_stock(
     assert (stock_mark, set_mark) == ("stock", "in a set")
     assert seen.sync["stock"][0] == seen.sync["in a set"][0] == request_thread
     assert seen.loops["in a set"] is asyncio.get_running_loop()
+
+
+@pytest.mark.parametrize("absorbs", [True, False])
+async def test_a_cancelled_call_running_async_to_sync_ends_as_under_sync_to_async(
+    absorbs: bool,
+) -> None:
+    # SyncToAsync's rule, kept by the hop: a cancelled caller first cancels the
+    # async_to_sync task its call runs; if that task absorbs the cancellation,
+    # the call goes on and the caller gets its result.
+    async def inner(log: list[str], started: asyncio.Event) -> None:
+        log.append("inner started")
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            log.append("inner cancelled")
+            if not absorbs:
+                raise
+
+    def call(log: list[str], started: asyncio.Event) -> str:
+        async_to_sync(inner)(log, started)
+        log.append("call went on")
+        return "result"
+
+    async def outcome(run: Any) -> list[str]:
+        log: list[str] = []
+        started = asyncio.Event()
+        task = asyncio.ensure_future(run(call, log, started))
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        try:
+            log.append(await task)
+        except asyncio.CancelledError:
+            log.append("caller cancelled")
+        await asyncio.sleep(0.05)  # the call's thread, when it goes on
+        return log
+
+    async def stock(func: Any, *args: Any) -> Any:
+        return await SyncToAsync(func)(*args)
+
+    async with ThreadSensitiveContext():
+        await sync_to_async(threading.get_ident)()  # the request's thread exists
+        expected = await outcome(stock)
+        assert await outcome(run_as_stock) == expected
+    if absorbs:
+        assert expected == [
+            "inner started",
+            "inner cancelled",
+            "call went on",
+            "result",
+        ]
+    else:
+        assert expected[:2] == ["inner started", "inner cancelled"]
+        assert "caller cancelled" in expected
