@@ -114,8 +114,10 @@ async def hop(
             await task
         except asyncio.CancelledError:
             raise  # the task took the cancellation: so does the caller
-        if running.done():
-            raise
+        # (asgiref raises here if its own future of the call is done already,
+        # which it is not yet: that future completes through the loop, after
+        # this resumes. The call's thread may be done, so the rule is not
+        # read off ``running``.)
         return await asyncio.wrap_future(running, loop=loop)
 
 
