@@ -56,7 +56,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import AsyncToSync
-from asgiref.sync import sync_to_async as stock_sync_to_async
 from django.db import OperationalError
 
 from . import routing, stats
@@ -64,6 +63,7 @@ from .aio import finish_shielded
 from .budget import budget, pool_is_contended
 from .context import current_set
 from .cursors import check_cursor, orphan
+from .hop import run_as_stock
 from .lanes import Job, Lane, NotClearedError, NotRunError, PooledLane, RequestLane
 from .targets import Target, target_of
 from .workers import workers
@@ -520,7 +520,7 @@ class ConnectionSet:
         if target is None:
             if self._record_stock_calls and not self._closed:
                 return await self._run_stock_recorded(func, args, kwargs)
-            return await stock_sync_to_async(func)(*args, **kwargs)
+            return await run_as_stock(func, *args, **kwargs)
 
         outer = self._check_outer_thread()
         self._read_report()
@@ -543,7 +543,7 @@ class ConnectionSet:
                 if cursor is not None:
                     check_cursor(cursor)
                 self._fall_back("the set ended while the call waited for a lane")
-                return await stock_sync_to_async(func)(*args, **kwargs)
+                return await run_as_stock(func, *args, **kwargs)
             try:
                 return await self._run(lane, target, func, args, kwargs, queued, outer)
             except NotRunError as exc:
@@ -687,7 +687,7 @@ class ConnectionSet:
         alias = target.alias if target is not None else ""
         record = self._record(0, alias, func, time.perf_counter())
         try:
-            return await stock_sync_to_async(func)(*args, **kwargs)
+            return await run_as_stock(func, *args, **kwargs)
         finally:
             record.ended = time.perf_counter()
 

@@ -69,11 +69,16 @@ def entering(context: contextvars.Context, fn: Callable[[], T]) -> Callable[[], 
 
 async def hop(
     loop: asyncio.AbstractEventLoop,
-    executor: Executor,
+    executor: Executor | None,
     context: contextvars.Context,
     fn: Callable[[], T],
 ) -> T:
     """Run ``fn()`` in *context* on *executor*'s thread and return its result.
+
+    Without an executor (the request's thread is not made yet, or its context
+    has exited: see :func:`request_thread_executor`), the call goes through
+    ``SyncToAsync``, which makes the thread (or refuses the call) as for stock
+    Django.
 
     Cancelling the caller cancels as ``SyncToAsync`` does: a call not started
     never starts; a running one goes on (a lane's job marks it abandoned),
@@ -82,6 +87,8 @@ async def hop(
     returned. Nothing is copied back from *context*.
     """
     __traceback_hide__ = True  # (Django's debug page skips this frame)
+    if executor is None:
+        return await SyncToAsync(entering(context, fn))()
     task_context: list[asyncio.Task[Any]] = []
     handling = sys.exc_info()[1]
 
@@ -125,14 +132,12 @@ async def run_as_stock(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> 
     """``await SyncToAsync(func)(*args, **kwargs)``, through :func:`hop`: on the
     thread stock Django runs it on, in a copy of the caller's context whose
     changes are copied back after, as asgiref does."""
-    executor = request_thread_executor(getattr(AsyncToSync.executors, "current", None))
-    if executor is None:
-        return await SyncToAsync(func)(*args, **kwargs)
+    outer = getattr(AsyncToSync.executors, "current", None)
     context = contextvars.copy_context()
     try:
         return await hop(
             asyncio.get_running_loop(),
-            executor,
+            request_thread_executor(outer),
             context,
             functools.partial(func, *args, **kwargs),
         )

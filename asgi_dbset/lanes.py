@@ -22,13 +22,12 @@ from concurrent.futures import Executor
 from typing import Any
 
 import psycopg
-from asgiref.sync import SyncToAsync
 from django.db import OperationalError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import stats
 from .context import current_set
-from .hop import entering, hop, request_thread_executor
+from .hop import hop, request_thread_executor
 from .workers import Worker, workers
 
 logger = logging.getLogger("asgi_dbset")
@@ -302,7 +301,7 @@ class Lane:
         )
 
     def _executor(self, outer: object) -> Executor | None:
-        """The executor of the lane's thread; None when asgiref must choose it."""
+        """The executor of the lane's thread; None when asgiref must make it."""
         raise NotImplementedError
 
     def _before(
@@ -385,12 +384,7 @@ class Lane:
                     if abandoned:
                         loop.call_soon_threadsafe(on_abandoned_done, self)
 
-        executor = self._executor(outer)
-        if executor is None:
-            # The request's thread is not made yet (or its context has exited):
-            # asgiref makes it (or refuses the call) as for stock Django.
-            return await SyncToAsync(entering(context, call))()
-        return await hop(loop, executor, context, call)
+        return await hop(loop, self._executor(outer), context, call)
 
 
 class RequestLane(Lane):
