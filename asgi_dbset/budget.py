@@ -65,6 +65,8 @@ class Budget:
         self._retry_at: dict[str, float] = {}
         # limit() of each alias asked for, until DATABASES or ASGI_DBSET changes.
         self._limits: dict[str, int] = {}
+        # ASGI_DBSET["BUDGET"], read with the limits (and forgotten with them).
+        self._total_limit: int | None = None
 
     def back_off(self, alias: str, seconds: float) -> None:
         """No set leases for *alias* for ``seconds`` (after a refused lease)."""
@@ -91,7 +93,7 @@ class Budget:
         except KeyError:
             pass
         max_size = pool_max_size(alias)
-        budget = conf.BUDGET
+        budget = self._total_limit = conf.BUDGET
         if max_size is None:
             limit = 0
         elif budget is None:
@@ -116,9 +118,11 @@ class Budget:
 
     def _take(self, alias: str, *, take: bool) -> bool:
         limit = self.limit(alias)
-        budget = conf.snapshot()["BUDGET"]  # (checked at startup: None or int)
+        budget = self._total_limit  # (checked at startup: None or int)
         with self._lock:
-            if self._held[alias] >= limit:
+            # (.get: release() drops an alias at zero; a Counter's [] of a
+            # missing key is a Python call.)
+            if self._held.get(alias, 0) >= limit:
                 return False
             if budget is not None and self.total >= budget:
                 return False

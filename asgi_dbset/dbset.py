@@ -179,6 +179,7 @@ class ConnectionSet:
         "_report_due",
         "_seen_transaction",
         "_statement_timeout",
+        "_timeout_ms",
         "_token",
         "_waiters",
         "_warned_fallback",
@@ -214,6 +215,8 @@ class ConnectionSet:
         self.peak_parallelism = parallelism
         self._record_stock_calls = False
         self._statement_timeout = statement_timeout
+        # What lanes set as the statement timeout of each call (milliseconds).
+        self._timeout_ms = _milliseconds(statement_timeout)
         #: True when calls made now would run as plain stock Django, with no
         #: record kept: the router then hands them to asgiref untouched. Kept
         #: by _update_routing() whenever what it depends on changes (here its
@@ -272,8 +275,8 @@ class ConnectionSet:
         self._parallelism = validate_parallelism(value)
         self.peak_parallelism = max(self.peak_parallelism, value)
         self._update_routing()
-        if self._loop is not None and not self._closed:
-            self._dispatch()
+        if self._waiters and self._loop is not None and not self._closed:
+            self._dispatch()  # a higher parallelism may lease for them now
 
     @property
     def lanes(self) -> tuple[Lane, ...]:
@@ -288,6 +291,7 @@ class ConnectionSet:
     @statement_timeout.setter
     def statement_timeout(self, value: float | None) -> None:
         self._statement_timeout = validate_statement_timeout(value)
+        self._timeout_ms = _milliseconds(self._statement_timeout)
         self._update_routing()
 
     @property
@@ -512,7 +516,12 @@ class ConnectionSet:
         set cannot take it (closed, another loop, parallelism 1, unknown call).
         The router skips this when :meth:`passes_through` says so."""
         target = None
-        if self._routes():
+        # (_routes(), written out: this runs for every call of a set.)
+        if (
+            self._parallelism > 1
+            or self._statement_timeout is not None
+            or self._has_cursors()
+        ):
             if self._closed or asyncio.get_running_loop() is not self._loop:
                 self._fall_back("the set has ended or belongs to another event loop")
             else:
@@ -523,7 +532,8 @@ class ConnectionSet:
             return await run_as_stock(func, *args, **kwargs)
 
         outer = self._check_outer_thread()
-        self._read_report()
+        if self._in_transaction is None:
+            self._read_report()
         cursor = target.cursor
         if (
             cursor is not None
@@ -712,12 +722,6 @@ class ConnectionSet:
         stats.incr("calls", -1)
         if record in self.records:
             self.records.remove(record)
-
-    @property
-    def _timeout_ms(self) -> int | None:
-        if self._statement_timeout is None:
-            return None
-        return max(1, round(self._statement_timeout * 1000))
 
     def _fall_back(self, why: str) -> None:
         stats.incr("fallbacks")
@@ -1012,6 +1016,11 @@ class ConnectionSet:
                 self,
                 exc_info=task.exception(),
             )
+
+
+def _milliseconds(timeout: float | None) -> int | None:
+    """A statement timeout as PostgreSQL takes it (0 would mean none)."""
+    return None if timeout is None else max(1, round(timeout * 1000))
 
 
 def _returned(lane: PooledLane) -> None:

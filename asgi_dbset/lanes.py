@@ -414,7 +414,14 @@ class RequestLane(Lane):
         # The generation is read first: a report that raced a newer one is dropped.
         generation = self.generation
         in_transaction = _NO_ALIASES
-        for w in connections.all(initialized_only=True):
+        # With one database, the call's own wrapper is the thread's only
+        # connection (connections.all() reads asgiref's Local twice per alias).
+        opened = (
+            (wrapper,)
+            if len(connections.settings) == 1
+            else connections.all(initialized_only=True)
+        )
+        for w in opened:
             if w.in_atomic_block or (w.connection is not None and not w.autocommit):
                 in_transaction = in_transaction | {w.alias}
         if (generation, in_transaction) != self._reported:
@@ -524,7 +531,12 @@ class PooledLane(Lane):
             set_statement_timeout(wrapper, timeout_ms)
 
     def _after(self, wrapper: BaseDatabaseWrapper, timeout_ms: int | None) -> None:
-        self._wrappers = list(connections.all(initialized_only=True))
+        # (As in RequestLane._before: with one database, the call's wrapper.)
+        self._wrappers = (
+            [wrapper]
+            if len(connections.settings) == 1
+            else list(connections.all(initialized_only=True))
+        )
         conn = wrapper.connection
         if conn is None or conn.closed or conn.broken:
             # Never hand a dead connection to another call: the set retires
