@@ -110,13 +110,18 @@ class Budget:
     def may_acquire(self, alias: str) -> bool:
         """True if :meth:`try_acquire` would succeed now (a hint: other
         threads may take the room first)."""
-        return self._take(alias, take=False)
+        # Read without the lock (a hint either way, asked on every queued
+        # call): each read is one dict operation, atomic under the GIL.
+        limit = self._limits.get(alias)
+        if limit is None:
+            limit = self.limit(alias)
+        if self._held.get(alias, 0) >= limit:
+            return False
+        total_limit = self._total_limit
+        return total_limit is None or sum(self._held.values()) < total_limit
 
     def try_acquire(self, alias: str) -> bool:
         """Take one extra lane for *alias* if the budget allows, without waiting."""
-        return self._take(alias, take=True)
-
-    def _take(self, alias: str, *, take: bool) -> bool:
         limit = self.limit(alias)
         budget = self._total_limit  # (checked at startup: None or int)
         with self._lock:
@@ -126,8 +131,7 @@ class Budget:
                 return False
             if budget is not None and self.total >= budget:
                 return False
-            if take:
-                self._held[alias] += 1
+            self._held[alias] += 1
             return True
 
     def release(self, alias: str) -> None:
