@@ -4,7 +4,8 @@
 #   make test                        ruff, mypy, then pytest in every Django x Python cell
 #   make test PYTEST_ARGS="-k smoke" extra pytest arguments, passed to every cell
 #   make test CELLS=A                only some cells (A: Django 5.2/Py3.11,
-#                                    B: Django 6.1/Py3.12, C: Django 6.1/Py3.13)
+#                                    B: Django 6.1/Py3.12, C: Django 6.1/Py3.13,
+#                                    D: Django 5.2/Py3.11 with the lowest asgiref)
 #   make test-embedded               smoke tests on the embedded server, main cell
 #   make db-start, make db-stop      start/stop the embedded PostgreSQL (.pgdata/)
 #   make chromium                    install Debian's chromium if absent (browser test)
@@ -19,7 +20,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 PYTEST_ARGS ?=
-CELLS ?= A,B,C
+CELLS ?= A,B,C,D
 HOST ?= 127.0.0.1
 PORT ?= 8000
 BENCH_ARGS ?=

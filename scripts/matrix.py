@@ -47,12 +47,24 @@ class Cell:
     # The main cell falls back to the default python3 when it is not exactly
     # self.python, because lint, type checks and the demo need one venv anyway.
     main: bool = False
+    # Further pip requirements, e.g. a dependency held at its lowest version.
+    pins: tuple[str, ...] = ()
 
 
 CELLS = (
     Cell("A", "django>=5.2,<5.3", "Django 5.2", "3.11", ".venv", main=True),
     Cell("B", "django>=6.1,<6.2", "Django 6.1", "3.12", ".venv-dj61-py312"),
     Cell("C", "django>=6.1,<6.2", "Django 6.1", "3.13", ".venv-dj61-py313"),
+    # The lowest asgiref pyproject.toml allows: the hop and the lanes rely on
+    # its Local, SyncToAsync and AsyncToSync internals.
+    Cell(
+        "D",
+        "django>=5.2,<5.3",
+        "Django 5.2, asgiref 3.9.1",
+        "3.11",
+        ".venv-dj52-asgiref391",
+        pins=("asgiref==3.9.1",),
+    ),
 )
 
 
@@ -175,7 +187,7 @@ def _at_least(version: str, minimum: str) -> bool:
 def stamp_key(cell: Cell, interpreter: Interpreter) -> str:
     digest = hashlib.sha256()
     digest.update((REPO / "pyproject.toml").read_bytes())
-    digest.update(f"\0{cell.django}\0{interpreter.version}".encode())
+    digest.update(f"\0{cell.django}\0{cell.pins}\0{interpreter.version}".encode())
     return digest.hexdigest()
 
 
@@ -212,7 +224,9 @@ def ensure_venv(cell: Cell, interpreter: Interpreter) -> Path:
             [interpreter.path, "-m", "venv", "--clear", str(venv)], check=True
         )
     python = str(venv_python(venv))
-    say(f"installing asgi-dbset[dev] and {cell.django} into {cell.venv}")
+    say(
+        f"installing asgi-dbset[dev], {' '.join((cell.django, *cell.pins))} into {cell.venv}"
+    )
     started = time.monotonic()
     # An old pip cannot install a pyproject-only project in editable mode.
     subprocess.run(
@@ -221,7 +235,17 @@ def ensure_venv(cell: Cell, interpreter: Interpreter) -> Path:
         check=True,
     )
     subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "-e", ".[dev]", cell.django],
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "-e",
+            ".[dev]",
+            cell.django,
+            *cell.pins,
+        ],
         cwd=REPO,
         check=True,
     )
