@@ -110,29 +110,26 @@ class Budget:
     def may_acquire(self, alias: str) -> bool:
         """True if :meth:`try_acquire` would succeed now (a hint: other
         threads may take the room first)."""
-        # Read without the lock (a hint either way, asked on every queued
-        # call): each read is one dict operation, atomic under the GIL.
-        limit = self._limits.get(alias)
-        if limit is None:
-            limit = self.limit(alias)
-        if self._held.get(alias, 0) >= limit:
-            return False
-        total_limit = self._total_limit
-        return total_limit is None or sum(self._held.values()) < total_limit
+        # Without the lock (a hint either way, asked on every queued call):
+        # each read of the counts is one dict operation, atomic under the GIL.
+        return self._has_room(alias)
 
     def try_acquire(self, alias: str) -> bool:
         """Take one extra lane for *alias* if the budget allows, without waiting."""
-        limit = self.limit(alias)
-        budget = self._total_limit  # (checked at startup: None or int)
         with self._lock:
-            # (.get: release() drops an alias at zero; a Counter's [] of a
-            # missing key is a Python call.)
-            if self._held.get(alias, 0) >= limit:
-                return False
-            if budget is not None and self.total >= budget:
+            if not self._has_room(alias):
                 return False
             self._held[alias] += 1
             return True
+
+    def _has_room(self, alias: str) -> bool:
+        limit = self.limit(alias)  # (first: working a limit out sets _total_limit)
+        # (.get: release() drops an alias at zero; a Counter's [] of a missing
+        # key is a Python call.)
+        if self._held.get(alias, 0) >= limit:
+            return False
+        total = self._total_limit  # (checked at startup: None or int)
+        return total is None or self.total < total
 
     def release(self, alias: str) -> None:
         with self._lock:

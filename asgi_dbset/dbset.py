@@ -516,12 +516,7 @@ class ConnectionSet:
         set cannot take it (closed, another loop, parallelism 1, unknown call).
         The router skips this when :meth:`passes_through` says so."""
         target = None
-        # (_routes(), written out: this runs for every call of a set.)
-        if (
-            self._parallelism > 1
-            or self._statement_timeout is not None
-            or self._has_cursors()
-        ):
+        if self._routes():
             if self._closed or asyncio.get_running_loop() is not self._loop:
                 self._fall_back("the set has ended or belongs to another event loop")
             else:

@@ -152,6 +152,15 @@ class ReportBoard:
 _NO_ALIASES: frozenset[str] = frozenset()
 
 
+def _thread_connections(wrapper: BaseDatabaseWrapper) -> list[BaseDatabaseWrapper]:
+    """The Django connections this thread has made, *wrapper* (its call's)
+    among them. With one database that is *wrapper* alone, known without
+    ``connections.all()``, which reads asgiref's ``Local`` twice per alias."""
+    if len(connections.settings) == 1:
+        return [wrapper]
+    return list(connections.all(initialized_only=True))
+
+
 class Job:
     """One ORM call on a lane; its state moves PENDING -> RUNNING -> DONE, or
     PENDING -> SKIPPED when its caller gave up before a thread picked it up.
@@ -414,14 +423,7 @@ class RequestLane(Lane):
         # The generation is read first: a report that raced a newer one is dropped.
         generation = self.generation
         in_transaction = _NO_ALIASES
-        # With one database, the call's own wrapper is the thread's only
-        # connection (connections.all() reads asgiref's Local twice per alias).
-        opened = (
-            (wrapper,)
-            if len(connections.settings) == 1
-            else connections.all(initialized_only=True)
-        )
-        for w in opened:
+        for w in _thread_connections(wrapper):
             if w.in_atomic_block or (w.connection is not None and not w.autocommit):
                 in_transaction = in_transaction | {w.alias}
         if (generation, in_transaction) != self._reported:
@@ -531,12 +533,7 @@ class PooledLane(Lane):
             set_statement_timeout(wrapper, timeout_ms)
 
     def _after(self, wrapper: BaseDatabaseWrapper, timeout_ms: int | None) -> None:
-        # (As in RequestLane._before: with one database, the call's wrapper.)
-        self._wrappers = (
-            [wrapper]
-            if len(connections.settings) == 1
-            else list(connections.all(initialized_only=True))
-        )
+        self._wrappers = _thread_connections(wrapper)
         conn = wrapper.connection
         if conn is None or conn.closed or conn.broken:
             # Never hand a dead connection to another call: the set retires
