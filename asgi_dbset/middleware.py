@@ -3,9 +3,9 @@
 Pure ASGI. For an ``http`` scope it opens a set (``DEFAULT_PARALLELISM``),
 runs the app inside it - until the response is complete, streaming bodies
 included - and closes it on every path: success, exception, client disconnect,
-cancellation. It also gives the request its own thread-sensitive context, as
-Django's handler does, so apps that do not (Starlette, FastAPI) get one
-connection per request that is returned at the end.
+cancellation. It also gives the request its thread-sensitive context, the one
+Django's handler would open (it finds ours and opens none), so apps that have
+none (Starlette, FastAPI) get one connection per request, returned at the end.
 
 ``lifespan`` goes to the app; if the app does not handle it (Django's handler
 rejects it), the middleware answers it. Either way it opens the pools at
@@ -24,6 +24,7 @@ from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
 from django.db import close_old_connections, connections
 
+from . import stats
 from .aio import finish_shielded
 from .api import set_from_settings
 from .budget import pool_options
@@ -35,18 +36,21 @@ from .workers import workers
 
 logger = logging.getLogger("asgi_dbset")
 
+# The longest the lifespan shutdown waits for the connection sets still open:
+# those of requests the server cancelled when its graceful shutdown timed out.
+# Each stops its queries on the database as it closes, from threads that the
+# server's exit would cut short (uvicorn exits right after the shutdown).
+CLOSING_SETS_WAIT = 5.0
+
 
 class DBSetMiddleware:
     """Wrap an ASGI app: ``application = DBSetMiddleware(get_asgi_application())``."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        # Django's handler gives each request its own thread-sensitive context
-        # and returns that thread's connections (request_finished) itself;
-        # other apps get both from a wrapper inside the set.
-        self._inner: ASGIApp = app
-        if not isinstance(app, ASGIHandler):
-            self._inner = _with_request_thread(app)
+        # Django's handler returns the request thread's connections itself
+        # (request_finished); other apps need the middleware to.
+        self._returns_connections = not isinstance(app, ASGIHandler)
         from .apps import prepare
 
         # Fails here, at startup, on bad settings - not at request time.
@@ -66,14 +70,30 @@ class DBSetMiddleware:
         # resumes each coroutine frame around it.
         values = conf.snapshot()
         history, server_timing = int(values["HISTORY"]), bool(values["SERVER_TIMING"])
-        async with set_from_settings(values) as dbset:
-            scope["asgi_dbset"] = dbset
-            if server_timing or history > 0:
-                dbset.record_stock_calls = True
-            send = _returning_lanes_when_complete(send, dbset)
-            if server_timing:
-                send = _with_server_timing(send, dbset)
-            await self._inner(scope, receive, send)
+        # The request's thread-sensitive context (its lane 0) is opened here,
+        # outside the set, and Django's handler finds it and opens none of its
+        # own (asgiref: the outer context wins). Its exit blocks the loop until
+        # the request's thread is idle, so it must come after the set has
+        # stopped that thread's query: on a cancelled request (server
+        # shutdown) Django's handler unwinds at once, leaving its view running,
+        # and only the set can cancel the queries on the server.
+        async with ThreadSensitiveContext() as request_thread:
+            try:
+                async with set_from_settings(values) as dbset:
+                    scope["asgi_dbset"] = dbset
+                    if server_timing or history > 0:
+                        dbset.record_stock_calls = True
+                    send = _returning_lanes_when_complete(send, dbset)
+                    if server_timing:
+                        send = _with_server_timing(send, dbset)
+                    await self.app(scope, receive, send)
+            finally:
+                if (
+                    self._returns_connections
+                    and request_thread in SyncToAsync.context_to_thread_executor
+                ):
+                    # The app used the request's thread: return its connections.
+                    await finish_shielded(stock_sync_to_async(close_old_connections)())
         if history > 0:
             remember(scope.get("path", ""), dbset, history)
 
@@ -103,25 +123,6 @@ class DBSetMiddleware:
             if app_received:
                 return
         await _serve_lifespan(receive, send)
-
-
-def _with_request_thread(app: ASGIApp) -> ASGIApp:
-    """Give each request of a non-Django app its own thread-sensitive context,
-    as Django's handler does, and return that thread's connections at the end."""
-
-    async def app_with_request_thread(
-        scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        # An outer ThreadSensitiveContext wins over any inner one (asgiref).
-        async with ThreadSensitiveContext() as context:
-            try:
-                await app(scope, receive, send)
-            finally:
-                if context in SyncToAsync.context_to_thread_executor:
-                    # The app used the request's thread: return its connections.
-                    await finish_shielded(stock_sync_to_async(close_old_connections)())
-
-    return app_with_request_thread
 
 
 def _returning_lanes_when_complete(send: Send, dbset: ConnectionSet) -> Send:
@@ -188,7 +189,9 @@ async def open_pools() -> None:
 
 
 async def close_pools() -> None:
-    """Close every alias's pool and stop idle lane workers."""
+    """Close every alias's pool and stop idle lane workers, once the sets still
+    open have closed (or after ``CLOSING_SETS_WAIT``)."""
+    await wait_for_sets_to_close(CLOSING_SETS_WAIT)
 
     def close_all() -> None:
         for alias in _pooled_aliases():
@@ -196,3 +199,21 @@ async def close_pools() -> None:
         workers.shutdown()
 
     await asyncio.to_thread(close_all)
+
+
+async def wait_for_sets_to_close(timeout: float) -> bool:
+    """Wait until no connection set is open in the process; False, with a
+    warning, if some still are after *timeout* seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (still_open := stats.sets_open()) > 0:
+        if loop.time() >= deadline:
+            logger.warning(
+                "asgi_dbset: %d connection set(s) still open at shutdown after "
+                "%.1f s; their queries may outlive the process",
+                still_open,
+                timeout,
+            )
+            return False
+        await asyncio.sleep(0.01)
+    return True

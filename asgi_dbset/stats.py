@@ -36,6 +36,12 @@ def incr(name: str, n: int = 1) -> None:
         _counters[name] += n
 
 
+def sets_open() -> int:
+    """Connection sets open now, in this process."""
+    with _lock:
+        return _counters["sets_opened"] - _counters["sets_closed"]
+
+
 def get_pool_stats() -> dict[str, dict[str, int]]:
     """``get_stats()`` of each database alias's psycopg pool that exists now."""
     from django.db.backends.postgresql.base import DatabaseWrapper

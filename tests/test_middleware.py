@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -10,8 +11,9 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.db.backends.postgresql.base import DatabaseWrapper
 
-from asgi_dbset import DBSetMiddleware, active_set
+from asgi_dbset import DBSetMiddleware, active_set, connection_set
 from asgi_dbset.budget import budget
+from asgi_dbset.middleware import wait_for_sets_to_close
 from asgi_dbset.types import Message, Receive, Scope, Send
 from tests.asgi import request
 from tests.helpers import active_sleeps, checked_out, timed
@@ -143,6 +145,20 @@ async def test_a_client_disconnect_cancels_the_queries_on_the_server(
         await asyncio.sleep(0.02)
     assert await asyncio.to_thread(active_sleeps) == 0
     assert budget.total == 0
+
+
+async def test_the_lifespan_shutdown_waits_for_open_sets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with connection_set() as dbset:
+        with caplog.at_level(logging.WARNING, logger="asgi_dbset"):
+            assert not await wait_for_sets_to_close(0.05)
+        assert "1 connection set(s) still open at shutdown" in caplog.text
+        closing = asyncio.ensure_future(wait_for_sets_to_close(5.0))
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+    assert dbset.closed
+    assert await closing
 
 
 @pytest.mark.usefixtures("rows")

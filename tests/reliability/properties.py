@@ -8,10 +8,11 @@ taken exactly as written and a real request runs with it. Never a crash, and
 never a silent default, at request time.
 
 Two value spaces: ``wild`` is everything (non-finite floats, integers past
-any C type); ``ordinary`` leaves out what ``core_bugs.py`` shows the core
-does not refuse yet (NaN, infinities, timeouts past PostgreSQL's limit,
-HISTORY past ``sys.maxsize``), so that the default suite stays green until the
-core refuses them too.
+any C type), drawn by ``test_config_edges.py``; ``ordinary`` leaves out the
+values that once got past the checks and failed at request time (NaN,
+infinities, timeouts past PostgreSQL's limit, HISTORY past ``sys.maxsize``:
+bugs 2 to 4 of docs/reliability.md, now refused), and is what
+``test_bad_input.py`` draws from.
 """
 
 from __future__ import annotations
