@@ -28,6 +28,15 @@
         how long its calls ran in all, how long they queued for a lane while
         the set leased its extra lanes.
 
+    python -m bench.diagnose floor [--calls 400]
+        W1's floor: the CPU one W1 lookup spends before its query leaves
+        (queryset, SQL, cursor) and after its rows return (model objects), on
+        stock Django, one thread, no HTTP. In one process these parts of k
+        gathered calls take turns on the GIL, so the k-th query cannot leave
+        before the k calls' "before" parts have run: no variant that runs the
+        Django ORM in one process answers W1 faster than stock's k = 1 latency
+        plus (k - 1) x "before". Prints JSON.
+
     python -m bench.diagnose spin
         ConnectionSet.aclose() on Python 3.12+: a background task that ends in
         the same loop iteration in which _release_all() starts keeps the loop
@@ -470,6 +479,67 @@ def lanes(seconds: int) -> None:
 # -- spin -------------------------------------------------------------------------
 
 
+# -- floor ------------------------------------------------------------------------
+
+
+def floor(calls: int) -> dict[str, Any]:
+    """W1's lookup, timed in thread CPU time around the moment its query is sent;
+    see the module's docstring. Runs in a child process on stock Django."""
+    out = _run_child(["_floor", str(calls)], "stock", "", timeout=300)
+    return dict(json.loads(out.stdout))
+
+
+def _floor_child(calls: int) -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.djsite.settings")
+    import django
+
+    django.setup()
+    from django.db import connection
+
+    from bench.config import pk_for
+    from bench.djsite.views import sleep_queryset
+
+    marks: dict[str, float] = {}
+
+    def sent_at(execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
+        marks["sent"] = time.thread_time()
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            marks["back"] = time.thread_time()
+
+    warm = 50
+    before: list[float] = []
+    after: list[float] = []
+    whole: list[float] = []
+    with connection.execute_wrapper(sent_at):
+        for i in range(warm + calls):
+            started = time.thread_time()
+            # The W1 view's own call, as its lane thread (or stock's) runs it.
+            sleep_queryset().get(pk=pk_for(i * 13, 0))
+            ended = time.thread_time()
+            if i >= warm:
+                before.append(marks["sent"] - started)
+                after.append(ended - marks["back"])
+                whole.append(ended - started)
+    connection.close()
+
+    def ms(values: list[float]) -> float:
+        return round(statistics.median(values) * 1000, 4)
+
+    print(
+        json.dumps(
+            {
+                "calls": calls,
+                "before_send_ms": ms(before),
+                "after_result_ms": ms(after),
+                "call_cpu_ms": ms(whole),
+                "python": sys.version.split()[0],
+            }
+        )
+    )
+
+
 def spin() -> None:
     import django
     from django.conf import settings
@@ -533,7 +603,11 @@ def main() -> None:
     sat.add_argument("--rounds", type=int, default=2)
     ln = sub.add_parser("lanes")
     ln.add_argument("--seconds", type=int, default=3)
+    fl = sub.add_parser("floor")
+    fl.add_argument("--calls", type=int, default=400)
     sub.add_parser("spin")
+    fl_child = sub.add_parser("_floor")
+    fl_child.add_argument("calls", type=int)
     child = sub.add_parser("_child")
     child.add_argument("path")
     child.add_argument("requests", type=int)
@@ -560,6 +634,10 @@ def main() -> None:
         saturation(args.seconds, args.clients, args.rounds)
     elif args.command == "lanes":
         lanes(args.seconds)
+    elif args.command == "floor":
+        print(json.dumps(floor(args.calls), indent=1))
+    elif args.command == "_floor":
+        _floor_child(args.calls)
     elif args.command == "spin":
         spin()
     else:
