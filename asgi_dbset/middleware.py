@@ -72,28 +72,33 @@ class DBSetMiddleware:
         history, server_timing = int(values["HISTORY"]), bool(values["SERVER_TIMING"])
         # The request's thread-sensitive context (its lane 0) is opened here,
         # outside the set, and Django's handler finds it and opens none of its
-        # own (asgiref: the outer context wins). Its exit blocks the loop until
-        # the request's thread is idle, so it must come after the set has
-        # stopped that thread's query: on a cancelled request (server
-        # shutdown) Django's handler unwinds at once, leaving its view running,
-        # and only the set can cancel the queries on the server.
+        # own (asgiref: the outer context wins). Its exit waits for the
+        # request's thread to be idle (asgiref < 3.12 blocks the loop while it
+        # does), so it must come after the set has stopped that thread's query:
+        # on a cancelled request (server shutdown) Django's handler unwinds at
+        # once, leaving its view running, and only the set can cancel the
+        # queries on the server.
         async with ThreadSensitiveContext() as request_thread:
-            try:
-                async with set_from_settings(values) as dbset:
-                    scope["asgi_dbset"] = dbset
-                    if server_timing or history > 0:
-                        dbset.record_stock_calls = True
-                    send = _returning_lanes_when_complete(send, dbset)
-                    if server_timing:
-                        send = _with_server_timing(send, dbset)
+            async with set_from_settings(values) as dbset:
+                scope["asgi_dbset"] = dbset
+                if server_timing or history > 0:
+                    dbset.record_stock_calls = True
+                send = _returning_lanes_when_complete(send, dbset)
+                if server_timing:
+                    send = _with_server_timing(send, dbset)
+                try:
                     await self.app(scope, receive, send)
-            finally:
-                if (
-                    self._returns_connections
-                    and request_thread in SyncToAsync.context_to_thread_executor
-                ):
-                    # The app used the request's thread: return its connections.
-                    await finish_shielded(stock_sync_to_async(close_old_connections)())
+                finally:
+                    if (
+                        self._returns_connections
+                        and request_thread in SyncToAsync.context_to_thread_executor
+                    ):
+                        # The app used the request's thread: return its
+                        # connections while the set is open (the lifespan
+                        # shutdown waits for open sets).
+                        await finish_shielded(
+                            stock_sync_to_async(close_old_connections)()
+                        )
         if history > 0:
             remember(scope.get("path", ""), dbset, history)
 

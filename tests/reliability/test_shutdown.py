@@ -8,10 +8,11 @@ PostgreSQL for a client that is gone.
 Two parts make it so (once bug 5 of docs/reliability.md):
 
 - ``DBSetMiddleware`` opens the request's thread-sensitive context itself,
-  outside the set, so Django's handler opens none. Django's handler does not
-  pass a cancellation on to the task that runs the view; with its own context,
-  its exit then blocked the event loop until the request thread's query ended,
-  before the set could stop anything. Now the cancellation reaches the set at
+  outside the set, so Django's handler opens none. Django 5.2's handler does
+  not pass a cancellation on to the task that runs the view; with its own
+  context, its exit then waited for the request's thread (asgiref < 3.12
+  blocks the event loop meanwhile) until that thread's query ended, before the
+  set could stop anything. Now the cancellation reaches the set at
   once, and a set closing on a cancellation cancels its running queries on the
   server.
 - The lifespan shutdown waits (at most ``CLOSING_SETS_WAIT``) for the sets
