@@ -39,7 +39,13 @@ def incr(name: str, n: int = 1) -> None:
 def sets_open() -> int:
     """Connection sets open now, in this process."""
     with _lock:
-        return _counters["sets_opened"] - _counters["sets_closed"]
+        return _sets_open()
+
+
+def _sets_open() -> int:
+    # Counted as opened and closed: one update per set open, one per close.
+    # (The caller holds _lock.)
+    return _counters["sets_opened"] - _counters["sets_closed"]
 
 
 def get_pool_stats() -> dict[str, dict[str, int]]:
@@ -55,6 +61,5 @@ def get_stats() -> dict[str, int]:
     """Return a snapshot of the process-wide counters (every name in COUNTERS)."""
     with _lock:
         counts = {name: _counters[name] for name in COUNTERS}
-        # Counted as opened and closed: one update per set open, one per close.
-        counts["sets_open"] = _counters["sets_opened"] - _counters["sets_closed"]
+        counts["sets_open"] = _sets_open()
         return counts

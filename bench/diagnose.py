@@ -34,8 +34,9 @@
         stock Django, one thread, no HTTP. In one process these parts of k
         gathered calls take turns on the GIL, so the k-th query cannot leave
         before the k calls' "before" parts have run: no variant that runs the
-        Django ORM in one process answers W1 faster than stock's k = 1 latency
-        plus (k - 1) x "before". Prints JSON.
+        Django ORM in one process answers W1 much faster than the lowest k = 1
+        latency (stock's or asgi_dbset's) plus (k - 1) x "before". Prints JSON;
+        ``make bench`` records it and the report sets W1 against it.
 
     python -m bench.diagnose spin
         ConnectionSet.aclose() on Python 3.12+: a background task that ends in
@@ -476,9 +477,6 @@ def lanes(seconds: int) -> None:
         server.stop()
 
 
-# -- spin -------------------------------------------------------------------------
-
-
 # -- floor ------------------------------------------------------------------------
 
 
@@ -538,6 +536,9 @@ def _floor_child(calls: int) -> None:
             }
         )
     )
+
+
+# -- spin -------------------------------------------------------------------------
 
 
 def spin() -> None:

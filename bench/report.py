@@ -91,6 +91,9 @@ def baseline_for(series: str) -> str:
 
 #: The variants on the main venv that run W1 through the Django ORM.
 ORM_SERIES = ("stock", *PARALLELISM)
+#: The floor's own error (it is measured, not exact): a target is called out of
+#: reach only when the floor misses it by more than this.
+FLOOR_MARGIN = 0.02
 
 
 def floor_latency(f: Figures, floor: dict[str, Any] | None, k: int) -> float | None:
@@ -155,8 +158,7 @@ def targets(
             if bounds:
                 kk, most = min(bounds, key=lambda item: item[1])
                 measured += f"; W1's floor allows about {most:.2f} x k at best (k={kk})"
-                # (A margin for the floor's own error: it is measured, not exact.)
-                if most < 0.88 and share < 0.9:
+                if most < 0.9 - FLOOR_MARGIN and share < 0.9:
                     verdict = "missed; out of reach here (below W1's floor)"
             out.append(
                 (f"W1 p={p}: speed-up >= 0.9 x k for k <= {p}", measured, verdict)
@@ -166,16 +168,21 @@ def targets(
             measured = f"worst k={k}: {r:.2f} x the ceiling's latency"
             verdict = "met" if r <= 1.10 else "missed"
             above = [
-                (kk, ratio(low, f.value("W1", "ceiling", kk, "mean_ms")))
+                (kk, a)
                 for kk in f.ks("W1")
-                if kk <= p and (low := floor_latency(f, floor, kk)) is not None
+                if kk <= p
+                and (
+                    a := ratio(
+                        floor_latency(f, floor, kk),
+                        f.value("W1", "ceiling", kk, "mean_ms"),
+                    )
+                )
+                is not None
             ]
-            above = [(kk, a) for kk, a in above if a is not None]
             if above:
                 kk, a = max(above, key=lambda item: item[1])
                 measured += f"; W1's floor is {a:.2f} x the ceiling's (k={kk})"
-                # (The same margin for the floor's own error as above.)
-                if a > 1.12 and r > 1.10:
+                if a > 1.10 + FLOOR_MARGIN and r > 1.10:
                     verdict = "missed; out of reach here (below W1's floor)"
             out.append(
                 (f"W1 p={p}: within 10% of the ceiling for k <= {p}", measured, verdict)
@@ -599,10 +606,20 @@ def findings(results: dict[str, Any], f: Figures) -> list[str]:
             "lease is cheap next to that: it runs on the lane's thread, right before "
             "the first call handed to the lane, and the lanes go back to the pool as "
             "the response goes out (`python -m bench.diagnose lanes` shows, per "
-            "request, the time calls spent queued for a lane). Stock Django's own "
-            "one-query request is already above 1.1 x the ceiling at k = 1, so the "
-            "'within 10% of the ceiling' target is out of reach for any variant that "
-            "runs the Django ORM."
+            "request, the time calls spent queued for a lane)."
+            + (
+                f" Stock Django's own one-query request is {stock_one:.2f} x the "
+                "ceiling at k = 1; W1's floor (below) says how far above the ceiling "
+                "any variant that runs the Django ORM stays as k grows."
+                if (
+                    stock_one := ratio(
+                        f.value("W1", "stock", 1, "mean_ms"),
+                        f.value("W1", "ceiling", 1, "mean_ms"),
+                    )
+                )
+                is not None
+                else ""
+            )
         )
     floor = results.get("w1_floor")
     reach = [
