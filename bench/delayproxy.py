@@ -79,6 +79,40 @@ def _serve(client: socket.socket, target: tuple[str, int], delay: float) -> None
     upstream.close()
 
 
+class DelayProxy:
+    """The forwarder in background threads of this process (for tests):
+    ``with DelayProxy(("127.0.0.1", 5432), 0.1) as proxy: ... proxy.port``."""
+
+    def __init__(self, target: tuple[str, int], delay: float) -> None:
+        self.target = target
+        self.delay = delay
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> DelayProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _addr = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            client.settimeout(None)
+            threading.Thread(
+                target=_serve, args=(client, self.target, self.delay), daemon=True
+            ).start()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.delayproxy")
     parser.add_argument("--port", type=int, required=True)

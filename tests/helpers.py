@@ -43,9 +43,10 @@ async def timed(awaitable: Awaitable[Any]) -> tuple[Any, float]:
     return result, loop.time() - started
 
 
-def active_sleeps() -> int:
-    """Queries of the test database running pg_sleep on the server now."""
-    name = settings.DATABASES["default"]["NAME"]
+def active_sleeps(name: str | None = None) -> int:
+    """Queries of the test database (or database *name*) running pg_sleep on
+    the server now."""
+    name = name or settings.DATABASES["default"]["NAME"]
     with psycopg.connect(settings.DATABASE_URL, autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state = 'active' "

@@ -1,0 +1,111 @@
+"""A transaction the request's thread opens between calls keeps its calls.
+
+Async code opens a transaction on the request's own thread the way it must
+today: ``await sync_to_async(transaction.set_autocommit)(False)``, or
+``await sync_to_async(atomic.__enter__)()``. That runs on lane 0's thread but
+is no ORM call, so lane 0 reports nothing when it happens. Every ORM call
+gathered afterwards must still run inside that transaction, as on stock
+Django: its writes roll back with it, its reads see its rows.
+
+Each pattern runs twice side by side, as stock Django (no set) and in a set
+whose extra lanes are already leased, and must give the same answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.db import connections, transaction
+
+from asgi_dbset import connection_set
+from asgi_dbset.budget import budget
+from tests.helpers import sleeping
+from tests.testapp.models import Author
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class RollbackRequestedError(Exception):
+    pass
+
+
+@contextlib.asynccontextmanager
+async def request_like(parallel: bool) -> AsyncIterator[None]:
+    """A request's thread; with *parallel*, a set whose extra lanes are leased
+    (lane 0 has reported "no transaction" by then)."""
+    async with ThreadSensitiveContext():
+        if parallel:
+            async with connection_set(parallelism=4, lease_timeout=5.0) as dbset:
+                await asyncio.gather(*(sleeping(0.3).acount() for _ in range(4)))
+                assert len(dbset.lanes) >= 3
+                yield
+        else:
+            yield
+        await sync_to_async(connections.close_all)()
+
+
+async def writes_in_autocommit_off(parallel: bool, tag: str) -> list[bool]:
+    async with request_like(parallel):
+        await sync_to_async(transaction.set_autocommit)(False)
+        try:
+            created = await asyncio.gather(
+                *(Author.objects.acreate(name=f"{tag}{i}") for i in range(4))
+            )
+            seen = await asyncio.gather(
+                *(Author.objects.filter(pk=a.pk).aexists() for a in created)
+            )
+            await sync_to_async(transaction.rollback)()
+        finally:
+            await sync_to_async(transaction.set_autocommit)(True)
+    return list(seen)
+
+
+async def writes_in_an_entered_atomic(parallel: bool, tag: str) -> list[bool]:
+    async with request_like(parallel):
+        atomic = transaction.atomic()
+        await sync_to_async(atomic.__enter__)()
+        try:
+            created = await asyncio.gather(
+                *(Author.objects.acreate(name=f"{tag}{i}") for i in range(4))
+            )
+            seen = await asyncio.gather(
+                *(Author.objects.filter(pk=a.pk).aexists() for a in created)
+            )
+            raise RollbackRequestedError
+        except RollbackRequestedError as exc:
+            await sync_to_async(atomic.__exit__)(type(exc), exc, None)
+    return list(seen)
+
+
+@pytest.mark.parametrize(
+    "pattern", [writes_in_autocommit_off, writes_in_an_entered_atomic]
+)
+async def test_writes_gathered_in_a_transaction_roll_back_with_it(pattern) -> None:  # type: ignore[no-untyped-def]
+    stock_seen = await pattern(False, "stock")
+    stock_rows = await Author.objects.filter(name__startswith="stock").acount()
+    seen = await pattern(True, "dbset")
+    rows = await Author.objects.filter(name__startswith="dbset").acount()
+    assert (stock_seen, stock_rows) == ([True] * 4, 0)
+    assert (seen, rows) == (stock_seen, stock_rows)
+    assert budget.total == 0
+
+
+async def test_calls_leave_lane_zero_again_once_the_transaction_ends() -> None:
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=3, lease_timeout=5.0) as dbset:
+            await sync_to_async(transaction.set_autocommit)(False)
+            await asyncio.gather(*(sleeping(0.01).acount() for _ in range(3)))
+            inside = {r.lane for r in dbset.records}
+            await sync_to_async(transaction.commit)()
+            await sync_to_async(transaction.set_autocommit)(True)
+            before = len(dbset.records)
+            await asyncio.gather(*(sleeping(0.2).acount() for _ in range(3)))
+            after = {r.lane for r in dbset.records[before:]}
+        await sync_to_async(connections.close_all)()
+    assert inside == {0}
+    assert len(after) == 3
+    assert budget.total == 0

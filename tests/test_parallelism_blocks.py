@@ -1,0 +1,57 @@
+"""A set never has more lanes than its parallelism, also after it is lowered.
+
+``async with db_parallelism(n)`` inside a set raises the set's parallelism
+for the block and restores it on exit; the lanes the block leased beyond the
+restored parallelism go back to the pool and the budget right away, not when
+the response ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from asgi_dbset import connection_set, db_parallelism
+from asgi_dbset.budget import budget
+from tests.helpers import checked_out, sleeping, timed
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def test_leaving_a_wider_block_returns_the_lanes_beyond_the_set() -> None:
+    async with connection_set(parallelism=2, lease_timeout=5.0) as dbset:
+        async with db_parallelism(4):
+            await asyncio.gather(*(sleeping(0.3).acount() for _ in range(4)))
+            wide = len(dbset.lanes)
+        # Back to two lanes at once: lane 0 and one extra lane.
+        assert len(dbset.lanes) == 2
+        assert budget.held("default") == 1
+        out_after_block = checked_out()
+        before = len(dbset.records)
+        _, elapsed = await timed(
+            asyncio.gather(*(sleeping(0.2).acount() for _ in range(4)))
+        )
+        narrow = {r.lane for r in dbset.records[before:]}
+    assert wide >= 3
+    assert len(narrow) == 2
+    # Four 0.2 s queries two at a time take two rounds.
+    assert elapsed >= 0.38
+    # The test's own connection, lane 0's and lane 1's: no more.
+    assert out_after_block <= 3
+    assert budget.total == 0
+
+
+async def test_lanes_busy_when_the_block_ends_go_back_when_their_call_ends() -> None:
+    async with connection_set(parallelism=1, lease_timeout=5.0) as dbset:
+        async with db_parallelism(3):
+            slow = [asyncio.ensure_future(sleeping(0.4).acount()) for _ in range(3)]
+            while len(dbset.lanes) < 3 or not all(lane.busy for lane in dbset.lanes):
+                await asyncio.sleep(0.01)
+        # The block is over while its three calls still run.
+        assert len(dbset.lanes) == 3
+        assert await asyncio.gather(*slow) == [0, 0, 0]
+        await asyncio.sleep(0)
+        assert len(dbset.lanes) == 1
+        assert budget.held("default") == 0
+    assert budget.total == 0
