@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CallNotRunError",
     "CallRecord",
     "ConnectionSet",
     "DBSetMiddleware",
     "OrphanedIteratorError",
+    "QueryRefusedError",
     "RequestSummary",
     "active_set",
     "connection_set",
@@ -31,21 +33,24 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import active_set, connection_set, db_parallelism
-    from .dbset import CallRecord, ConnectionSet
-    from .errors import OrphanedIteratorError
+    from .dbset import ConnectionSet
+    from .errors import CallNotRunError, OrphanedIteratorError, QueryRefusedError
     from .history import RequestSummary, recent_requests
     from .middleware import DBSetMiddleware
+    from .records import CallRecord
     from .stats import get_pool_stats, get_stats
 
 # Imported lazily: `import asgi_dbset` (as INSTALLED_APPS does) must not touch
 # Django's models before the app registry is ready.
 _LAZY = {
-    "CallRecord": ".dbset",
+    "CallNotRunError": ".errors",
+    "CallRecord": ".records",
     "ConnectionSet": ".dbset",
     "RequestSummary": ".history",
     "get_pool_stats": ".stats",
     "DBSetMiddleware": ".middleware",
     "OrphanedIteratorError": ".errors",
+    "QueryRefusedError": ".errors",
     "active_set": ".api",
     "connection_set": ".api",
     "db_parallelism": ".api",

@@ -15,7 +15,8 @@ from asgiref.sync import iscoroutinefunction
 
 from .conf import conf
 from .context import current_set
-from .dbset import ConnectionSet, validate_parallelism, validate_statement_timeout
+from .dbset import ConnectionSet
+from .validation import validate_parallelism, validate_statement_timeout
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 

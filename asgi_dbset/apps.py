@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import logging
+
 from django.apps import AppConfig
 from django.core import checks
+
+logger = logging.getLogger("asgi_dbset")
 
 
 class AsgiDbsetConfig(AppConfig):
@@ -9,10 +13,11 @@ class AsgiDbsetConfig(AppConfig):
     verbose_name = "asgi_dbset"
 
     def ready(self) -> None:
-        from .checks import check_routing, check_settings
+        from .checks import check_routers, check_routing, check_settings
 
         checks.register(check_settings)
         checks.register(check_routing)
+        checks.register(check_routers)
         prepare()
 
 
@@ -39,3 +44,17 @@ def prepare() -> None:
         raise ImproperlyConfigured(
             "asgi_dbset is misconfigured:\n" + "\n".join(f"  {m}" for m in errors)
         )
+
+
+def warn_at_startup() -> None:
+    """Log the warnings a server would not show: ASGI servers run no system
+    checks, so the middleware logs those that say a pattern's semantics
+    cannot be kept (unless SILENCED_SYSTEM_CHECKS silences them)."""
+    from django.conf import settings
+
+    from .checks import check_routers
+
+    silenced = set(getattr(settings, "SILENCED_SYSTEM_CHECKS", ()))
+    for message in check_routers():
+        if message.id not in silenced:
+            logger.warning("%s", message)

@@ -7,18 +7,21 @@ so a bad configuration stops the server before it serves a request.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import threading
+import types
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from django.apps import AppConfig
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
+from django.utils.module_loading import import_string
 
 from .budget import pool_max_size, pool_options
 from .conf import DEFAULTS
-from .dbset import validate_lease_timeout, validate_statement_timeout
 from .history import MAX_HISTORY
 from .routing import install
+from .validation import validate_lease_timeout, validate_statement_timeout
 
 _POSTGRES = "django.db.backends.postgresql"
 
@@ -203,3 +206,137 @@ def check_routing(
         )
         for name in install()
     ]
+
+
+def check_routers(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """W003: a database router that keeps state per thread.
+
+    Stock Django asks the routers on the request's thread, the one that runs
+    every query of the request. A lane runs its call on a thread of its own,
+    so what a router stored in a ``threading.local`` on the request's thread
+    (django-multidb-router's pinning router: "this request wrote, read from
+    the primary") is not there. The library cannot keep such a router's
+    semantics, so it names it rather than guess. Found by reading the names
+    the router's methods use, and the functions they call, a few levels deep.
+    """
+    raw = getattr(settings, "ASGI_DBSET", {})
+    maximum = (raw if isinstance(raw, dict) else {}).get(
+        "MAX_PARALLELISM", DEFAULTS["MAX_PARALLELISM"]
+    )
+    if _is_positive_int(maximum) and maximum == 1:
+        return []  # every query runs on the request's thread, as in stock Django
+    messages: list[CheckMessage] = []
+    for entry in settings.DATABASE_ROUTERS:
+        try:
+            router = import_string(entry) if isinstance(entry, str) else entry
+        except ImportError:
+            continue  # Django reports it when it first routes a query
+        name = entry if isinstance(entry, str) else _qualname(router)
+        found = _thread_state(router)
+        if found is None:
+            continue
+        messages.append(
+            Warning(
+                f"Database router {name} keeps state per thread ({found} is a "
+                "threading.local); asgi_dbset runs ORM calls on other threads than "
+                "the request's, where that state is not seen, so the router may "
+                "route them differently than stock Django would (for example, "
+                "reads after a write no longer go to the primary).",
+                hint="Keep the router's per-request state in one mutable object "
+                "held in a contextvars.ContextVar that is set when the request "
+                "starts (every lane of the request sees that object); or route "
+                "such queries explicitly with .using(); or set "
+                'ASGI_DBSET["MAX_PARALLELISM"] = 1. See "Database routers" in '
+                "docs/deployment.md.",
+                obj=name,
+                id="asgi_dbset.W003",
+            )
+        )
+    return messages
+
+
+def _qualname(obj: object) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_thread_state(value: object) -> bool:
+    # asgiref's Local(thread_critical=True) is per thread like threading.local.
+    return isinstance(value, threading.local) or (
+        type(value).__name__ == "_ThreadCriticalLocal"
+    )
+
+
+def _thread_state(router: object, depth: int = 3) -> str | None:
+    """The dotted name of a thread-local that *router*'s methods reach, or None."""
+    cls = router if isinstance(router, type) else type(router)
+    if not isinstance(router, type):
+        for attr, value in vars(router).items() if hasattr(router, "__dict__") else ():
+            if _is_thread_state(value):
+                return f"{_qualname(router)}.{attr}"
+    for klass in cls.__mro__[:-1]:
+        for attr, value in vars(klass).items():
+            if _is_thread_state(value):
+                return f"{_qualname(klass)}.{attr}"
+    seen: set[int] = set()
+    for function in _methods(cls):
+        found = _reached_from(function, depth, seen)
+        if found is not None:
+            return found
+    return None
+
+
+def _methods(cls: type) -> Iterator[types.FunctionType]:
+    for klass in cls.__mro__[:-1]:
+        for value in vars(klass).values():
+            if isinstance(value, staticmethod | classmethod):
+                value = value.__func__
+            elif isinstance(value, property):
+                value = value.fget
+            if isinstance(value, types.FunctionType):
+                yield value
+
+
+def _names(code: types.CodeType) -> Iterator[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):  # nested functions, lambdas
+            yield from _names(const)
+
+
+def _reached_from(
+    function: types.FunctionType, depth: int, seen: set[int]
+) -> str | None:
+    if id(function) in seen or depth <= 0:
+        return None
+    seen.add(id(function))
+    names = list(_names(function.__code__))
+    scope = function.__globals__
+    for name in names:
+        value = scope.get(name)
+        if value is None:
+            continue
+        if _is_thread_state(value):
+            return f"{function.__module__}.{name}"
+        if isinstance(value, types.ModuleType):
+            # module.attr: the attribute names are among the code's names too.
+            for attr in names:
+                member = getattr(value, attr, None)
+                if _is_thread_state(member):
+                    return f"{value.__name__}.{attr}"
+                if isinstance(member, types.FunctionType):
+                    found = _reached_from(member, depth - 1, seen)
+                    if found is not None:
+                        return found
+        elif isinstance(value, types.FunctionType):
+            found = _reached_from(value, depth - 1, seen)
+            if found is not None:
+                return found
+        elif isinstance(value, type):
+            for method in _methods(value):
+                found = _reached_from(method, depth - 1, seen)
+                if found is not None:
+                    return found
+    return None

@@ -1,9 +1,29 @@
-"""Errors raised by asgi_dbset."""
+"""Errors raised by asgi_dbset.
+
+The two that a caller may want to catch around an ORM call subclass Django's
+``OperationalError``, so the handlers that already catch database errors
+catch them too.
+"""
 
 from __future__ import annotations
+
+from django.db import OperationalError
 
 
 class OrphanedIteratorError(RuntimeError):
     """An ``aiterator()`` was resumed after the connection set that ran it ended."""
+
+    __module__ = "asgi_dbset"
+
+
+class CallNotRunError(OperationalError):
+    """An ORM call did not run: its connection set ended before it had a lane."""
+
+    __module__ = "asgi_dbset"
+
+
+class QueryRefusedError(OperationalError):
+    """A query was not sent: its call's caller gave up, or its set closed on
+    an error, while the call was still running."""
 
     __module__ = "asgi_dbset"

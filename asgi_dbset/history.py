@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .conf import conf
-from .dbset import CallRecord, ConnectionSet
+from .dbset import ConnectionSet
+from .records import CallRecord
 
 #: The most requests HISTORY may keep (they are held in memory).
 MAX_HISTORY = 100_000

@@ -51,10 +51,11 @@ class DBSetMiddleware:
         # Django's handler returns the request thread's connections itself
         # (request_finished); other apps need the middleware to.
         self._returns_connections = not isinstance(app, ASGIHandler)
-        from .apps import prepare
+        from .apps import prepare, warn_at_startup
 
         # Fails here, at startup, on bad settings - not at request time.
         prepare()
+        warn_at_startup()
 
     def __repr__(self) -> str:
         return f"DBSetMiddleware({self.app!r})"
@@ -138,7 +139,7 @@ def _returning_lanes_when_complete(send: Send, dbset: ConnectionSet) -> Send:
 
     async def send_returning_lanes(message: Message) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body"):
-            dbset.release_idle_lanes()
+            dbset.return_idle_lanes()
         await send(message)
 
     return send_returning_lanes

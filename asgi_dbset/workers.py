@@ -36,7 +36,15 @@ class Worker(Executor):
         self._thread.start()
 
     def __repr__(self) -> str:
-        return f"<Worker {self.name} alive={self._thread.is_alive()}>"
+        return f"<Worker {self.name} alive={self.alive}>"
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (after :meth:`shutdown`)."""
+        self._thread.join(timeout)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
@@ -65,31 +73,54 @@ class Worker(Executor):
 
 
 class WorkerPool:
-    """Idle workers kept for the next lane; thread-safe."""
+    """Idle workers kept for the next lane; thread-safe.
+
+    :meth:`shutdown` stops the idle workers, and every worker lent out at
+    that moment is stopped when it comes back (a lane returned after the
+    lifespan shutdown), not kept. Workers lent out afterwards are kept again:
+    one process may serve, shut down and serve again (tests do).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: list[Worker] = []
+        self._lent: set[Worker] = set()
         self._created = 0
 
     def __repr__(self) -> str:
-        return f"<WorkerPool created={self._created} idle={len(self._idle)}>"
+        return (
+            f"<WorkerPool created={self._created} idle={len(self._idle)} "
+            f"lent={len(self._lent)}>"
+        )
 
     def acquire(self) -> Worker:
         with self._lock:
             if self._idle:
-                return self._idle.pop()
+                worker = self._idle.pop()
+                self._lent.add(worker)
+                return worker
             self._created += 1
-        return Worker()
+        worker = Worker()
+        with self._lock:
+            self._lent.add(worker)
+        return worker
 
     def release(self, worker: Worker) -> None:
         with self._lock:
-            self._idle.append(worker)
+            if worker in self._lent:
+                self._lent.discard(worker)
+                self._idle.append(worker)
+                return
+            # Lent out before a shutdown: stop it rather than keep it.
+            self._created -= 1
+        worker.shutdown(wait=False)
 
     def shutdown(self) -> None:
-        """Stop the idle workers (at lifespan shutdown). Busy ones stop when returned."""
+        """Stop the idle workers now (at lifespan shutdown), and the lent ones
+        when they come back."""
         with self._lock:
             idle, self._idle = self._idle, []
+            self._lent.clear()  # (release() stops a worker it does not know)
             self._created -= len(idle)
         for worker in idle:
             worker.shutdown(wait=True)

@@ -235,7 +235,7 @@ async def main():
             return None
         # Ends in the loop iteration in which the set starts closing, so its
         # done-callback is still only scheduled when the release looks.
-        dbset._spawn(ends_at_once())
+        dbset._scheduler._spawn(ends_at_once())
     print("closed")
 
 asyncio.run(main())

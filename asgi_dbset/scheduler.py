@@ -1,0 +1,688 @@
+"""The scheduler of a connection set: which call runs on which lane, and how
+many lanes the set holds.
+
+All of it is one decision, :func:`plan`, taken over the set's plain state
+after every change of that state - a call is made, a call ends, a lease
+succeeds or fails, lane 0 reports, the parallelism changes - and applied by
+:meth:`Scheduler._assign`, which also does the I/O the plan asks for (leases,
+returns), outside any lock. No caller has to remember which part of the
+decision to run.
+
+Rules the plan keeps:
+
+- **First come, first served.** Calls are considered in the order they were
+  made (a call whose lease was refused keeps its place); each goes to the
+  first lane that may run it. A call that cannot run yet never keeps a later
+  call off a lane the later call may use.
+- **Lane 0 runs anything.** When it is idle, the first call takes it.
+- **Extra lanes follow lane 0's transactions.** A call goes to an idle extra
+  lane of its alias only while lane 0 runs a call, and only as lane 0's report
+  of that call allows (see :mod:`.transactions`): inside a transaction of the
+  alias, the call waits for lane 0, and so sees the transaction's rows.
+- **An aiterator() stays on its lane.** Every chunk runs on the lane that
+  opened its cursor.
+- **Behind lane 0.** A call that can only wait for a busy lane 0 (the set has
+  no other lane and cannot lease one, and nothing queues before it) is queued
+  on lane 0's thread right away, behind the call running there, as stock
+  Django queues it: the thread goes from one query to the next without a
+  round trip through the loop while it holds the request's connection.
+- **At most ``parallelism`` lanes.** The set leases extra lanes only for calls
+  left waiting, within the budget, never while requests wait for the pool,
+  and never for an alias lane 0 holds a transaction for. When the parallelism
+  is lowered, lanes beyond it take no new call and are returned as soon as
+  they are idle.
+- **No hold and wait.** A lease waits for the pool at most ``lease_timeout``,
+  on its lane's own thread; the set's calls keep running meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import functools
+import inspect
+import itertools
+import logging
+import time
+import types
+import weakref
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from . import stats
+from .budget import budget, pool_is_contended
+from .cancellation import Job, cancel_until_ended, send_cancel
+from .cursors import orphan
+from .errors import CallNotRunError
+from .lanes import Lane, NotRunError, PooledLane, RequestLane
+from .records import Recorder
+from .targets import Target
+from .transactions import CLEAR, CREDIT, REPORT
+from .workers import workers
+
+logger = logging.getLogger("asgi_dbset")
+
+if TYPE_CHECKING:
+    GeneratorT: TypeAlias = types.GeneratorType[Any, None, None]
+
+# A set's cursor pins before its first (most sets never have one).
+_NO_CURSORS: Mapping[Any, Lane] = types.MappingProxyType({})
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """One ORM call, from the moment it is made until a lane takes it."""
+
+    seq: int
+    target: Target
+    queued: float
+    #: The lane it is handed to; None while it waits.
+    lane: Lane | None = None
+    #: For lane 0: the generation of the report it posts (see .transactions).
+    generation: int = -1
+    #: For an extra lane on credit: the generation of lane 0's report its
+    #: lane's thread waits for before running it.
+    clearance: int | None = None
+    #: The set closed while it waited: it runs as stock Django.
+    dropped: bool = False
+    #: Made only when the call has to wait (most calls are handed out at once).
+    future: asyncio.Future[None] | None = None
+
+
+@dataclass(slots=True)
+class Plan:
+    """What :func:`plan` decided; applied in this order."""
+
+    #: Lanes to return: broken ones, and those beyond the parallelism.
+    returns: list[Lane] = field(default_factory=list)
+    #: (call, lane, how): how is CLEAR, CREDIT, "lane0", "behind" or "cursor".
+    hand_outs: list[tuple[Call, Lane, str]] = field(default_factory=list)
+    #: Calls wait for lane 0's report on the loop: ask to be told.
+    want_report: bool = False
+    #: One alias per extra lane to lease.
+    leases: list[str] = field(default_factory=list)
+
+
+def plan(
+    queue: Sequence[Call],
+    lanes: Sequence[Lane],
+    *,
+    parallelism: int,
+    verdict: Callable[[str], str],
+    likely_clear: Callable[[str], bool],
+    pinned_to: Callable[[Call], Lane | None],
+    may_lease: Callable[[str], bool],
+    pinning: Callable[[Lane], bool],
+) -> Plan:
+    """The scheduler's one decision, over plain state; see the module docstring.
+
+    *queue* holds the waiting calls in the order they were made; *lanes* the
+    set's lanes, lane 0 first. *verdict* and *likely_clear* read lane 0's
+    reports (:class:`~.transactions.TransactionReports`); *pinned_to* is the
+    lane a call's cursor is open on, if any; *may_lease* says whether the
+    budget and the pool would allow an extra lane of an alias now; *pinning*
+    whether a lane holds an open cursor.
+    """
+    decided = Plan()
+    lane0 = lanes[0]
+    extra = lanes[1:]
+
+    # Lanes that take no new call: broken ones, and those beyond parallelism
+    # (highest index first, idle ones first; a lane holding an open cursor
+    # stays for it).
+    closed: set[Lane] = {lane for lane in extra if lane.broken}
+    excess = len(lanes) - len(closed) - parallelism
+    if excess > 0:
+        candidates = [
+            lane for lane in reversed(extra) if not lane.broken and not pinning(lane)
+        ]
+        candidates.sort(key=lambda lane: lane.busy or not lane.leased)
+        closed.update(candidates[:excess])
+    decided.returns = [
+        lane
+        for lane in extra
+        if lane in closed and not lane.busy and (lane.leased or lane.broken)
+    ]
+
+    # Hand calls out, first come first served.
+    taken: set[Lane] = set()
+    lane0_free = not lane0.busy
+    lane0_handed = False  # a call handed to lane 0 in this plan reports first
+    waiting: list[Call] = []
+    for call in queue:
+        alias = call.target.alias
+        pinned = pinned_to(call)
+        if pinned is not None:
+            if pinned is lane0 and lane0_free:
+                decided.hand_outs.append((call, lane0, "cursor"))
+                lane0_free, lane0_handed = False, True
+            elif pinned is not lane0 and not pinned.busy and pinned not in taken:
+                decided.hand_outs.append((call, pinned, "cursor"))
+                taken.add(pinned)
+            elif pinned is lane0 and not waiting and len(lanes) == 1:
+                decided.hand_outs.append((call, lane0, "behind"))
+                lane0_handed = True
+            else:
+                waiting.append(call)
+            continue
+        if lane0_free:
+            decided.hand_outs.append((call, lane0, "lane0"))
+            lane0_free, lane0_handed = False, True
+            continue
+        # Lane 0 runs a call: an extra lane may take this one if lane 0's
+        # report of that call allows (a call handed to lane 0 just now has
+        # not reported yet).
+        if lane0_handed:
+            how = CREDIT if likely_clear(alias) else REPORT
+        else:
+            how = verdict(alias)
+        if how in (CLEAR, CREDIT):
+            lane = next(
+                (
+                    lane
+                    for lane in extra
+                    if lane.alias == alias
+                    and not lane.busy
+                    and lane not in taken
+                    and lane not in closed
+                ),
+                None,
+            )
+            if lane is not None:
+                decided.hand_outs.append((call, lane, how))
+                taken.add(lane)
+                continue
+        elif how == REPORT:
+            decided.want_report = True
+        if (
+            not waiting
+            and len(lanes) == 1
+            and not (parallelism > 1 and likely_clear(alias) and may_lease(alias))
+        ):
+            decided.hand_outs.append((call, lane0, "behind"))
+            lane0_handed = True
+            continue
+        waiting.append(call)
+
+    # Lease extra lanes for the calls left, within the parallelism.
+    room = parallelism - len(lanes)
+    if room > 0 and waiting:
+        demand: Counter[str] = Counter(
+            call.target.alias for call in waiting if pinned_to(call) is None
+        )
+        for lane in extra:
+            # Idle lanes (leasing, or waiting for lane 0's report) serve first.
+            if lane not in closed and not lane.busy and lane not in taken:
+                demand[lane.alias or ""] -= 1
+        for alias, wanted in demand.items():
+            if wanted <= 0 or room <= 0:
+                continue
+            if not likely_clear(alias) or not may_lease(alias):
+                continue  # (its calls stay on lane 0, or no connection now)
+            n = min(wanted, room)
+            decided.leases.extend([alias] * n)
+            room -= n
+    return decided
+
+
+class Scheduler:
+    """Runs a set's calls on its lanes; owned by a :class:`~.dbset.ConnectionSet`,
+    used on its event loop only."""
+
+    __slots__ = (
+        "_background",
+        "_closed",
+        "_cursors",
+        "_lane0",
+        "_lanes",
+        "_loop",
+        "_next_index",
+        "_queue",
+        "_running",
+        "_seq",
+        "lease_timeout",
+        "parallelism",
+        "recorder",
+        "timeout_ms",
+    )
+
+    def __init__(
+        self,
+        *,
+        parallelism: int,
+        lease_timeout: float,
+        timeout_ms: int | None,
+        recorder: Recorder,
+    ) -> None:
+        self.parallelism = parallelism
+        self.lease_timeout = lease_timeout
+        #: The statement timeout lanes set for each call (milliseconds).
+        self.timeout_ms = timeout_ms
+        self.recorder = recorder
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._lane0 = RequestLane()
+        self._lanes: list[Lane] = [self._lane0]
+        self._next_index = 1
+        self._queue: list[Call] = []
+        self._seq = itertools.count()
+        # The lane each open aiterator() cursor runs on; made on the first pin.
+        self._cursors: Mapping[GeneratorT, Lane] = _NO_CURSORS
+        # Jobs started on a lane and not ended (for stop_running()).
+        self._running: set[Job] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+
+    def __repr__(self) -> str:
+        busy = sum(lane.busy for lane in self._lanes)
+        leasing = sum(not lane.leased and not lane.broken for lane in self._lanes[1:])
+        return (
+            f"lanes: {busy} busy, {len(self._lanes) - busy} idle, {leasing} leasing"
+            f" | calls: {len(self._queue)} queued"
+        )
+
+    @property
+    def lanes(self) -> tuple[Lane, ...]:
+        return tuple(self._lanes)
+
+    @property
+    def lane0(self) -> RequestLane:
+        return self._lane0
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    # -- the decision --------------------------------------------------------
+
+    def _assign(self) -> None:
+        """Take the decision (:func:`plan`) and carry it out; called after
+        every change of the set's state."""
+        if self._closed:
+            return
+        reports = self._lane0.reports
+        while True:
+            decided = plan(
+                self._queue,
+                self._lanes,
+                parallelism=self.parallelism,
+                verdict=reports.verdict,
+                likely_clear=reports.likely_clear,
+                pinned_to=self._pinned_to,
+                may_lease=self._may_lease,
+                pinning=self._pinning,
+            )
+            for lane in decided.returns:
+                self._return_lane(lane)
+            for call, lane, how in decided.hand_outs:
+                self._hand(call, lane, how)
+            if decided.hand_outs:
+                self._queue = [call for call in self._queue if call.lane is None]
+            if decided.want_report and not reports.want(self._report_posted):
+                continue  # it came meanwhile: decide again with it
+            if not decided.leases or not self._lease(decided.leases):
+                return
+            # (New lanes, leasing: decide again, so the calls left take them.)
+
+    def _hand(self, call: Call, lane: Lane, how: str) -> None:
+        reports = self._lane0.reports
+        if lane is self._lane0:
+            call.generation = reports.next_generation()
+            if how == "behind":
+                stats.incr("lane0_queued_calls")
+            if not reports.likely_clear(call.target.alias):
+                stats.incr("pinned_calls")  # kept on lane 0 by its transaction
+        elif how == CREDIT:
+            call.clearance = reports.due
+        cursor = call.target.cursor
+        if how == "cursor":
+            stats.incr("pinned_calls")
+        elif cursor is not None:
+            self._pin(cursor, lane)  # its first chunk: every later one runs here
+        lane.jobs += 1
+        call.lane = lane
+        if call.future is not None and not call.future.done():
+            call.future.set_result(None)
+
+    def _may_lease(self, alias: str) -> bool:
+        # The budget is 0 for an alias without a pool (calls stay serial, as
+        # the checks said). Requests waiting for their own connections (or a
+        # lease just refused): an extra lane would queue ahead of them.
+        return (
+            budget.may_acquire(alias)
+            and time.monotonic() >= budget.retry_at(alias)
+            and not pool_is_contended(alias)
+        )
+
+    def _report_posted(self, generation: int) -> None:
+        # On lane 0's thread, when it posts a report the loop asked for.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._assign)
+
+    def lane0_changed(self) -> None:
+        """The sync caller above changed: lane 0 is another thread now, which
+        may be inside a transaction; nothing is known until it reports."""
+        self._lane0.reports.forget()
+        if self._queue:
+            self._assign()
+
+    def set_parallelism(self, value: int) -> None:
+        self.parallelism = value
+        if self._loop is not None:
+            self._assign()  # grow for the calls queued, or shrink
+
+    # -- the call path -------------------------------------------------------
+
+    async def run(
+        self,
+        target: Target,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        outer: object,
+    ) -> tuple[bool, Any]:
+        """Run one call on a lane: ``(True, result)``; or ``(False, None)`` when
+        the set closed before a lane took it (the caller runs it as stock)."""
+        call = Call(next(self._seq), target, time.perf_counter())
+        self._queue.append(call)
+        self._assign()
+        while True:
+            if call.lane is None and not call.dropped:
+                stats.incr("waits")
+                assert self._loop is not None
+                call.future = self._loop.create_future()
+                try:
+                    await call.future
+                except asyncio.CancelledError:
+                    self._drop(call)
+                    raise
+            lane = call.lane
+            if lane is None:
+                return False, None
+            try:
+                return True, await self._run_on(lane, call, func, args, kwargs, outer)
+            except NotRunError as exc:
+                if self._closed:
+                    # Its request is over (a task that outlived it): running it
+                    # as stock Django now would open a connection on a thread
+                    # nobody returns it from.
+                    raise CallNotRunError(
+                        "asgi_dbset: this ORM call did not run: it could not have "
+                        "an extra connection and its connection set (its request) "
+                        f"has ended ({exc}). Await every query inside the request."
+                    ) from exc
+                # It did not run: it queues again, in its place.
+                call.lane, call.clearance, call.future = None, None, None
+                bisect.insort(self._queue, call, key=lambda c: c.seq)
+                self._assign()
+
+    def _drop(self, call: Call) -> None:
+        """The caller gave up while its call waited for a lane."""
+        lane = call.lane
+        if lane is None:
+            if call in self._queue:
+                self._queue.remove(call)
+            return
+        # Handed a lane just as it gave up: the lane is free again.
+        if lane is self._lane0:
+            self._lane0.reports.withdraw(call.generation)
+        self._finish(lane, None)
+
+    async def _run_on(
+        self,
+        lane: Lane,
+        call: Call,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        outer: object,
+    ) -> Any:
+        job = Job(call.generation)
+        alias = call.target.alias
+        record = self.recorder.begin(lane.index, alias, func, call.queued)
+        lane.calls += 1
+        self._running.add(job)
+        try:
+            result = await lane.run(
+                job,
+                func,
+                args,
+                kwargs,
+                alias,
+                self._abandoned_end,
+                self.timeout_ms,
+                clearance=call.clearance,
+                outer=outer,
+            )
+        except NotRunError:
+            self.recorder.forget(record)
+            lane.calls -= 1
+            cursor = call.target.cursor
+            if cursor is not None and inspect.getgeneratorstate(cursor) == (
+                inspect.GEN_CREATED
+            ):
+                self._unpin(cursor)  # its cursor was never opened
+            # (No decision here: the call queues again first, in its place.)
+            lane.jobs -= 1
+            self._running.discard(job)
+            raise
+        except asyncio.CancelledError:
+            self.recorder.end(record, job.started)
+            if job.give_up():
+                # It runs on: its thread frees the lane when it ends, and the
+                # query it runs is cancelled on the server meanwhile.
+                self._cancel(job)
+            else:
+                if job.state == Job.SKIPPED and lane is self._lane0:
+                    self._lane0.reports.withdraw(job.generation)  # no report
+                self._finish(lane, job)
+            raise
+        except BaseException:
+            self.recorder.end(record, job.started)
+            self._finish(lane, job)
+            raise
+        self.recorder.end(record, job.started)
+        self._finish(lane, job)
+        return result
+
+    def _finish(self, lane: Lane, job: Job | None) -> None:
+        """A job handed to *lane* is over: decide again."""
+        lane.jobs -= 1
+        if job is not None:
+            self._running.discard(job)
+        self._assign()
+
+    def _abandoned_end(self, lane: Lane, job: Job) -> None:
+        # On the loop, told by the lane's thread: an abandoned job has ended.
+        self._finish(lane, job)
+
+    # -- cancellation --------------------------------------------------------
+
+    def _cancel(self, job: Job) -> None:
+        """Start *job*'s one cancel loop (if none runs yet)."""
+        if job.claim_cancel():
+            self._spawn(cancel_until_ended(job, send_cancel(job)))
+
+    def stop_running(self) -> None:
+        """The set closes on an error: nobody needs the calls still running;
+        their queries are cancelled on the server and they send no other."""
+        for job in list(self._running):
+            if job.stop():
+                self._cancel(job)
+
+    # -- leasing and returning -----------------------------------------------
+
+    def _lease(self, aliases: list[str]) -> bool:
+        """Add a leasing lane per alias the budget allows; True if any was."""
+        added = False
+        for alias in aliases:
+            if not budget.try_acquire(alias):
+                continue
+            try:
+                worker = workers.acquire()
+            except BaseException:
+                budget.release(alias)
+                raise
+            lane = PooledLane(self._next_index, alias, worker, self._lane0.reports)
+            self._next_index += 1
+            self._lanes.append(lane)
+            stats.incr("lanes_open")
+            lease = lane.start_lease(self.lease_timeout)
+            lease.add_done_callback(functools.partial(self._lease_done, lane))
+            added = True
+        return added
+
+    def _lease_done(self, lane: PooledLane, lease: asyncio.Future[None]) -> None:
+        exc = BaseException("cancelled") if lease.cancelled() else lease.exception()
+        if exc is None:
+            lane.leased = True
+            stats.incr("lanes_leased")
+            logger.debug("asgi_dbset: leased lane %d on %r", lane.index, lane.alias)
+        else:
+            lane.broken = True
+            # Every set of the process backs off as long as the lease waited: a
+            # busy pool is not polled by each request in turn.
+            budget.back_off(lane.alias or "", max(self.lease_timeout, 0.01))
+            stats.incr("lease_failures")
+            logger.debug("asgi_dbset: no extra lane for %r: %s", lane.alias, exc)
+        self._assign()
+
+    def _return_lane(self, lane: Lane) -> None:
+        """Give an idle extra lane's connection back to its pool, its worker to
+        the workers and its place to the budget: here if that takes no query,
+        else on its worker. (Every lane is returned this way.)"""
+        assert isinstance(lane, PooledLane)
+        self._lanes.remove(lane)
+        cursors = self._cursors_on(lane)
+        for gen in cursors:
+            # Its cursor goes with the connection: resuming it fails loudly.
+            orphan(gen)
+            self._unpin(gen)
+        if not cursors and lane.return_here():
+            _lane_returned(lane)
+        else:
+            self._spawn(_return_on_worker(lane, cursors))
+
+    def return_idle_lanes(self) -> None:
+        """Return every idle extra lane now; the set keeps lane 0 and leases
+        again if calls queue."""
+        if self._closed:
+            return
+        for lane in self._lanes[1:]:
+            if (
+                not lane.busy
+                and (lane.leased or lane.broken)
+                and not self._pinning(lane)
+            ):
+                self._return_lane(lane)
+
+    def holds_lanes(self) -> bool:
+        """True while closing has something to give back or wait for."""
+        return (
+            len(self._lanes) > 1
+            or bool(self._queue)
+            or bool(self._background)
+            or self.has_cursors()
+        )
+
+    async def close(self) -> None:
+        """Return every extra lane (after the call running on it) and wait for
+        the set's background work; calls still queued run as stock Django."""
+        self._closed = True
+        self._lane0.reports.close()
+        for call in self._queue:
+            call.dropped = True
+            if call.future is not None and not call.future.done():
+                call.future.set_result(None)
+        self._queue = []
+        # Cursors go with their lanes: mark them before any waiting chunk of
+        # theirs wakes up, so it fails loudly instead of running elsewhere.
+        for gen, pinned in list(self._cursors.items()):
+            if isinstance(pinned, PooledLane):
+                orphan(gen)
+        # Wait on tasks that are not done. A done task leaves the set through
+        # its done-callback, which only runs when the loop gets control, and
+        # gather() of done tasks completes without yielding (Python 3.12): a
+        # loop on "while self._background" could spin forever.
+        while pending := [task for task in self._background if not task.done()]:
+            await asyncio.wait(pending)
+        extra = [lane for lane in self._lanes if isinstance(lane, PooledLane)]
+        self._lanes = [self._lane0]
+        results = await asyncio.gather(
+            *(_return_on_worker(lane, self._cursors_on(lane)) for lane in extra),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.warning("asgi_dbset: error returning a lane", exc_info=result)
+
+    def close_at_once(self) -> bool:
+        """Close with no task when there is nothing to give back (the common
+        request); True if it did."""
+        if self.holds_lanes():
+            return False
+        self._closed = True
+        self._lane0.reports.close()
+        return True
+
+    # -- cursors -------------------------------------------------------------
+
+    def has_cursors(self) -> bool:
+        # The identity test spares the common set WeakKeyDictionary.__len__
+        # (Python code).
+        return self._cursors is not _NO_CURSORS and bool(self._cursors)
+
+    def pin_opened_cursor(self, cursor: GeneratorT) -> None:
+        """An aiterator() opened before the set routed it, so as stock Django
+        runs it - on the request's own thread and connection - stays there."""
+        if cursor not in self._cursors and (
+            inspect.getgeneratorstate(cursor) != inspect.GEN_CREATED
+        ):
+            self._pin(cursor, self._lane0)
+
+    def _pinned_to(self, call: Call) -> Lane | None:
+        cursor = call.target.cursor
+        return None if cursor is None else self._cursors.get(cursor)
+
+    def _pinning(self, lane: Lane) -> bool:
+        return any(pinned is lane for pinned in self._cursors.values())
+
+    def _pin(self, cursor: GeneratorT, lane: Lane) -> None:
+        if not isinstance(self._cursors, weakref.WeakKeyDictionary):
+            self._cursors = weakref.WeakKeyDictionary()
+        self._cursors[cursor] = lane
+
+    def _unpin(self, cursor: GeneratorT) -> None:
+        if isinstance(self._cursors, weakref.WeakKeyDictionary):
+            self._cursors.pop(cursor, None)
+
+    def _cursors_on(self, lane: Lane) -> list[GeneratorT]:
+        return [gen for gen, pinned in list(self._cursors.items()) if pinned is lane]
+
+    # -- background tasks ----------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning(
+                "asgi_dbset: a background task of a connection set failed",
+                exc_info=task.exception(),
+            )
+
+
+async def _return_on_worker(lane: PooledLane, cursors: list[GeneratorT]) -> None:
+    try:
+        await lane.return_on_worker(cursors)
+    finally:
+        _lane_returned(lane)
+
+
+def _lane_returned(lane: PooledLane) -> None:
+    """Count a lane whose connections went back, out of the budget."""
+    budget.release(lane.alias or "")
+    stats.incr("lanes_open", -1)
