@@ -60,15 +60,6 @@ class NotClearedError(NotRunError):
 _NO_ALIASES: frozenset[str] = frozenset()
 
 
-def _thread_wrappers(wrapper: BaseDatabaseWrapper) -> list[BaseDatabaseWrapper]:
-    """Every Django connection wrapper of this thread, *wrapper* (its call's)
-    among them. With one database that is *wrapper* alone, known without
-    ``connections.all()``, which reads asgiref's ``Local`` twice per alias."""
-    if len(connections.settings) == 1:
-        return [wrapper]
-    return list(connections.all())
-
-
 class Lane:
     """A place to run one call at a time: its scheduling state, which the
     owning set changes on its event loop only, and the thread side of a call
@@ -165,7 +156,13 @@ class Lane:
             try:
                 # (Looked up once: each lookup is an asgiref Local's.)
                 wrapper = connections[alias]
-                wrappers = _thread_wrappers(wrapper)
+                # (With one database, the call's wrapper is the thread's only
+                # one, known without connections.all().)
+                wrappers = (
+                    [wrapper]
+                    if len(connections.settings) == 1
+                    else list(connections.all())
+                )
                 self._before(wrapper, wrappers, job, timeout_ms, clearance)
                 # Django's execute_wrapper(), without its generator: every
                 # query of the call passes job.guard - on any connection of

@@ -48,7 +48,7 @@ import types
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from . import stats
@@ -91,18 +91,20 @@ class Call:
     future: asyncio.Future[None] | None = None
 
 
-@dataclass(slots=True)
 class Plan:
     """What :func:`plan` decided; applied in this order."""
 
-    #: Lanes to return: broken ones, and those beyond the parallelism.
-    returns: list[Lane] = field(default_factory=list)
-    #: (call, lane, how): how is CLEAR, CREDIT, "lane0", "behind" or "cursor".
-    hand_outs: list[tuple[Call, Lane, str]] = field(default_factory=list)
-    #: Calls wait for lane 0's report on the loop: ask to be told.
-    want_report: bool = False
-    #: One alias per extra lane to lease.
-    leases: list[str] = field(default_factory=list)
+    __slots__ = ("hand_outs", "leases", "returns", "want_report")
+
+    def __init__(self) -> None:
+        #: Lanes to return: broken ones, and those beyond the parallelism.
+        self.returns: list[Lane] = []
+        #: (call, lane, how): how is CLEAR, CREDIT, "lane0", "behind" or "cursor".
+        self.hand_outs: list[tuple[Call, Lane, str]] = []
+        #: Calls wait for lane 0's report on the loop: ask to be told.
+        self.want_report = False
+        #: One alias per extra lane to lease.
+        self.leases: list[str] = []
 
 
 def plan(
@@ -132,33 +134,37 @@ def plan(
     # Lanes that take no new call: broken ones, and those beyond parallelism
     # (highest index first, idle ones first; a lane holding an open cursor
     # stays for it).
-    closed: set[Lane] = {lane for lane in extra if lane.broken}
-    excess = len(lanes) - len(closed) - parallelism
-    if excess > 0:
-        candidates = [
-            lane for lane in reversed(extra) if not lane.broken and not pinning(lane)
+    closed: set[Lane] = set()
+    if extra:
+        closed.update(lane for lane in extra if lane.broken)
+        excess = len(lanes) - len(closed) - parallelism
+        if excess > 0:
+            candidates = [
+                lane
+                for lane in reversed(extra)
+                if not lane.broken and not pinning(lane)
+            ]
+            candidates.sort(key=lambda lane: lane.jobs > 0 or not lane.leased)
+            closed.update(candidates[:excess])
+        decided.returns = [
+            lane
+            for lane in extra
+            if lane in closed and not lane.jobs and (lane.leased or lane.broken)
         ]
-        candidates.sort(key=lambda lane: lane.busy or not lane.leased)
-        closed.update(candidates[:excess])
-    decided.returns = [
-        lane
-        for lane in extra
-        if lane in closed and not lane.busy and (lane.leased or lane.broken)
-    ]
 
     # Hand calls out, first come first served.
     taken: set[Lane] = set()
-    lane0_free = not lane0.busy
+    lane0_free = not lane0.jobs
     lane0_handed = False  # a call handed to lane 0 in this plan reports first
     waiting: list[Call] = []
     for call in queue:
         alias = call.target.alias
-        pinned = pinned_to(call)
+        pinned = None if call.target.cursor is None else pinned_to(call)
         if pinned is not None:
             if pinned is lane0 and lane0_free:
                 decided.hand_outs.append((call, lane0, "cursor"))
                 lane0_free, lane0_handed = False, True
-            elif pinned is not lane0 and not pinned.busy and pinned not in taken:
+            elif pinned is not lane0 and not pinned.jobs and pinned not in taken:
                 decided.hand_outs.append((call, pinned, "cursor"))
                 taken.add(pinned)
             elif pinned is lane0 and not waiting and len(lanes) == 1:
@@ -174,33 +180,33 @@ def plan(
         # Lane 0 runs a call: an extra lane may take this one if lane 0's
         # report of that call allows (a call handed to lane 0 just now has
         # not reported yet).
-        if lane0_handed:
-            how = CREDIT if likely_clear(alias) else REPORT
-        else:
-            how = verdict(alias)
-        if how in (CLEAR, CREDIT):
-            lane = next(
-                (
-                    lane
-                    for lane in extra
-                    if lane.alias == alias
-                    and not lane.busy
-                    and lane not in taken
-                    and lane not in closed
-                ),
-                None,
-            )
-            if lane is not None:
-                decided.hand_outs.append((call, lane, how))
-                taken.add(lane)
-                continue
-        elif how == REPORT:
-            decided.want_report = True
-        if (
-            not waiting
-            and len(lanes) == 1
-            and not (parallelism > 1 and likely_clear(alias) and may_lease(alias))
+        if extra:
+            if lane0_handed:
+                how = CREDIT if likely_clear(alias) else REPORT
+            else:
+                how = verdict(alias)
+            if how in (CLEAR, CREDIT):
+                lane = next(
+                    (
+                        lane
+                        for lane in extra
+                        if lane.alias == alias
+                        and not lane.jobs
+                        and lane not in taken
+                        and lane not in closed
+                    ),
+                    None,
+                )
+                if lane is not None:
+                    decided.hand_outs.append((call, lane, how))
+                    taken.add(lane)
+                    continue
+            elif how == REPORT:
+                decided.want_report = True
+        elif not waiting and not (
+            parallelism > 1 and may_lease(alias) and likely_clear(alias)
         ):
+            # No other lane, none to be had now, nothing queued before it.
             decided.hand_outs.append((call, lane0, "behind"))
             lane0_handed = True
             continue
@@ -214,7 +220,7 @@ def plan(
         )
         for lane in extra:
             # Idle lanes (leasing, or waiting for lane 0's report) serve first.
-            if lane not in closed and not lane.busy and lane not in taken:
+            if lane not in closed and not lane.jobs and lane not in taken:
                 demand[lane.alias or ""] -= 1
         for alias, wanted in demand.items():
             if wanted <= 0 or room <= 0:
@@ -300,6 +306,15 @@ class Scheduler:
         every change of the set's state."""
         if self._closed:
             return
+        lanes = self._lanes
+        if not self._queue and (
+            len(lanes) == 1
+            or (
+                len(lanes) <= self.parallelism
+                and not any(lane.broken for lane in lanes)
+            )
+        ):
+            return  # nothing waits, nothing to give back: nothing to decide
         reports = self._lane0.reports
         while True:
             decided = plan(
@@ -316,7 +331,9 @@ class Scheduler:
                 self._return_lane(lane)
             for call, lane, how in decided.hand_outs:
                 self._hand(call, lane, how)
-            if decided.hand_outs:
+            if len(decided.hand_outs) == len(self._queue):
+                self._queue = []
+            elif decided.hand_outs:
                 self._queue = [call for call in self._queue if call.lane is None]
             if decided.want_report and not reports.want(self._report_posted):
                 continue  # it came meanwhile: decide again with it
@@ -330,7 +347,8 @@ class Scheduler:
             call.generation = reports.next_generation()
             if how == "behind":
                 stats.incr("lane0_queued_calls")
-            if not reports.likely_clear(call.target.alias):
+            last = reports.last
+            if last and call.target.alias in last:
                 stats.incr("pinned_calls")  # kept on lane 0 by its transaction
         elif how == CREDIT:
             call.clearance = reports.due
@@ -566,7 +584,7 @@ class Scheduler:
     def return_idle_lanes(self) -> None:
         """Return every idle extra lane now; the set keeps lane 0 and leases
         again if calls queue."""
-        if self._closed:
+        if self._closed or len(self._lanes) == 1:
             return
         for lane in self._lanes[1:]:
             if (
@@ -622,8 +640,7 @@ class Scheduler:
         if self.holds_lanes():
             return False
         self._closed = True
-        self._lane0.reports.close()
-        return True
+        return True  # (nothing waits for lane 0's reports: no call is queued)
 
     # -- cursors -------------------------------------------------------------
 

@@ -61,7 +61,6 @@ class TransactionReports:
 
     __slots__ = (
         "_cond",
-        "_last",
         "_latest",
         "_lock",
         "_notify",
@@ -70,6 +69,7 @@ class TransactionReports:
         "_waiting",
         "_wanted",
         "due",
+        "last",
     )
 
     def __init__(self) -> None:
@@ -80,8 +80,8 @@ class TransactionReports:
         # the lock by threads, read by the loop with plain dict reads.
         self._posted: dict[int, frozenset[str] | None] = {}
         self._latest = -1  # the highest generation posted or withdrawn
-        # The aliases of the latest report posted; None before the first.
-        self._last: frozenset[str] | None = None
+        #: The aliases of the latest report posted; None before the first.
+        self.last: frozenset[str] | None = None
         self._waiting = 0  # threads in wait_clear()
         self._wanted = -1  # the generation the loop asked to be told of
         # What tells the loop, held only while it waits: no lasting reference
@@ -93,7 +93,7 @@ class TransactionReports:
         self._stale = False
 
     def __repr__(self) -> str:
-        last = "none" if self._last is None else sorted(self._last)
+        last = "none" if self.last is None else sorted(self.last)
         return f"<TransactionReports due={self.due} latest={self._latest} last={last}>"
 
     # -- on the loop ---------------------------------------------------------
@@ -111,7 +111,7 @@ class TransactionReports:
     def likely_clear(self, alias: str) -> bool:
         """True unless lane 0 was last seen inside a transaction of *alias*
         (before any report: True). Leases and credit go by it."""
-        last = self._last
+        last = self.last
         return last is None or alias not in last
 
     def verdict(self, alias: str) -> str:
@@ -162,7 +162,7 @@ class TransactionReports:
             self._posted[generation] = aliases
             if generation >= self._latest:
                 self._latest = generation
-                self._last = aliases
+                self.last = aliases
                 if len(self._posted) > _KEEP:
                     for old in [g for g in self._posted if g <= generation - _KEEP]:
                         del self._posted[old]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async

@@ -147,20 +147,24 @@ def test_the_loop_never_waits_for_a_cancel_in_flight() -> None:
     assert figures["max_lag"] < 0.1, figures
 
 
+async def _abandon_four_then_fail() -> None:
+    async with connection_set(parallelism=4, lease_timeout=5.0):
+        work = asyncio.gather(*(sleeping(30).acount() for _ in range(4)))
+        for _ in range(500):
+            if await asyncio.to_thread(active_sleeps) == 4:
+                break
+            await asyncio.sleep(0.02)
+        work.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await work
+        raise ZeroDivisionError  # the set closes on an error right after
+
+
 async def test_a_set_closing_on_an_error_cancels_each_abandoned_query_once() -> None:
     before = get_stats()["cancels"]
     async with ThreadSensitiveContext():
         with pytest.raises(ZeroDivisionError):
-            async with connection_set(parallelism=4, lease_timeout=5.0):
-                work = asyncio.ensure_future(
-                    asyncio.gather(*(sleeping(30).acount() for _ in range(4)))
-                )
-                while await asyncio.to_thread(active_sleeps) < 4:
-                    await asyncio.sleep(0.02)
-                work.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await work
-                1 / 0  # noqa: B018 - the set closes on an error right after
+            await _abandon_four_then_fail()
         await sync_to_async(connections.close_all)()
     assert await asyncio.to_thread(active_sleeps) == 0
     # Abandoned first, then stopped by the closing set: one cancel loop each,

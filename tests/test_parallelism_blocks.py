@@ -46,7 +46,9 @@ async def test_lanes_busy_when_the_block_ends_go_back_when_their_call_ends() -> 
     async with connection_set(parallelism=1, lease_timeout=5.0) as dbset:
         async with db_parallelism(3):
             slow = [asyncio.ensure_future(sleeping(0.4).acount()) for _ in range(3)]
-            while len(dbset.lanes) < 3 or not all(lane.busy for lane in dbset.lanes):
+            for _ in range(500):
+                if len(dbset.lanes) == 3 and all(lane.busy for lane in dbset.lanes):
+                    break
                 await asyncio.sleep(0.01)
         # The block is over while its three calls still run.
         assert len(dbset.lanes) == 3
