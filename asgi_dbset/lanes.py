@@ -5,7 +5,7 @@
   Django reaches it. The set never opens or returns its connection.
 - :class:`PooledLane` (lanes 1..n) pairs a borrowed :class:`~.workers.Worker`
   thread with a connection leased from the alias's psycopg pool. Everything a
-  pooled lane does with its connection - lease, queries, release - runs on its
+  pooled lane does with its connection - lease, queries, return - runs on its
   worker thread, in order, so the connection is never returned while a query
   runs on it.
 """
@@ -396,7 +396,7 @@ class PooledLane(Lane):
                     gen.close()  # closes its server-side cursor
                 except Exception:
                     logger.debug("asgi_dbset: error closing an iterator", exc_info=True)
-            release_thread_connections()
+            return_thread_connections()
 
         try:
             await asyncio.get_running_loop().run_in_executor(self.worker, return_all)
@@ -436,7 +436,7 @@ def reset_statement_timeout(wrapper: BaseDatabaseWrapper) -> None:
         logger.debug("asgi_dbset: could not reset statement_timeout", exc_info=True)
 
 
-def release_thread_connections() -> None:
+def return_thread_connections() -> None:
     """Return the calling thread's Django connections to their pools.
 
     Runs on the thread that owns them. A connection left inside a transaction

@@ -11,10 +11,6 @@ the cancels of its abandoned calls are in flight.
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -23,28 +19,12 @@ from django.db import connections
 from asgi_dbset import connection_set, get_stats
 from bench.delayproxy import DelayProxy
 from tests.helpers import active_sleeps, sleeping
+from tests.one_database import run_with_one_database, suite_database
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BEHIND_A_SLOW_LINK = """
-import asyncio, json, sys, time
-
-import django
-from django.conf import settings
-
-database, direct = json.loads(sys.argv[1]), sys.argv[2]
-settings.configure(
-    DATABASES={"default": database},
-    INSTALLED_APPS=[
-        "django.contrib.contenttypes",
-        "django.contrib.auth",
-        "asgi_dbset",
-        "tests.testapp",
-    ],
-    USE_TZ=True,
-    DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
-)
-django.setup()
+import asyncio, time
 
 import psycopg
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -52,6 +32,9 @@ from django.db import connections
 
 from asgi_dbset import connection_set
 from tests.helpers import sleeping
+
+
+database, direct = json.loads(sys.argv[1]), sys.argv[2]
 
 
 def running_sleeps():
@@ -123,24 +106,12 @@ def test_the_loop_never_waits_for_a_cancel_in_flight() -> None:
         host = "127.0.0.1"  # the proxy needs TCP; the suite's server listens there too
     port = int(settings_dict["PORT"] or 5432)
     with DelayProxy((host, port), delay=0.15) as proxy:
-        database = {
-            key: settings_dict[key] for key in ("ENGINE", "NAME", "USER", "PASSWORD")
-        }
+        database = suite_database(min_size=1, max_size=8, timeout=30)
         database.update(HOST="127.0.0.1", PORT=str(proxy.port))
-        database["OPTIONS"] = {
-            **settings_dict["OPTIONS"],
-            "pool": {"min_size": 1, "max_size": 8, "timeout": 30},
-        }
         direct = f"host={host} port={port} user={settings_dict['USER']} dbname=postgres"
-        result = subprocess.run(
-            [sys.executable, "-c", BEHIND_A_SLOW_LINK, json.dumps(database), direct],
-            cwd=Path(__file__).resolve().parent.parent,
-            capture_output=True,
-            text=True,
-            timeout=180,
+        figures = run_with_one_database(
+            BEHIND_A_SLOW_LINK, database, direct, timeout=180
         )
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["left"] == 0
     # One cancel takes about 0.3 s here; the loop kept ticking meanwhile.
     print(figures)

@@ -8,34 +8,14 @@ on the suite's test database.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from django.db import connections
+
+from tests.one_database import run_with_one_database, suite_database
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ONE_DATABASE = """
-import asyncio, json, sys
-
-import django
-from django.conf import settings
-
-settings.configure(
-    DATABASES={"default": json.loads(sys.argv[1])},
-    INSTALLED_APPS=[
-        "django.contrib.contenttypes",
-        "django.contrib.auth",
-        "asgi_dbset",
-        "tests.testapp",
-    ],
-    USE_TZ=True,
-    DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
-)
-django.setup()
+import asyncio
 
 from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
 from django.db import connections, transaction
@@ -91,24 +71,8 @@ connections.close_all()
 
 
 def test_lanes_with_one_database_configured() -> None:
-    settings_dict = connections["default"].settings_dict
-    database = {
-        key: settings_dict[key]
-        for key in ("ENGINE", "NAME", "USER", "PASSWORD", "HOST", "PORT")
-    }
     # Three connections ready, so the extra lanes' leases need no new one.
-    options = dict(settings_dict["OPTIONS"])
-    options["pool"] = {**options["pool"], "min_size": 3}
-    database["OPTIONS"] = options
-    result = subprocess.run(
-        [sys.executable, "-c", ONE_DATABASE, json.dumps(database)],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = run_with_one_database(ONE_DATABASE, suite_database(min_size=3))
     assert figures["aliases"] == ["default"]
     # Lane 0 reported its transaction: the calls stayed on it and saw the
     # row it had not committed.

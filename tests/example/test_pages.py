@@ -86,6 +86,17 @@ async def test_the_parallel_dashboard_is_faster_and_uses_more_lanes(app: Any) ->
     assert budget.total == 0
 
 
+async def test_the_serial_dashboard_shows_a_gain_of_about_one(app: Any) -> None:
+    # One connection, eleven queries one after another: the queries' times add
+    # up to the wall time. (Time a call spent queued behind the calls before it
+    # on lane 0 is waiting, not query time.)
+    serial = (await request(app, "/api/panels/serial/", "latency=20")).json()
+    figures = serial["figures"]["set"]
+    assert figures["lanes_used"] == 1
+    assert 0.8 <= figures["gain"] <= 1.05, figures
+    assert figures["wait_ms"] > 11 * 20  # each panel waited for those before it
+
+
 async def test_the_json_api_serves_every_panel(app: Any) -> None:
     response = await request(app, "/api/panels/")
     assert response.status == 200
