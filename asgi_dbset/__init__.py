@@ -24,15 +24,18 @@ __all__ = [
     "QueryRefusedError",
     "RequestSummary",
     "active_set",
+    "atomic",
     "connection_set",
     "db_parallelism",
     "get_pool_stats",
     "get_stats",
+    "on_commit",
     "recent_requests",
 ]
 
 if TYPE_CHECKING:
     from .api import active_set, connection_set, db_parallelism
+    from .blocks import atomic, on_commit
     from .dbset import ConnectionSet
     from .errors import CallNotRunError, OrphanedIteratorError, QueryRefusedError
     from .history import RequestSummary, recent_requests
@@ -52,6 +55,8 @@ _LAZY = {
     "OrphanedIteratorError": ".errors",
     "QueryRefusedError": ".errors",
     "active_set": ".api",
+    "atomic": ".blocks",
+    "on_commit": ".blocks",
     "connection_set": ".api",
     "db_parallelism": ".api",
     "get_stats": ".stats",

@@ -33,13 +33,14 @@ from asgiref.sync import AsyncToSync
 
 from . import routing, stats
 from .aio import finish_shielded
-from .context import current_set
+from .context import current_block, current_set
 from .cursors import check_cursor
+from .errors import CallNotRunError
 from .hop import run_as_stock
 from .lanes import Lane
 from .records import CallRecord, Recorder
 from .scheduler import Scheduler
-from .targets import target_of
+from .targets import Target, target_of
 from .validation import (
     MAX_LEASE_TIMEOUT,
     milliseconds,
@@ -301,6 +302,7 @@ class ConnectionSet:
             self._scheduler.parallelism > 1
             or self._statement_timeout is not None
             or self._scheduler.has_cursors()
+            or self._scheduler.blocks > 0
         )
 
     async def call(
@@ -331,13 +333,67 @@ class ConnectionSet:
         if cursor is not None:
             self._scheduler.pin_opened_cursor(cursor)
             self.passes_through = False
-        ran, result = await self._scheduler.run(target, func, args, kwargs, outer)
+        # Inside a transaction block of this set and alias: on the block's lane.
+        block = current_block.get()
+        pin = None if block is None else block.lane_for(self, target.alias)
+        ran, result = await self._scheduler.run(
+            target, func, args, kwargs, outer, pin=pin
+        )
         if ran:
             return result
         if cursor is not None:
             check_cursor(cursor)
         self._fall_back("the set ended while the call waited for a lane")
         return await run_as_stock(func, *args, **kwargs)
+
+    # -- transaction blocks (asgi_dbset.atomic) ------------------------------
+
+    async def open_block(
+        self, alias: str, func: Callable[..., Any], args: tuple[Any, ...]
+    ) -> tuple[Lane, Any]:
+        """Run *func* (a block's BEGIN) on the lane a new transaction block of
+        *alias* will hold, and return that lane and its result: lane 0 when
+        the set runs calls as stock Django, or lane 0 is inside a transaction
+        of the alias; else an extra lane of the block's own, if one can be had."""
+        outer = getattr(AsyncToSync.executors, "current", None)
+        if not self._routes():
+            return self._scheduler.lane0, await run_as_stock(func, *args)
+        if outer is not self._outer:
+            if self._outer is not _NO_CALLER:
+                self._scheduler.lane0_changed()
+            self._outer = outer
+        # Lane 0 reports first (for a call that reads nothing): whether its
+        # thread is inside a transaction - code the set does not see may have
+        # opened one - decides where the block may run.
+        await self._scheduler.run(
+            Target(alias), _nothing, (), {}, outer, pin=self._scheduler.lane0
+        )
+        lane, result = await self._scheduler.open_block(alias, func, args, outer)
+        self._update_routing()
+        return lane, result
+
+    async def run_on_lane(
+        self, lane: Lane, alias: str, func: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
+        """Run *func* on *lane* (a transaction block's), after the calls
+        already handed to it."""
+        outer = getattr(AsyncToSync.executors, "current", None)
+        if lane is self._scheduler.lane0 and not self._routes():
+            return await run_as_stock(func, *args)
+        ran, result = await self._scheduler.run(
+            Target(alias), func, args, {}, outer, pin=lane
+        )
+        if not ran:
+            raise CallNotRunError(
+                "asgi_dbset: a transaction block's call did not run: its connection "
+                "set has ended. Leave asgi_dbset.atomic() inside the request."
+            )
+        return result
+
+    def close_block(self, lane: Lane) -> None:
+        """A block that held *lane* has ended."""
+        self._scheduler.close_block(lane)
+        self._update_routing()
 
     async def _run_stock_recorded(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -370,3 +426,7 @@ class ConnectionSet:
                 "(a task that outlived its request?)",
                 why,
             )
+
+
+def _nothing() -> None:
+    """A call that runs no query: lane 0 reports its transactions before it."""

@@ -65,7 +65,7 @@ class Lane:
     owning set changes on its event loop only, and the thread side of a call
     (:meth:`run`)."""
 
-    __slots__ = ("alias", "broken", "calls", "index", "jobs", "leased")
+    __slots__ = ("alias", "broken", "calls", "index", "jobs", "leased", "reserved")
 
     def __init__(self, index: int, alias: str | None = None) -> None:
         self.index = index
@@ -79,6 +79,8 @@ class Lane:
         self.leased = alias is None
         #: Never hand it a call again: its lease failed or its connection died.
         self.broken = False
+        #: Held by a transaction block (asgi_dbset.atomic): only its calls run here.
+        self.reserved = False
 
     @property
     def busy(self) -> bool:

@@ -87,6 +87,10 @@ class Call:
     clearance: int | None = None
     #: The set closed while it waited: it runs as stock Django.
     dropped: bool = False
+    #: The lane it must run on (its transaction block's), if any.
+    pin: Lane | None = None
+    #: A transaction block's first call: its lane is the block's from now on.
+    reserve: bool = False
     #: Made only when the call has to wait (most calls are handed out at once).
     future: asyncio.Future[None] | None = None
 
@@ -99,7 +103,9 @@ class Plan:
     def __init__(self) -> None:
         #: Lanes to return: broken ones, and those beyond the parallelism.
         self.returns: list[Lane] = []
-        #: (call, lane, how): how is CLEAR, CREDIT, "lane0", "behind" or "cursor".
+        #: (call, lane, how): how is CLEAR, CREDIT, "lane0", "behind", "pinned"
+        #: (to its cursor's or its transaction block's lane) or "reserve" (a
+        #: transaction block's own lane from now on).
         self.hand_outs: list[tuple[Call, Lane, str]] = []
         #: Calls wait for lane 0's report on the loop: ask to be told.
         self.want_report = False
@@ -142,7 +148,7 @@ def plan(
             candidates = [
                 lane
                 for lane in reversed(extra)
-                if not lane.broken and not pinning(lane)
+                if not lane.broken and not lane.reserved and not pinning(lane)
             ]
             candidates.sort(key=lambda lane: lane.jobs > 0 or not lane.leased)
             closed.update(candidates[:excess])
@@ -159,13 +165,29 @@ def plan(
     waiting: list[Call] = []
     for call in queue:
         alias = call.target.alias
-        pinned = None if call.target.cursor is None else pinned_to(call)
+        pinned = call.pin
+        if pinned is None and call.target.cursor is not None:
+            pinned = pinned_to(call)
+        if pinned is None and call.reserve:
+            # A transaction block's first call: on an extra lane of its own
+            # when lane 0 is known outside a transaction of the alias (the
+            # block's transaction is then the lane's alone), else on lane 0.
+            if parallelism > 1 and verdict(alias) == CLEAR:
+                lane = _idle_extra_lane(extra, alias, taken, closed)
+                if lane is not None:
+                    decided.hand_outs.append((call, lane, "reserve"))
+                    taken.add(lane)
+                    continue
+                if len(lanes) < parallelism and may_lease(alias):
+                    waiting.append(call)  # a lease comes for it
+                    continue
+            pinned = lane0
         if pinned is not None:
             if pinned is lane0 and lane0_free:
-                decided.hand_outs.append((call, lane0, "cursor"))
+                decided.hand_outs.append((call, lane0, "pinned"))
                 lane0_free, lane0_handed = False, True
             elif pinned is not lane0 and not pinned.jobs and pinned not in taken:
-                decided.hand_outs.append((call, pinned, "cursor"))
+                decided.hand_outs.append((call, pinned, "pinned"))
                 taken.add(pinned)
             elif pinned is lane0 and not waiting and len(lanes) == 1:
                 decided.hand_outs.append((call, lane0, "behind"))
@@ -186,17 +208,7 @@ def plan(
             else:
                 how = verdict(alias)
             if how in (CLEAR, CREDIT):
-                lane = next(
-                    (
-                        lane
-                        for lane in extra
-                        if lane.alias == alias
-                        and not lane.jobs
-                        and lane not in taken
-                        and lane not in closed
-                    ),
-                    None,
-                )
+                lane = _idle_extra_lane(extra, alias, taken, closed)
                 if lane is not None:
                     decided.hand_outs.append((call, lane, how))
                     taken.add(lane)
@@ -216,11 +228,18 @@ def plan(
     room = parallelism - len(lanes)
     if room > 0 and waiting:
         demand: Counter[str] = Counter(
-            call.target.alias for call in waiting if pinned_to(call) is None
+            call.target.alias
+            for call in waiting
+            if call.pin is None and pinned_to(call) is None
         )
         for lane in extra:
             # Idle lanes (leasing, or waiting for lane 0's report) serve first.
-            if lane not in closed and not lane.jobs and lane not in taken:
+            if (
+                lane not in closed
+                and not lane.jobs
+                and not lane.reserved
+                and lane not in taken
+            ):
                 demand[lane.alias or ""] -= 1
         for alias, wanted in demand.items():
             if wanted <= 0 or room <= 0:
@@ -231,6 +250,23 @@ def plan(
             decided.leases.extend([alias] * n)
             room -= n
     return decided
+
+
+def _idle_extra_lane(
+    extra: Sequence[Lane], alias: str, taken: set[Lane], closed: set[Lane]
+) -> Lane | None:
+    """The first extra lane of *alias* free for any call: idle, not held by a
+    transaction block, not taken in this plan, not going back."""
+    for lane in extra:
+        if (
+            lane.alias == alias
+            and not lane.jobs
+            and not lane.reserved
+            and lane not in taken
+            and lane not in closed
+        ):
+            return lane
+    return None
 
 
 class Scheduler:
@@ -248,6 +284,7 @@ class Scheduler:
         "_queue",
         "_running",
         "_seq",
+        "blocks",
         "lease_timeout",
         "parallelism",
         "recorder",
@@ -279,6 +316,8 @@ class Scheduler:
         # Jobs started on a lane and not ended (for stop_running()).
         self._running: set[Job] = set()
         self._background: set[asyncio.Future[Any]] = set()
+        #: Transaction blocks holding an extra lane of their own now.
+        self.blocks = 0
 
     def __repr__(self) -> str:
         busy = sum(lane.busy for lane in self._lanes)
@@ -353,9 +392,11 @@ class Scheduler:
         elif how == CREDIT:
             call.clearance = reports.due
         cursor = call.target.cursor
-        if how == "cursor":
+        if how == "pinned":
             stats.incr("pinned_calls")
-        elif cursor is not None:
+        elif how == "reserve":
+            lane.reserved = True
+        if cursor is not None and self._cursors.get(cursor) is None:
             self._pin(cursor, lane)  # its first chunk: every later one runs here
         lane.jobs += 1
         call.lane = lane
@@ -398,10 +439,54 @@ class Scheduler:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         outer: object,
+        *,
+        pin: Lane | None = None,
     ) -> tuple[bool, Any]:
-        """Run one call on a lane: ``(True, result)``; or ``(False, None)`` when
-        the set closed before a lane took it (the caller runs it as stock)."""
-        call = Call(next(self._seq), target, time.perf_counter())
+        """Run one call on a lane (on *pin*, if given): ``(True, result)``; or
+        ``(False, None)`` when the set closed before a lane took it (the caller
+        runs it as stock)."""
+        call = Call(next(self._seq), target, time.perf_counter(), pin=pin)
+        return await self._serve(call, func, args, kwargs, outer)
+
+    async def open_block(
+        self,
+        alias: str,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        outer: object,
+    ) -> tuple[Lane, Any]:
+        """Run a transaction block's first call (its BEGIN) on the lane the
+        block holds from then on - an extra lane of its own when lane 0 is
+        outside a transaction of *alias*, else lane 0 - and return that lane
+        with the call's result. The caller ends the block with
+        :meth:`close_block`."""
+        call = Call(next(self._seq), Target(alias), time.perf_counter(), reserve=True)
+        ran, result = await self._serve(call, func, args, {}, outer)
+        if not ran or call.lane is None:
+            raise CallNotRunError(
+                "asgi_dbset: the transaction block did not start: its connection "
+                "set has ended. Enter asgi_dbset.atomic() inside the request."
+            )
+        if call.lane.reserved:
+            self.blocks += 1
+        return call.lane, result
+
+    def close_block(self, lane: Lane) -> None:
+        """A transaction block that held *lane* has ended: the lane serves
+        every call again."""
+        if lane.reserved:
+            lane.reserved = False
+            self.blocks -= 1
+            self._assign()
+
+    async def _serve(
+        self,
+        call: Call,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        outer: object,
+    ) -> tuple[bool, Any]:
         self._queue.append(call)
         self._assign()
         while True:
@@ -430,6 +515,8 @@ class Scheduler:
                         f"has ended ({exc}). Await every query inside the request."
                     ) from exc
                 # It did not run: it queues again, in its place.
+                if call.reserve and lane.reserved:
+                    lane.reserved = False  # (a lane whose lease was refused)
                 call.lane, call.clearance, call.future = None, None, None
                 bisect.insort(self._queue, call, key=lambda c: c.seq)
                 self._assign()

@@ -52,3 +52,25 @@ class DecoratedViewsSeeTheTestsRows(TestCase):
             counts, lanes_used = async_to_sync(inside)()
         assert counts == [1, 1, 1, 1]
         assert lanes_used == 1
+
+
+class AtomicBlocksAreSavepointsOfTheTestsTransaction(TestCase):
+    async def test_asgi_dbset_atomic_inside_a_test(self) -> None:
+        import asgi_dbset
+
+        async with connection_set(parallelism=4) as dbset:
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="kept")
+            try:
+                async with asgi_dbset.atomic():
+                    await Author.objects.acreate(name="rolled back")
+                    raise ZeroDivisionError
+            except ZeroDivisionError:
+                pass
+            names = [
+                name async for name in Author.objects.values_list("name", flat=True)
+            ]
+            # The blocks ran on the test's own connection (lane 0), inside its
+            # transaction: savepoints, not transactions of their own.
+            assert dbset.lanes_used == 1
+        assert names == ["kept"]

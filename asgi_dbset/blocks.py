@@ -1,0 +1,275 @@
+"""``asgi_dbset.atomic``: Django's ``transaction.atomic`` for async code.
+
+::
+
+    async with asgi_dbset.atomic():
+        order = await Order.objects.acreate(customer=customer)
+        await asyncio.gather(
+            OrderLine.objects.abulk_create(lines(order)),
+            Stock.objects.filter(pk__in=skus).aupdate(reserved=F("reserved") + 1),
+        )
+
+A block holds one lane - one connection - from its first statement to its
+commit or rollback. Every ORM call of its alias made inside it, by the task
+that entered it and by the tasks that task creates inside it (a ``gather``),
+runs on that lane, in the order the calls are made, and sees the
+transaction's rows. The request's other tasks keep running their calls on its
+other lanes, outside the transaction.
+
+Which lane: an extra lane of the block's own when the set may run calls in
+parallel and the request's thread (lane 0) is outside a transaction of the
+alias; otherwise lane 0 - at parallelism 1, when no extra connection can be
+had, or when lane 0 is inside a transaction already (under ``TestCase``, the
+block is then a savepoint of the test's transaction, as in Django). On lane
+0, the request's other calls of the alias run inside the transaction too, as
+they do on stock Django when the request's thread holds one.
+
+Django's own ``Atomic`` does the work, on the lane's thread: savepoints when
+nested, ``savepoint=False``, ``durable=True``, ``on_commit`` callbacks after
+the outermost commit. Leaving the block on an exception - cancellation
+included - rolls back, and the rollback reaches the server even when the
+caller is cancelled meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+from asgiref.sync import async_to_sync, iscoroutinefunction
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+
+from .aio import finish_shielded
+from .api import active_set, connection_set
+from .context import current_block
+from .dbset import ConnectionSet
+from .hop import run_as_stock
+from .lanes import Lane
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@dataclass(slots=True, eq=False)
+class Block:
+    """One entered ``asgi_dbset.atomic()``: where its calls run."""
+
+    dbset: ConnectionSet
+    alias: str
+    lane: Lane
+    #: Django's Atomic, entered on the lane's thread.
+    entered: Any
+    #: The task that entered it: only that task may leave it.
+    owner: asyncio.Task[Any] | None
+    #: The block around this one, if any (of any alias).
+    outer: Block | None
+    #: The outermost block of its alias on its lane: leaving it frees the lane.
+    holds_lane: bool
+
+    def lane_for(self, dbset: ConnectionSet, alias: str) -> Lane | None:
+        """The lane a call of *alias* in this set runs on here, if a block of
+        this one's chain holds one for that alias."""
+        block: Block | None = self
+        while block is not None:
+            if block.dbset is dbset and block.alias == alias:
+                return block.lane
+            block = block.outer
+        return None
+
+    def of(self, dbset: ConnectionSet, alias: str) -> Block | None:
+        block: Block | None = self
+        while block is not None:
+            if block.dbset is dbset and block.alias == alias:
+                return block
+            block = block.outer
+        return None
+
+
+def atomic(
+    using: str | F | None = None, savepoint: bool = True, durable: bool = False
+) -> Any:
+    """Django's ``transaction.atomic(using, savepoint, durable)`` for async
+    code: ``async with atomic():``, ``@atomic`` or ``@atomic(using="other")``
+    on an async function. See the module docstring.
+
+    Outside a request it opens a connection set of its own for the block.
+    """
+    if callable(using):  # bare @atomic
+        return AsyncAtomic(None, savepoint, durable)(using)
+    return AsyncAtomic(using, savepoint, durable)
+
+
+class AsyncAtomic:
+    """What :func:`atomic` returns: an async context manager, and a decorator
+    of async functions (a fresh block per call)."""
+
+    def __init__(
+        self,
+        using: str | None = None,
+        savepoint: bool = True,
+        durable: bool = False,
+    ) -> None:
+        if using is not None and not isinstance(using, str):
+            raise TypeError(
+                f"asgi_dbset.atomic(using=...) takes a database alias such as "
+                f'"default", not {type(using).__name__} {using!r}.'
+            )
+        if not isinstance(savepoint, bool) or not isinstance(durable, bool):
+            raise TypeError(
+                "asgi_dbset.atomic(savepoint=..., durable=...) take True or False."
+            )
+        self.using = using
+        self.savepoint = savepoint
+        self.durable = durable
+        # What each entry made (per task: one instance may be entered by
+        # several tasks at once, as a decorator is).
+        self._entered: dict[
+            asyncio.Task[Any] | None, list[tuple[Block, Any, ConnectionSet | None]]
+        ] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"asgi_dbset.atomic(using={self.using!r}, savepoint={self.savepoint}, "
+            f"durable={self.durable})"
+        )
+
+    # -- decorator -----------------------------------------------------------
+
+    def __call__(self, func: F) -> F:
+        if not iscoroutinefunction(func):
+            name = getattr(func, "__qualname__", repr(func))
+            raise TypeError(
+                f"asgi_dbset.atomic decorates async functions; {name} is "
+                "synchronous. Use django.db.transaction.atomic on sync code, or "
+                "write it as `async def`."
+            )
+        using, savepoint, durable = self.using, self.savepoint, self.durable
+
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            async with AsyncAtomic(using, savepoint, durable):
+                return await func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    # -- sync use is a mistake -----------------------------------------------
+
+    def __enter__(self) -> None:
+        raise TypeError(
+            "asgi_dbset.atomic() is an async context manager: write "
+            "`async with asgi_dbset.atomic():`. In sync code use "
+            "django.db.transaction.atomic()."
+        )
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - never entered
+        return None
+
+    # -- async context manager -----------------------------------------------
+
+    async def __aenter__(self) -> None:
+        alias = self.using or DEFAULT_DB_ALIAS
+        if alias not in connections.settings:
+            raise ValueError(
+                f"asgi_dbset.atomic(using={alias!r}): no such database in "
+                f"DATABASES (known: {', '.join(connections.settings)})."
+            )
+        own = None
+        dbset = active_set()
+        if dbset is None:
+            own = connection_set()
+            dbset = await own.__aenter__()
+        outer = current_block.get()
+        enclosing = None if outer is None else outer.of(dbset, alias)
+        enter = functools.partial(_enter, alias, self.savepoint, self.durable)
+        try:
+            if enclosing is not None:
+                lane = enclosing.lane
+                entered = await dbset.run_on_lane(lane, alias, enter, ())
+            else:
+                lane, entered = await dbset.open_block(alias, enter, ())
+        except BaseException as exc:
+            if own is not None:
+                await own.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        task = asyncio.current_task()
+        block = Block(
+            dbset, alias, lane, entered, task, outer, holds_lane=enclosing is None
+        )
+        token = current_block.set(block)
+        self._entered.setdefault(task, []).append((block, token, own))
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task = asyncio.current_task()
+        stack = self._entered.get(task)
+        if not stack:
+            raise RuntimeError(
+                "asgi_dbset.atomic() was left in another task than the one that "
+                "entered it. Enter and leave it in one coroutine (`async with`), "
+                "and await the tasks it starts inside it."
+            )
+        block, token, own = stack.pop()
+        if not stack:
+            del self._entered[task]
+        dbset = block.dbset
+        leave = functools.partial(_leave, block.entered, exc_type, exc, tb)
+        try:
+            # The commit or rollback runs to its end on the server, and the
+            # lane is free only afterwards, even if this task is cancelled.
+            await finish_shielded(dbset.run_on_lane(block.lane, block.alias, leave, ()))
+        finally:
+            current_block.reset(token)
+            if block.holds_lane:
+                dbset.close_block(block.lane)
+            if own is not None:
+                await own.__aexit__(exc_type, exc, tb)
+
+
+def _enter(alias: str, savepoint: bool, durable: bool) -> Any:
+    """On the block's lane: Django's atomic, entered on this thread."""
+    entered = transaction.atomic(using=alias, savepoint=savepoint, durable=durable)
+    entered.__enter__()
+    return entered
+
+
+def _leave(
+    entered: Any,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> None:
+    """On the block's lane: commit (and run the on_commit callbacks) or roll back."""
+    entered.__exit__(exc_type, exc, tb)
+
+
+async def on_commit(
+    func: Callable[[], Any], using: str | None = None, robust: bool = False
+) -> None:
+    """Django's ``transaction.on_commit`` for async code: inside
+    ``asgi_dbset.atomic()`` of that alias, *func* runs after the outermost
+    commit, in order with the callbacks registered on the block's lane (by
+    signal receivers, say), and never if it rolls back. Outside one, it runs
+    now, as Django runs it in autocommit. *func* may be a coroutine function.
+    """
+    alias = using or DEFAULT_DB_ALIAS
+    block = current_block.get()
+    dbset = active_set()
+    inside = None if block is None or dbset is None else block.of(dbset, alias)
+    callback = async_to_sync(func) if iscoroutinefunction(func) else func
+    if inside is None:
+        if iscoroutinefunction(func):
+            await func()
+        else:
+            await run_as_stock(func)
+        return
+    register = functools.partial(
+        transaction.on_commit, callback, using=alias, robust=robust
+    )
+    await inside.dbset.run_on_lane(inside.lane, alias, register, ())

@@ -1,0 +1,369 @@
+"""asgi_dbset.atomic: Django's transaction.atomic for async code, on one lane.
+
+Each pattern is also written the way async code must write it on stock Django
+(a sync function wrapped in ``sync_to_async``), and both must leave the same
+rows behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.conf import settings
+from django.db import connections, transaction
+from django.db.models.signals import post_save
+
+import asgi_dbset
+from asgi_dbset import connection_set
+from asgi_dbset.budget import budget
+from tests.helpers import active_sleeps, sleeping, timed
+from tests.testapp.models import Author
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+
+
+class RollbackRequestedError(Exception):
+    pass
+
+
+@contextlib.asynccontextmanager
+async def request_like(parallelism: int = 4) -> AsyncIterator[Any]:
+    """A request's thread and set, with its extra lanes leased."""
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=parallelism, lease_timeout=5.0) as dbset:
+            if parallelism > 1:
+                await asyncio.gather(*(sleeping(0.2).acount() for _ in range(3)))
+            yield dbset
+        await sync_to_async(connections.close_all)()
+
+
+def names(prefix: str, alias: str = "default") -> list[str]:
+    return sorted(
+        Author.objects.using(alias)
+        .filter(name__startswith=prefix)
+        .values_list("name", flat=True)
+    )
+
+
+async def anames(prefix: str, alias: str = "default") -> list[str]:
+    return await sync_to_async(names)(prefix, alias)
+
+
+def idle_in_transaction() -> int:
+    """Sessions on this suite's test databases left idle inside a transaction."""
+    databases = [settings.DATABASES[alias]["NAME"] for alias in ("default", "other")]
+    with psycopg.connect(settings.DATABASE_URL, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = ANY(%s) "
+            "AND state LIKE 'idle in transaction%%'",
+            [databases],
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+# -- commit and rollback -------------------------------------------------------------
+
+
+def stock_create(prefix: str, fail: bool) -> None:
+    with transaction.atomic():
+        for i in range(3):
+            Author.objects.create(name=f"{prefix}{i}")
+        if fail:
+            raise RollbackRequestedError
+
+
+async def atomic_create(prefix: str, fail: bool) -> None:
+    async with asgi_dbset.atomic():
+        await asyncio.gather(
+            *(Author.objects.acreate(name=f"{prefix}{i}") for i in range(3))
+        )
+        if fail:
+            raise RollbackRequestedError
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_commit_on_success_and_rollback_on_an_exception(fail: bool) -> None:
+    async with request_like():
+        with contextlib.suppress(RollbackRequestedError):
+            await sync_to_async(stock_create)("stock", fail)
+        with contextlib.suppress(RollbackRequestedError):
+            await atomic_create("lib", fail)
+    stock = await anames("stock")
+    assert stock == ([] if fail else ["stock0", "stock1", "stock2"])
+    assert [n.replace("lib", "stock") for n in await anames("lib")] == stock
+    import subprocess
+
+    print(
+        subprocess.run(
+            ["python3", "/tmp/dbg.py"], capture_output=True, text=True
+        ).stdout
+    )
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
+async def test_rollback_on_cancellation_reaches_the_server() -> None:
+    async def write_then_hang() -> None:
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="cancelled")
+            await sleeping(30).acount()
+
+    async with request_like():
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await write_then_hang()
+        assert await asyncio.to_thread(active_sleeps) == 0
+    assert await anames("cancelled") == []
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
+async def test_the_decorator_form() -> None:
+    @asgi_dbset.atomic
+    async def plain() -> None:
+        await Author.objects.acreate(name="decorated")
+
+    @asgi_dbset.atomic(using="default", durable=True)
+    async def failing() -> None:
+        await Author.objects.acreate(name="decorated-failing")
+        raise RollbackRequestedError
+
+    async with request_like():
+        await plain()
+        with pytest.raises(RollbackRequestedError):
+            await failing()
+    assert await anames("decorated") == ["decorated"]
+
+
+# -- nesting ---------------------------------------------------------------------------
+
+
+def stock_nested(prefix: str, savepoint: bool) -> None:
+    with transaction.atomic():
+        Author.objects.create(name=f"{prefix}-outer")
+        try:
+            with transaction.atomic(savepoint=savepoint):
+                Author.objects.create(name=f"{prefix}-inner")
+                raise RollbackRequestedError
+        except RollbackRequestedError:
+            pass
+        if savepoint:
+            Author.objects.create(name=f"{prefix}-after")
+
+
+async def atomic_nested(prefix: str, savepoint: bool) -> None:
+    async with asgi_dbset.atomic():
+        await Author.objects.acreate(name=f"{prefix}-outer")
+        try:
+            async with asgi_dbset.atomic(savepoint=savepoint):
+                await Author.objects.acreate(name=f"{prefix}-inner")
+                raise RollbackRequestedError
+        except RollbackRequestedError:
+            pass
+        if savepoint:
+            await Author.objects.acreate(name=f"{prefix}-after")
+
+
+@pytest.mark.parametrize("savepoint", [True, False])
+async def test_nested_blocks_are_savepoints_as_in_django(savepoint: bool) -> None:
+    async with request_like():
+        await sync_to_async(stock_nested)("stock", savepoint)
+        await atomic_nested("lib", savepoint)
+    stock = await anames("stock")
+    # A savepoint rolls back the inner block alone; without one, the inner
+    # error dooms the whole transaction.
+    assert stock == (["stock-after", "stock-outer"] if savepoint else [])
+    assert [n.replace("lib", "stock") for n in await anames("lib")] == stock
+
+
+async def test_a_durable_block_inside_another_is_refused_as_in_django() -> None:
+    def stock() -> None:
+        with transaction.atomic(), transaction.atomic(durable=True):
+            pass
+
+    async def lib() -> None:
+        async with asgi_dbset.atomic(), asgi_dbset.atomic(durable=True):
+            pass
+
+    async with request_like():
+        with pytest.raises(RuntimeError, match="durable") as stock_error:
+            await sync_to_async(stock)()
+        with pytest.raises(RuntimeError, match="durable") as lib_error:
+            await lib()
+    assert str(lib_error.value) == str(stock_error.value)
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+
+
+# -- on_commit, select_for_update ----------------------------------------------------
+
+
+async def test_on_commit_callbacks_run_after_the_commit_in_order() -> None:
+    ran: list[str] = []
+
+    def on_save(sender: Any, instance: Author, **kwargs: Any) -> None:
+        transaction.on_commit(lambda: ran.append(f"saved {instance.name}"))
+
+    async def notify() -> None:
+        ran.append("async callback")
+
+    post_save.connect(on_save, sender=Author)
+    try:
+        async with request_like():
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="a")
+                await asgi_dbset.on_commit(lambda: ran.append("registered"))
+                await Author.objects.acreate(name="b")
+                await asgi_dbset.on_commit(notify)
+                assert ran == []  # nothing before the commit
+            assert ran == ["saved a", "registered", "saved b", "async callback"]
+            ran.clear()
+            with contextlib.suppress(RollbackRequestedError):
+                async with asgi_dbset.atomic():
+                    await Author.objects.acreate(name="c")
+                    await asgi_dbset.on_commit(lambda: ran.append("never"))
+                    raise RollbackRequestedError
+            assert ran == []
+            # Outside a block, a callback runs at once (autocommit).
+            await asgi_dbset.on_commit(lambda: ran.append("now"))
+            assert ran == ["now"]
+    finally:
+        post_save.disconnect(on_save, sender=Author)
+
+
+async def test_select_for_update_inside_a_block() -> None:
+    author = await Author.objects.acreate(name="locked")
+    async with request_like():
+        async with asgi_dbset.atomic():
+            locked = await Author.objects.select_for_update().aget(pk=author.pk)
+            locked.name = "updated"
+            await locked.asave()
+        # Outside a transaction Django refuses it, with or without lanes.
+        with pytest.raises(transaction.TransactionManagementError):
+            await Author.objects.select_for_update().aget(pk=author.pk)
+    assert await anames("updated") == ["updated"]
+
+
+# -- where the calls run ---------------------------------------------------------------
+
+
+async def test_a_blocks_calls_share_one_lane_while_other_tasks_run_in_parallel() -> (
+    None
+):
+    async with request_like(parallelism=4) as dbset:
+        block_lanes: set[int] = set()
+
+        async def in_block() -> float:
+            async with asgi_dbset.atomic():
+                _, elapsed = await timed(
+                    asyncio.gather(*(sleeping(0.2).aexists() for _ in range(3)))
+                )
+            block_lanes.update(r.lane for r in dbset.records if r.name == "exists")
+            return elapsed
+
+        async def outside() -> float:
+            await asyncio.sleep(0.05)  # the block holds its lane by now
+            _, elapsed = await timed(
+                asyncio.gather(*(sleeping(0.2).acount() for _ in range(2)))
+            )
+            return elapsed
+
+        block_elapsed, outside_elapsed = await asyncio.gather(in_block(), outside())
+        other_lanes = {r.lane for r in dbset.records if r.name == "count"} - block_lanes
+    # The block's three queries ran one after another on its one lane...
+    assert len(block_lanes) == 1
+    assert block_lanes != {0}
+    assert block_elapsed >= 0.55
+    # ...while the other task's two ran side by side on other lanes.
+    assert outside_elapsed < 0.35
+    assert other_lanes
+    assert budget.total == 0
+
+
+async def test_at_parallelism_1_the_block_is_on_the_requests_connection() -> None:
+    async with request_like(parallelism=1) as dbset:
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="p1")
+        with contextlib.suppress(RollbackRequestedError):
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="p1-rolled-back")
+                raise RollbackRequestedError
+        assert len(dbset.lanes) == 1
+    assert await anames("p1") == ["p1"]
+
+
+async def test_outside_a_request_the_block_opens_a_set_of_its_own() -> None:
+    async with ThreadSensitiveContext():
+        assert asgi_dbset.active_set() is None
+        async with asgi_dbset.atomic():
+            assert asgi_dbset.active_set() is not None
+            await Author.objects.acreate(name="scripted")
+        assert asgi_dbset.active_set() is None
+        await sync_to_async(connections.close_all)()
+    assert await anames("scripted") == ["scripted"]
+
+
+async def test_a_call_for_another_database_runs_outside_the_block_as_in_django() -> (
+    None
+):
+    def stock() -> None:
+        with transaction.atomic(using="default"):
+            Author.objects.create(name="stock-default")
+            Author.objects.using("other").create(name="stock-other")
+            raise RollbackRequestedError
+
+    async def lib() -> None:
+        async with asgi_dbset.atomic(using="default"):
+            await Author.objects.acreate(name="lib-default")
+            await Author.objects.using("other").acreate(name="lib-other")
+            raise RollbackRequestedError
+
+    async with request_like():
+        with contextlib.suppress(RollbackRequestedError):
+            await sync_to_async(stock)()
+        with contextlib.suppress(RollbackRequestedError):
+            await lib()
+    # The other database's write was in autocommit: it stays, both ways.
+    assert await anames("stock") == []
+    assert await anames("stock", "other") == ["stock-other"]
+    assert await anames("lib") == []
+    assert await anames("lib", "other") == ["lib-other"]
+
+
+# -- bad use -----------------------------------------------------------------------------
+
+
+def test_sync_use_is_refused_with_what_to_write() -> None:
+    with pytest.raises(TypeError, match=r"async with asgi_dbset\.atomic"):
+        with asgi_dbset.atomic():  # type: ignore[attr-defined]
+            pass
+    with pytest.raises(TypeError, match=r"transaction\.atomic on sync code"):
+
+        @asgi_dbset.atomic
+        def sync_view() -> None:
+            pass
+
+    with pytest.raises(ValueError, match="no such database"):
+        asyncio.run(_enter_unknown_alias())
+
+
+async def _enter_unknown_alias() -> None:
+    async with asgi_dbset.atomic(using="nope"):
+        pass
+
+
+async def test_leaving_a_block_from_another_task_is_refused() -> None:
+    block = asgi_dbset.atomic()
+    async with request_like():
+        await block.__aenter__()
+        await Author.objects.acreate(name="orphan")
+        with pytest.raises(RuntimeError, match="another task"):
+            await asyncio.ensure_future(block.__aexit__(None, None, None))
+        await block.__aexit__(RollbackRequestedError, RollbackRequestedError(), None)
+    assert await anames("orphan") == []
+    assert await asyncio.to_thread(idle_in_transaction) == 0
