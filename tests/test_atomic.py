@@ -97,13 +97,6 @@ async def test_commit_on_success_and_rollback_on_an_exception(fail: bool) -> Non
     stock = await anames("stock")
     assert stock == ([] if fail else ["stock0", "stock1", "stock2"])
     assert [n.replace("lib", "stock") for n in await anames("lib")] == stock
-    import subprocess
-
-    print(
-        subprocess.run(
-            ["python3", "/tmp/dbg.py"], capture_output=True, text=True
-        ).stdout
-    )
     assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
 
