@@ -23,6 +23,8 @@ __all__ = [
     "OrphanedIteratorError",
     "QueryRefusedError",
     "RequestSummary",
+    "SnapshotError",
+    "SnapshotWriteError",
     "active_set",
     "atomic",
     "connection_set",
@@ -37,7 +39,13 @@ if TYPE_CHECKING:
     from .api import active_set, connection_set, db_parallelism
     from .blocks import atomic, on_commit
     from .dbset import ConnectionSet
-    from .errors import CallNotRunError, OrphanedIteratorError, QueryRefusedError
+    from .errors import (
+        CallNotRunError,
+        OrphanedIteratorError,
+        QueryRefusedError,
+        SnapshotError,
+        SnapshotWriteError,
+    )
     from .history import RequestSummary, recent_requests
     from .middleware import DBSetMiddleware
     from .records import CallRecord
@@ -54,6 +62,8 @@ _LAZY = {
     "DBSetMiddleware": ".middleware",
     "OrphanedIteratorError": ".errors",
     "QueryRefusedError": ".errors",
+    "SnapshotError": ".errors",
+    "SnapshotWriteError": ".errors",
     "active_set": ".api",
     "atomic": ".blocks",
     "on_commit": ".blocks",

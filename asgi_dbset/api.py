@@ -21,6 +21,11 @@ from .validation import validate_parallelism, validate_statement_timeout
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+# What a block form changed in the set it entered: parallelism, statement
+# timeout, and whether a snapshot was on.
+_Previous = tuple[int, float | None, bool]
+
+
 class Unset:
     """Marks an argument left out, where None is a meaningful value."""
 
@@ -44,23 +49,32 @@ def connection_set(
     parallelism: int | None = None,
     lease_timeout: float | None = None,
     statement_timeout: float | Unset | None = UNSET,
+    snapshot: bool = False,
 ) -> ConnectionSet:
     """A new connection set for ``async with``, outside or inside requests.
 
     ``parallelism`` defaults to ``ASGI_DBSET["DEFAULT_PARALLELISM"]`` and is
     capped by ``MAX_PARALLELISM``; ``lease_timeout`` defaults to
     ``LEASE_TIMEOUT``; ``statement_timeout`` (seconds of server time per query,
-    None for no limit) to ``STATEMENT_TIMEOUT``::
+    None for no limit) to ``STATEMENT_TIMEOUT``. With ``snapshot=True``
+    every call reads one consistent snapshot of its database::
 
         async with connection_set(parallelism=4):
             a, b = await asyncio.gather(A.objects.acount(), B.objects.acount())
     """
+    _validate_snapshot(snapshot, "connection_set(snapshot=...)")
     return set_from_settings(
         conf.snapshot(),
         parallelism=parallelism,
         lease_timeout=lease_timeout,
         statement_timeout=statement_timeout,
+        snapshot=snapshot,
     )
+
+
+def _validate_snapshot(value: object, what: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} takes True or False, not {value!r}.")
 
 
 def set_from_settings(
@@ -69,6 +83,7 @@ def set_from_settings(
     parallelism: int | None = None,
     lease_timeout: float | None = None,
     statement_timeout: float | Unset | None = UNSET,
+    snapshot: bool = False,
 ) -> ConnectionSet:
     """:func:`connection_set` from settings already read (``conf.snapshot()``):
     the middleware reads them once per request."""
@@ -86,6 +101,7 @@ def set_from_settings(
             if isinstance(statement_timeout, Unset)
             else statement_timeout
         ),
+        snapshot=snapshot,
     )
 
 
@@ -112,12 +128,22 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
     included), and the block form sets it for the block, then restores it.
     Elsewhere - the test clients, scripts - either opens a set of its own for
     the view or block. ``n`` is capped by ``ASGI_DBSET["MAX_PARALLELISM"]``.
+
+    With ``snapshot=True``, every call of the view (or block), on every lane,
+    reads one consistent snapshot of its database (see
+    ``docs/transactions.md``); a snapshot already on stays.
     """
 
     def __init__(
-        self, n: int, *, statement_timeout: float | Unset | None = UNSET
+        self,
+        n: int,
+        *,
+        statement_timeout: float | Unset | None = UNSET,
+        snapshot: bool = False,
     ) -> None:
         self.n = validate_parallelism(n, what="db_parallelism(n)")
+        _validate_snapshot(snapshot, "db_parallelism(snapshot=...)")
+        self.snapshot = snapshot
         if not isinstance(statement_timeout, Unset):
             validate_statement_timeout(
                 statement_timeout, what="db_parallelism(statement_timeout=...)"
@@ -126,11 +152,11 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
         # One stack per task, so one instance may be entered concurrently.
         # What each entry changed, to restore on exit (None: it opened the set).
         self._entered: ContextVar[
-            tuple[tuple[ConnectionSet, tuple[int, float | None] | None], ...]
+            tuple[tuple[ConnectionSet, _Previous | None], ...]
         ] = ContextVar("asgi_dbset.db_parallelism", default=())
 
     def __repr__(self) -> str:
-        return f"db_parallelism({self.n})"
+        return f"db_parallelism({self.n}{', snapshot=True' * self.snapshot})"
 
     def __call__(self, view: F) -> F:
         if not callable(view):
@@ -155,6 +181,8 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
                 dbset.parallelism = min(self.n, conf.MAX_PARALLELISM)
                 if not isinstance(self.statement_timeout, Unset):
                     dbset.statement_timeout = self.statement_timeout
+                if self.snapshot:
+                    dbset.begin_snapshot()  # (it ends when the set closes)
                 return await view(*args, **kwargs)
             async with self:
                 return await view(*args, **kwargs)
@@ -165,15 +193,19 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
     async def __aenter__(self) -> ConnectionSet:
         n = min(self.n, conf.MAX_PARALLELISM)
         dbset = active_set()
-        previous: tuple[int, float | None] | None = None
+        previous: _Previous | None = None
         if dbset is not None:
-            previous = (dbset.parallelism, dbset.statement_timeout)
+            previous = (dbset.parallelism, dbset.statement_timeout, dbset.snapshot)
             dbset.parallelism = n
             if not isinstance(self.statement_timeout, Unset):
                 dbset.statement_timeout = self.statement_timeout
+            if self.snapshot:
+                dbset.begin_snapshot()
         else:
             dbset = connection_set(
-                parallelism=n, statement_timeout=self.statement_timeout
+                parallelism=n,
+                statement_timeout=self.statement_timeout,
+                snapshot=self.snapshot,
             )
             await dbset.__aenter__()
         self._entered.set((*self._entered.get(), (dbset, previous)))
@@ -185,4 +217,12 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
         if previous is None:
             await dbset.__aexit__(*exc_info)
         elif not dbset.closed:
-            dbset.parallelism, dbset.statement_timeout = previous
+            parallelism, statement_timeout, had_snapshot = previous
+            try:
+                if not had_snapshot:
+                    await dbset.end_snapshot()  # (before its lanes may go back)
+            finally:
+                dbset.parallelism, dbset.statement_timeout = (
+                    parallelism,
+                    statement_timeout,
+                )

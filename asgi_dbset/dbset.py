@@ -40,6 +40,7 @@ from .hop import run_as_stock
 from .lanes import Lane
 from .records import CallRecord, Recorder
 from .scheduler import Scheduler
+from .snapshots import Snapshot
 from .targets import Target, target_of
 from .validation import (
     MAX_LEASE_TIMEOUT,
@@ -89,6 +90,7 @@ class ConnectionSet:
         parallelism: int = 1,
         lease_timeout: float = 0.1,
         statement_timeout: float | None = None,
+        snapshot: bool = False,
     ) -> None:
         # (The validators are called only for what is not plainly valid: the
         # middleware makes a set per request from settings checked at startup.)
@@ -116,7 +118,16 @@ class ConnectionSet:
         #: record kept: the router then hands them to asgiref untouched. Kept
         #: by _update_routing() whenever what it depends on changes (here its
         #: rule for a set that records nothing and has no cursor).
-        self.passes_through = parallelism == 1 and statement_timeout is None
+        self.passes_through = (
+            parallelism == 1 and statement_timeout is None and not snapshot
+        )
+        if snapshot is not False:
+            if snapshot is not True:
+                raise TypeError(
+                    f"snapshot must be True or False, not {type(snapshot).__name__} "
+                    f"{snapshot!r}."
+                )
+            self._scheduler.snapshot = Snapshot()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: Token[ConnectionSet | None] | None = None
         self._closed = False
@@ -164,6 +175,30 @@ class ConnectionSet:
         self._statement_timeout = validate_statement_timeout(value)
         self._scheduler.timeout_ms = milliseconds(self._statement_timeout)
         self._update_routing()
+
+    @property
+    def snapshot(self) -> bool:
+        """True while every call of the set reads one consistent snapshot of
+        its database (see :mod:`.snapshots`)."""
+        return self._scheduler.snapshot is not None
+
+    def begin_snapshot(self) -> None:
+        """From now on every call reads one snapshot per database, taken by
+        the first call of each (a snapshot already on stays)."""
+        if self._scheduler.snapshot is None:
+            self._scheduler.snapshot = Snapshot()
+            self._update_routing()
+
+    async def end_snapshot(self) -> None:
+        """End the snapshot: its transactions end on every lane, even if the
+        caller is cancelled meanwhile."""
+        if self._scheduler.snapshot is None:
+            return
+        outer = getattr(AsyncToSync.executors, "current", None)
+        try:
+            await finish_shielded(self._scheduler.end_snapshot(outer))
+        finally:
+            self._update_routing()
 
     @property
     def record_stock_calls(self) -> bool:
@@ -255,7 +290,12 @@ class ConnectionSet:
     def _close_at_once(self) -> bool:
         """Close with no task when there is nothing to give back (the common
         request); True if it did."""
-        if self._closed or self._loop is None or not self._scheduler.close_at_once():
+        if (
+            self._closed
+            or self._loop is None
+            or self._scheduler.snapshot is not None
+            or not self._scheduler.close_at_once()
+        ):
             return False
         self._closed = True
         self.closed_at = time.perf_counter()
@@ -275,11 +315,19 @@ class ConnectionSet:
             return
         self._closed = True
         try:
-            await finish_shielded(self._scheduler.close())
+            await finish_shielded(self._close_lanes())
             logger.debug("asgi_dbset: closed %r", self)
         finally:
             self.closed_at = time.perf_counter()
             stats.incr("sets_closed")
+
+    async def _close_lanes(self) -> None:
+        if self._scheduler.snapshot is not None:
+            # Its transactions end on their lanes before any connection goes
+            # back (lane 0's too, which the set does not return).
+            outer = getattr(AsyncToSync.executors, "current", None)
+            await self._scheduler.end_snapshot(outer)
+        await self._scheduler.close()
 
     def return_idle_lanes(self) -> None:
         """Return every extra lane that is idle now; the set stays open, with
@@ -303,6 +351,7 @@ class ConnectionSet:
             or self._statement_timeout is not None
             or self._scheduler.has_cursors()
             or self._scheduler.blocks > 0
+            or self._scheduler.snapshot is not None
         )
 
     async def call(

@@ -7,7 +7,7 @@ catch them too.
 
 from __future__ import annotations
 
-from django.db import OperationalError
+from django.db import InternalError, OperationalError
 
 
 class OrphanedIteratorError(RuntimeError):
@@ -25,5 +25,18 @@ class CallNotRunError(OperationalError):
 class QueryRefusedError(OperationalError):
     """A query was not sent: its call's caller gave up, or its set closed on
     an error, while the call was still running."""
+
+    __module__ = "asgi_dbset"
+
+
+class SnapshotError(OperationalError):
+    """A lane could not join its set's snapshot (it was not exported)."""
+
+    __module__ = "asgi_dbset"
+
+
+class SnapshotWriteError(InternalError):
+    """A write inside ``db_parallelism(snapshot=True)``: the snapshot's
+    transactions are read only. Its ``__cause__`` is PostgreSQL's error."""
 
     __module__ = "asgi_dbset"

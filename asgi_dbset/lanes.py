@@ -23,13 +23,15 @@ from concurrent.futures import Executor
 from typing import Any
 
 import psycopg
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from . import stats
+from . import snapshots, stats
 from .cancellation import Job
 from .context import current_set
+from .errors import SnapshotWriteError
 from .hop import hop, request_thread_executor
+from .snapshots import Snapshot
 from .transactions import TransactionReports
 from .workers import Worker, workers
 
@@ -130,6 +132,7 @@ class Lane:
         *,
         clearance: int | None = None,
         outer: object = None,
+        snapshot: Snapshot | None = None,
     ) -> Any:
         """Run ``func(*args, **kwargs)`` as *job* on this lane's thread.
 
@@ -140,7 +143,9 @@ class Lane:
         report of that generation, and raises :class:`NotClearedError` unless
         it clears the call's alias. *outer* is the caller's
         ``AsyncToSync.executors.current`` (lane 0 runs on that thread when
-        there is one).
+        there is one). With a *snapshot*, the call runs inside it (see
+        .snapshots); without one, a connection still in an earlier snapshot
+        leaves it first.
         """
         loop = asyncio.get_running_loop()
         # The call runs in a private copy of the caller's context, never copied
@@ -166,6 +171,10 @@ class Lane:
                     else list(connections.all())
                 )
                 self._before(wrapper, wrappers, job, timeout_ms, clearance)
+                if snapshot is not None:
+                    snapshot.enter(wrapper)
+                elif getattr(wrapper, snapshots.MARK, None) is not None:
+                    leave_snapshot(wrapper)
                 # Django's execute_wrapper(), without its generator: every
                 # query of the call passes job.guard - on any connection of
                 # this thread, whatever alias Django routes it to - and only
@@ -174,12 +183,25 @@ class Lane:
                     each.execute_wrappers.append(job.guard)
                 try:
                     return func(*args, **kwargs)
+                except DatabaseError as exc:
+                    if snapshot is not None and isinstance(
+                        exc.__cause__, psycopg.errors.ReadOnlySqlTransaction
+                    ):
+                        raise SnapshotWriteError(
+                            f"{exc} - asgi_dbset: this call ran inside a consistent "
+                            "snapshot (db_parallelism(..., snapshot=True)), whose "
+                            "transactions are read only. Move the write out of the "
+                            "snapshot block, or into `async with asgi_dbset.atomic():`."
+                        ) from exc
+                    raise
                 finally:
                     for each in wrappers:
                         each.execute_wrappers.pop()
             finally:
                 try:
                     if wrapper is not None:
+                        if snapshot is not None:
+                            Snapshot.recover(wrapper)
                         self._after(wrapper, wrappers, timeout_ms)
                 finally:
                     if job.end():
@@ -217,7 +239,12 @@ class RequestLane(Lane):
         # does not see may have opened or closed one on this thread since.
         in_transaction = _NO_ALIASES
         for w in wrappers:
-            if w.in_atomic_block or (w.connection is not None and not w.autocommit):
+            if w.in_atomic_block or (
+                w.connection is not None
+                and not w.autocommit
+                # (A snapshot's transaction is the set's, not the request's.)
+                and getattr(w, snapshots.MARK, None) is None
+            ):
                 in_transaction = in_transaction | {w.alias}
         if self.reports.post(job.generation, in_transaction):
             # Other lanes wait for this report: let them have the GIL now,
@@ -486,10 +513,29 @@ def _clear(wrapper: BaseDatabaseWrapper) -> None:
     wrapper.run_on_commit = []
 
 
+def leave_snapshot(wrapper: BaseDatabaseWrapper) -> None:
+    """End *wrapper*'s snapshot transaction (on its thread). A statement
+    timeout set inside it went with the rollback, one set before it did not:
+    reset it either way, and the next call sets it again."""
+    if getattr(wrapper, snapshots.MARK, None) is not None:
+        snapshots.leave(wrapper)
+        reset_statement_timeout(wrapper)
+
+
+def leave_thread_snapshots() -> None:
+    """On a lane's thread: end the snapshot transactions of its connections."""
+    for wrapper in connections.all(initialized_only=True):
+        leave_snapshot(wrapper)
+
+
 def _return_connection(wrapper: BaseDatabaseWrapper) -> None:
     conn = wrapper.connection
     if conn is None:
         return
+    try:
+        leave_snapshot(wrapper)  # the set's own transaction: not a rollback
+    except psycopg.Error:
+        logger.debug("asgi_dbset: could not end a snapshot", exc_info=True)
     reset_statement_timeout(wrapper)
     if conn.broken or conn.closed:
         stats.incr("connections_discarded")

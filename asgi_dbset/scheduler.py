@@ -51,13 +51,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from django.db import DEFAULT_DB_ALIAS
+
 from . import stats
 from .budget import budget, pool_is_contended
 from .cancellation import Job, cancel_until_ended, send_cancel
 from .cursors import orphan
 from .errors import CallNotRunError
-from .lanes import Lane, NotRunError, PooledLane, RequestLane
+from .lanes import (
+    Lane,
+    NotRunError,
+    PooledLane,
+    RequestLane,
+    leave_thread_snapshots,
+)
 from .records import Recorder
+from .snapshots import Snapshot
 from .targets import Target
 from .transactions import CLEAR, CREDIT, REPORT
 from .workers import workers
@@ -91,6 +100,8 @@ class Call:
     pin: Lane | None = None
     #: A transaction block's first call: its lane is the block's from now on.
     reserve: bool = False
+    #: Its pinned lane died before it ran: it fails.
+    lost: bool = False
     #: Made only when the call has to wait (most calls are handed out at once).
     future: asyncio.Future[None] | None = None
 
@@ -183,7 +194,9 @@ def plan(
                     continue
             pinned = lane0
         if pinned is not None:
-            if pinned is lane0 and lane0_free:
+            if pinned.broken:
+                decided.hand_outs.append((call, pinned, "lost"))
+            elif pinned is lane0 and lane0_free:
                 decided.hand_outs.append((call, lane0, "pinned"))
                 lane0_free, lane0_handed = False, True
             elif pinned is not lane0 and not pinned.jobs and pinned not in taken:
@@ -288,6 +301,7 @@ class Scheduler:
         "lease_timeout",
         "parallelism",
         "recorder",
+        "snapshot",
         "timeout_ms",
     )
 
@@ -318,6 +332,8 @@ class Scheduler:
         self._background: set[asyncio.Future[Any]] = set()
         #: Transaction blocks holding an extra lane of their own now.
         self.blocks = 0
+        #: The snapshot every call runs in, when one is on (see .snapshots).
+        self.snapshot: Snapshot | None = None
 
     def __repr__(self) -> str:
         busy = sum(lane.busy for lane in self._lanes)
@@ -373,7 +389,9 @@ class Scheduler:
             if len(decided.hand_outs) == len(self._queue):
                 self._queue = []
             elif decided.hand_outs:
-                self._queue = [call for call in self._queue if call.lane is None]
+                self._queue = [
+                    call for call in self._queue if call.lane is None and not call.lost
+                ]
             if decided.want_report and not reports.want(self._report_posted):
                 continue  # it came meanwhile: decide again with it
             if not decided.leases or not self._lease(decided.leases):
@@ -381,6 +399,11 @@ class Scheduler:
             # (New lanes, leasing: decide again, so the calls left take them.)
 
     def _hand(self, call: Call, lane: Lane, how: str) -> None:
+        if how == "lost":  # its block's lane died: the call cannot run anywhere
+            call.lost = True
+            if call.future is not None and not call.future.done():
+                call.future.set_result(None)
+            return
         reports = self._lane0.reports
         if lane is self._lane0:
             call.generation = reports.next_generation()
@@ -479,6 +502,35 @@ class Scheduler:
             self.blocks -= 1
             self._assign()
 
+    async def end_snapshot(self, outer: object) -> None:
+        """End the snapshot: every lane that may be in it leaves it on its own
+        thread, after the calls already handed to it."""
+        if self.snapshot is None:
+            return
+        self.snapshot = None
+        lanes = [
+            lane
+            for lane in self._lanes
+            if lane is self._lane0 or (lane.leased and not lane.broken)
+        ]
+        results = await asyncio.gather(
+            *(
+                self.run(
+                    Target(lane.alias or DEFAULT_DB_ALIAS),
+                    leave_thread_snapshots,
+                    (),
+                    {},
+                    outer,
+                    pin=lane,
+                )
+                for lane in lanes
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.warning("asgi_dbset: error ending a snapshot", exc_info=result)
+
     async def _serve(
         self,
         call: Call,
@@ -490,7 +542,7 @@ class Scheduler:
         self._queue.append(call)
         self._assign()
         while True:
-            if call.lane is None and not call.dropped:
+            if call.lane is None and not call.dropped and not call.lost:
                 stats.incr("waits")
                 assert self._loop is not None
                 call.future = self._loop.create_future()
@@ -499,6 +551,12 @@ class Scheduler:
                 except asyncio.CancelledError:
                     self._drop(call)
                     raise
+            if call.lost:
+                raise CallNotRunError(
+                    "asgi_dbset: this ORM call did not run: the connection of its "
+                    "transaction block was lost (the block's transaction is gone "
+                    "with it); leave the block and try again."
+                )
             lane = call.lane
             if lane is None:
                 return False, None
@@ -558,6 +616,9 @@ class Scheduler:
                 self.timeout_ms,
                 clearance=call.clearance,
                 outer=outer,
+                # (A transaction block's lane is never in the snapshot: its
+                # block may write.)
+                snapshot=None if lane.reserved else self.snapshot,
             )
         except NotRunError:
             self.recorder.forget(record)

@@ -1,0 +1,136 @@
+"""One consistent snapshot of each database, shared by every lane of a set.
+
+With ``db_parallelism(n, snapshot=True)`` the calls of a block read the
+database as it was at one instant, whichever lane runs them - as
+``pg_dump -j`` does: the first lane to run a call of an alias opens a
+``REPEATABLE READ READ ONLY`` transaction and exports its snapshot
+(``pg_export_snapshot()``); every other lane imports it (``SET TRANSACTION
+SNAPSHOT``) before its first call of that alias. Each alias has a snapshot
+of its own: two databases are never read at one instant together.
+
+All of it runs on the lanes' threads (:meth:`Snapshot.enter` before a call,
+:meth:`Snapshot.recover` after one, :func:`leave` when the snapshot ends or
+the connection goes back to its pool), so a lane's connection only ever does
+one thing at a time. The transactions are the library's own: lane 0 does not
+report them as the request's (see :mod:`.transactions`), and they all end
+before any connection returns to its pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+from django.db.backends.base.base import BaseDatabaseWrapper
+from psycopg import sql
+
+from .errors import SnapshotError
+
+#: The attribute that marks a Django connection wrapper as inside a snapshot.
+MARK = "_asgi_dbset_snapshot"
+# Every importer's statements after its import go behind this savepoint, so
+# a failed statement (a write, say) is undone without ending the snapshot.
+_SAVEPOINT = "asgi_dbset_snapshot"
+# The longest a lane waits for the exporting lane to publish the snapshot.
+_EXPORT_WAIT = 30.0
+
+
+class Snapshot:
+    """The snapshot of each alias a set's lanes share; thread-safe."""
+
+    __slots__ = ("_exports", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # alias -> (published, snapshot id or the exporter's error)
+        self._exports: dict[str, tuple[threading.Event, list[Any]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Snapshot of {sorted(self._exports) or 'no database yet'}>"
+
+    def enter(self, wrapper: BaseDatabaseWrapper) -> None:
+        """On a lane's thread, before a call of ``wrapper.alias``: put the
+        connection inside this snapshot, if it is not already."""
+        if getattr(wrapper, MARK, None) is self:
+            return
+        if getattr(wrapper, MARK, None) is not None:
+            leave(wrapper)  # an earlier snapshot's transaction
+        if wrapper.in_atomic_block or (
+            wrapper.connection is not None and not wrapper.autocommit
+        ):
+            # The request's thread holds a transaction of its own (under
+            # TestCase, say): the call runs in it, as on stock Django.
+            return
+        alias = wrapper.alias
+        with self._lock:
+            exporter = alias not in self._exports
+            if exporter:
+                self._exports[alias] = (threading.Event(), [])
+            published, found = self._exports[alias]
+        wrapper.ensure_connection()
+        wrapper.set_autocommit(False)
+        setattr(wrapper, MARK, self)
+        conn = wrapper.connection
+        try:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            if exporter:
+                try:
+                    row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+                    found.append(row[0] if row else None)
+                except BaseException as exc:
+                    found.append(exc)
+                    raise
+                finally:
+                    published.set()
+            else:
+                if not published.wait(_EXPORT_WAIT) or not found:
+                    raise SnapshotError(
+                        f"asgi_dbset: the snapshot of database {alias!r} was not "
+                        f"exported within {_EXPORT_WAIT:.0f} s."
+                    )
+                if isinstance(found[0], BaseException) or found[0] is None:
+                    raise SnapshotError(
+                        f"asgi_dbset: the snapshot of database {alias!r} could not "
+                        f"be exported: {found[0]!r}"
+                    )
+                conn.execute(
+                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(found[0]))
+                )
+            conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+        except BaseException:
+            leave(wrapper)
+            raise
+
+    @staticmethod
+    def recover(wrapper: BaseDatabaseWrapper) -> None:
+        """On a lane's thread, after a call: undo a failed statement of the
+        call, so the connection stays in the snapshot for the next one."""
+        conn = wrapper.connection
+        if getattr(wrapper, MARK, None) is None or conn is None or conn.closed:
+            return
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+
+
+def leave(wrapper: BaseDatabaseWrapper) -> None:
+    """On the wrapper's thread: end its snapshot transaction, if it is in one,
+    and give the connection back its autocommit."""
+    if getattr(wrapper, MARK, None) is None:
+        return
+    delattr(wrapper, MARK)
+    conn = wrapper.connection
+    if conn is None or conn.closed or conn.broken:
+        return
+    conn.rollback()  # (read only: there is nothing to commit)
+    wrapper.set_autocommit(True)
+
+
+def leave_all(wrappers: list[BaseDatabaseWrapper]) -> None:
+    """On their thread: :func:`leave` every wrapper that is in a snapshot."""
+    for wrapper in wrappers:
+        leave(wrapper)
+
+
+def in_snapshot(wrapper: BaseDatabaseWrapper) -> bool:
+    return getattr(wrapper, MARK, None) is not None

@@ -1,0 +1,205 @@
+"""db_parallelism(n, snapshot=True): every lane reads one snapshot.
+
+A writer commits a book (of one page) every couple of milliseconds. A request
+gathers a count of the books and, a few milliseconds later, the sum of their
+pages: read from one snapshot the two agree; read the usual way (each query
+its own snapshot, on whichever lane) they disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.conf import settings
+from django.db import connections
+from django.db.models import Sum
+from psycopg.conninfo import make_conninfo
+
+import asgi_dbset
+from asgi_dbset import SnapshotWriteError, connection_set, db_parallelism
+from asgi_dbset.budget import budget
+from tests.helpers import sleeping
+from tests.testapp.models import Author, Book
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+
+REQUESTS = 200
+
+
+def dsn_of(alias: str = "default") -> str:
+    return make_conninfo(
+        settings.DATABASE_URL, dbname=settings.DATABASES[alias]["NAME"]
+    )
+
+
+@contextlib.contextmanager
+def writer(author_id: int, alias: str = "default") -> Iterator[list[int]]:
+    """Commit a one-page book every 2 ms until the block ends."""
+    written = [0]
+    stop = threading.Event()
+
+    def write() -> None:
+        with psycopg.connect(dsn_of(alias), autocommit=True) as conn:
+            deadline = time.monotonic() + 120
+            while not stop.is_set() and time.monotonic() < deadline:
+                conn.execute(
+                    "INSERT INTO testapp_book (title, author_id, pages) "
+                    "VALUES ('w', %s, 1)",
+                    [author_id],
+                )
+                written[0] += 1
+                stop.wait(0.002)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        while written[0] < 5:
+            time.sleep(0.005)
+        yield written
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+async def count_and_sum(alias: str = "default") -> tuple[int, int]:
+    async def pages_a_little_later() -> int:
+        await asyncio.sleep(0.003)
+        result = await Book.objects.using(alias).aaggregate(total=Sum("pages"))
+        return int(result["total"] or 0)
+
+    # (The count takes 10 ms on the server, so the sum runs beside it.)
+    count, pages = await asyncio.gather(
+        sleeping(0.01, Book).using(alias).acount(), pages_a_little_later()
+    )
+    return count, pages
+
+
+async def agreements(*, snapshot: bool, parallelism: int = 2) -> tuple[int, set[int]]:
+    agreed, lanes = 0, set()
+    async with ThreadSensitiveContext():
+        for _ in range(REQUESTS):
+            async with connection_set(
+                parallelism=parallelism, snapshot=snapshot, lease_timeout=5.0
+            ) as dbset:
+                count, pages = await count_and_sum()
+            agreed += count == pages
+            lanes.update(r.lane for r in dbset.records)
+        await sync_to_async(connections.close_all)()
+    return agreed, lanes
+
+
+async def test_gathered_reads_of_one_snapshot_agree_while_a_writer_commits() -> None:
+    author = await Author.objects.acreate(name="writer")
+    with writer(author.pk) as written:
+        agreed, lanes = await agreements(snapshot=True)
+        control, _ = await agreements(snapshot=False)
+    assert written[0] > REQUESTS
+    assert agreed == REQUESTS
+    assert lanes == {0, 1}  # the two reads ran on two connections
+    # The control, side by side: without a snapshot they do not all agree.
+    assert control < REQUESTS
+    assert budget.total == 0
+
+
+async def test_at_parallelism_1_a_snapshot_is_one_transaction() -> None:
+    author = await Author.objects.acreate(name="writer")
+    with writer(author.pk):
+        agreed, lanes = await agreements(snapshot=True, parallelism=1)
+    assert (agreed, lanes) == (REQUESTS, {0})
+
+
+async def test_each_database_has_a_snapshot_of_its_own() -> None:
+    author = await Author.objects.acreate(name="writer")
+    other = await Author.objects.using("other").acreate(name="writer")
+    with writer(author.pk), writer(other.pk, "other"):
+        async with ThreadSensitiveContext():
+            async with connection_set(parallelism=4, snapshot=True, lease_timeout=5.0):
+                (c1, p1), (c2, p2) = await asyncio.gather(
+                    count_and_sum("default"), count_and_sum("other")
+                )
+            await sync_to_async(connections.close_all)()
+    assert c1 == p1
+    assert c2 == p2
+
+
+async def test_a_write_inside_a_snapshot_raises_what_to_do_instead() -> None:
+    async with ThreadSensitiveContext():
+        async with db_parallelism(2, snapshot=True) as dbset:
+            before = await Author.objects.acount()
+            with pytest.raises(SnapshotWriteError, match="read only") as raised:
+                await Author.objects.acreate(name="refused")
+            assert "asgi_dbset.atomic" in str(raised.value)
+            assert isinstance(
+                raised.value.__cause__.__cause__, psycopg.errors.ReadOnlySqlTransaction
+            )  # type: ignore[union-attr]
+            # The snapshot is still usable after the refused write...
+            assert await Author.objects.acount() == before
+            # ...and a write goes through in a transaction block of its own.
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="written in a block")
+            assert dbset.snapshot
+        await sync_to_async(connections.close_all)()
+    assert await Author.objects.filter(name="written in a block").acount() == 1
+    assert await Author.objects.filter(name="refused").acount() == 0
+
+
+def idle_in_transaction() -> int:
+    databases = [settings.DATABASES[alias]["NAME"] for alias in ("default", "other")]
+    with psycopg.connect(settings.DATABASE_URL, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = ANY(%s) "
+            "AND state LIKE 'idle in transaction%%'",
+            [databases],
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_the_snapshot_ends_with_its_block_and_on_cancellation() -> None:
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=3, lease_timeout=5.0) as dbset:
+            async with db_parallelism(3, snapshot=True):
+                await asyncio.gather(*(sleeping(0.1).acount() for _ in range(3)))
+                assert await asyncio.to_thread(idle_in_transaction) >= 1
+            # The block's transactions ended on every lane at its exit.
+            assert not dbset.snapshot
+            assert await asyncio.to_thread(idle_in_transaction) == 0
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3), db_parallelism(3, snapshot=True):
+                    await asyncio.gather(*(sleeping(20).acount() for _ in range(3)))
+            assert await asyncio.to_thread(idle_in_transaction) == 0
+        await sync_to_async(connections.close_all)()
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
+async def test_a_snapshot_of_a_view_lasts_until_its_request_ends() -> None:
+    from tests.asgi import request
+
+    app: Any = asgi_dbset.DBSetMiddleware(_snapshot_app)
+    response = await request(app, "/snapshot/")
+    assert response.status == 200
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
+@db_parallelism(2, snapshot=True)
+async def _snapshot_view() -> int:
+    counts = await asyncio.gather(Author.objects.acount(), Author.objects.acount())
+    return len(set(counts))
+
+
+async def _snapshot_app(scope: Any, receive: Any, send: Any) -> None:
+    distinct = await _snapshot_view()
+    dbset = asgi_dbset.active_set()
+    assert dbset is not None
+    assert dbset.snapshot
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": str(distinct).encode()})
