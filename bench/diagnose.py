@@ -28,6 +28,11 @@
         how long its calls ran in all, how long they queued for a lane while
         the set leased its extra lanes.
 
+    python -m bench.diagnose features [--seconds 3] [--rounds 3]
+        What a request pays for snapshot=True and asgi_dbset.atomic(): W1 with
+        and without each, one client, variants interleaved. ``make bench``
+        records it and the report shows it beside plain W1.
+
     python -m bench.diagnose floor [--calls 400]
         W1's floor: the CPU one W1 lookup spends before its query leaves
         (queryset, SQL, cursor) and after its rows return (model objects), on
@@ -477,6 +482,51 @@ def lanes(seconds: int) -> None:
         server.stop()
 
 
+# -- features ---------------------------------------------------------------------
+
+#: (label, path with query): W1 with and without each feature, one client.
+FEATURES = (
+    ("plain p=4 k=4", "/p4/w1/?k=4"),
+    ("snapshot p=4 k=4", "/p4/w1/?k=4&feature=snapshot"),
+    ("plain p=1 k=1", "/p1/w1/?k=1"),
+    ("snapshot p=1 k=1", "/p1/w1/?k=1&feature=snapshot"),
+    ("plain p=4 k=1", "/p4/w1/?k=1"),
+    ("atomic p=4 k=1", "/p4/w1/?k=1&feature=atomic"),
+)
+
+
+def features(seconds: int, rounds: int) -> dict[str, Any]:
+    """W1 with and without snapshot=True and asgi_dbset.atomic(), one client,
+    on the dbset server; variants interleaved, the median of *rounds* means."""
+    from bench.run import Server, wrk
+
+    server = Server("dbset")
+    server.start()
+    means: dict[str, list[float]] = {label: [] for label, _ in FEATURES}
+    try:
+        wrk(f"{server.base}/p8/w1/?k=8", 64, 1)  # grow the pool, start lane threads
+        for _ in range(rounds):
+            for label, path in FEATURES:
+                figures = wrk(f"{server.base}{path}", 1, seconds)
+                means[label].append(figures["latency_us"]["mean"] / 1000)
+    finally:
+        server.stop()
+    return {
+        "seconds": seconds,
+        "rounds": rounds,
+        "mean_ms": {
+            label: round(statistics.median(v), 3) for label, v in means.items()
+        },
+    }
+
+
+def print_features(seconds: int, rounds: int) -> None:
+    result = features(seconds, rounds)
+    print(f"W1, one client, median of {rounds} rounds of {seconds} s (mean latency):")
+    for label, ms in result["mean_ms"].items():
+        print(f"  {label:18} {ms:7.2f} ms")
+
+
 # -- floor ------------------------------------------------------------------------
 
 
@@ -604,6 +654,9 @@ def main() -> None:
     sat.add_argument("--rounds", type=int, default=2)
     ln = sub.add_parser("lanes")
     ln.add_argument("--seconds", type=int, default=3)
+    ft = sub.add_parser("features")
+    ft.add_argument("--seconds", type=int, default=3)
+    ft.add_argument("--rounds", type=int, default=3)
     fl = sub.add_parser("floor")
     fl.add_argument("--calls", type=int, default=400)
     sub.add_parser("spin")
@@ -635,6 +688,8 @@ def main() -> None:
         saturation(args.seconds, args.clients, args.rounds)
     elif args.command == "lanes":
         lanes(args.seconds)
+    elif args.command == "features":
+        print_features(args.seconds, args.rounds)
     elif args.command == "floor":
         print(json.dumps(floor(args.calls), indent=1))
     elif args.command == "_floor":

@@ -487,6 +487,49 @@ def w1_floor_table(f: Figures, floor: dict[str, Any] | None) -> str:
     )
 
 
+def features_table(found: dict[str, Any] | None) -> str:
+    """What snapshot=True and asgi_dbset.atomic() cost a W1 request."""
+    if not found:
+        return ""
+    ms = found["mean_ms"]
+    pairs = [
+        (
+            "`db_parallelism(4, snapshot=True)`, k = 4",
+            "plain p=4 k=4",
+            "snapshot p=4 k=4",
+        ),
+        (
+            "`snapshot=True` at parallelism 1, k = 1",
+            "plain p=1 k=1",
+            "snapshot p=1 k=1",
+        ),
+        (
+            "`asgi_dbset.atomic()` at parallelism 4, k = 1",
+            "plain p=4 k=1",
+            "atomic p=4 k=1",
+        ),
+    ]
+    rows = [
+        [
+            what,
+            fmt(ms.get(plain)),
+            fmt(ms.get(with_it)),
+            fmt(ms[with_it] - ms[plain]) if plain in ms and with_it in ms else "-",
+        ]
+        for what, plain, with_it in pairs
+    ]
+    return (
+        "**What the features cost.** W1 with and without each feature, one client, "
+        f"the variants interleaved, median of {found['rounds']} rounds of "
+        f"{found['seconds']} s (`python -m bench.diagnose features`). A snapshot adds, "
+        "per lane that joins it, the round trips that open its transaction and import "
+        "(or export) the snapshot, and a rollback when it ends; a transaction block adds "
+        "a call on lane 0 that learns its transactions, then its BEGIN and COMMIT on "
+        "its own lane.\n\n"
+        + table(["request", "without, ms", "with, ms", "cost, ms"], rows)
+    )
+
+
 def w3_table(f: Figures) -> str:
     rows = []
     for s in f.series("W3"):
@@ -1074,6 +1117,7 @@ def write(
                 for part in (
                     k_tables(f, "W1"),
                     w1_floor_table(f, results.get("w1_floor")),
+                    features_table(results.get("features")),
                 )
                 if part
             ),

@@ -8,6 +8,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("", views.index, name="index"),
     path("dashboard/", views.dashboard, name="dashboard"),
     path("dashboard/serial/", views.dashboard_serial, name="dashboard-serial"),
+    path("dashboard/snapshot/", views.dashboard_snapshot, name="dashboard-snapshot"),
     path("api/panels/", views.PanelsAPI.as_view(), name="api-panels"),
     path("api/panels/serial/", views.panels_serial, name="api-panels-serial"),
     path("api/panels/<str:name>/", views.PanelsAPI.as_view(), name="api-panel"),

@@ -74,11 +74,30 @@ def aggregate(i: int) -> Awaitable[Any]:
 
 
 async def w1(request: HttpRequest) -> JsonResponse:
-    """k lookups, each spending SLEEP seconds on the server (W1, W4)."""
+    """k lookups, each spending SLEEP seconds on the server (W1, W4).
+
+    On the dbset variant, ``?feature=snapshot`` gathers them inside
+    ``db_parallelism(p, snapshot=True)`` (one snapshot for every lane) and
+    ``?feature=atomic`` inside ``asgi_dbset.atomic()`` (one transaction, on
+    one lane): what each feature costs a request (bench.diagnose features).
+    """
     base = random.randrange(ROWS)
-    items = await asyncio.gather(
-        *(_call(sleep_lookup(pk_for(base, i))) for i in range(_k(request)))
-    )
+    lookups = [_call(sleep_lookup(pk_for(base, i))) for i in range(_k(request))]
+    feature = request.GET.get("feature") if settings.VARIANT == "dbset" else None
+    if feature:
+        import asgi_dbset
+
+        dbset = asgi_dbset.active_set()
+        p = dbset.parallelism if dbset else 1
+        block = (
+            asgi_dbset.db_parallelism(p, snapshot=True)
+            if feature == "snapshot"
+            else asgi_dbset.atomic()
+        )
+        async with block:
+            items = await asyncio.gather(*lookups)
+    else:
+        items = await asyncio.gather(*lookups)
     return _reply(request, {"ids": [item.pk for item in items]})
 
 

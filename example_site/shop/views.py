@@ -2,7 +2,9 @@
 
 - ``/dashboard/`` gathers every panel under ``@db_parallelism(PARALLELISM)``;
   ``/dashboard/serial/`` is the same view without the decorator, so its queries
-  run one after another on the request's one connection, as stock Django does.
+  run one after another on the request's one connection, as stock Django does;
+  ``/dashboard/snapshot/`` adds ``snapshot=True``: every panel, on every lane,
+  reads one snapshot, so their totals agree while orders come in.
 - ``/api/panels/`` (and ``/api/panels/serial/``, ``/api/panels/<name>/``) serve
   the same panels as JSON, with the request's figures.
 - ``/timeline/`` draws the lanes of the last requests from ``recent_requests()``.
@@ -74,12 +76,24 @@ def _panel_rows(gathered: Gathered) -> list[dict[str, Any]]:
     ]
 
 
-async def _render_dashboard(request: HttpRequest, *, parallel: bool) -> HttpResponse:
+def consistency(data: dict[str, Any]) -> dict[str, Any]:
+    """Two panels that count the same orders: the totals panel's count, and the
+    orders by status added up. Read from one snapshot they always agree."""
+    orders = int(data["totals"]["orders"])
+    by_status = sum(int(row["orders"]) for row in data["orders_by_status"])
+    return {"orders": orders, "by_status": by_status, "agree": orders == by_status}
+
+
+async def _render_dashboard(
+    request: HttpRequest, *, parallel: bool, snapshot: bool = False
+) -> HttpResponse:
     latency = _latency(request)
     gathered = await gather_panels(latency=latency)
     context = {
         **gathered.data,
         "parallel": parallel,
+        "snapshot": snapshot,
+        "consistency": consistency(gathered.data),
         "figures": request_figures(gathered),
         "panel_rows": _panel_rows(gathered),
         "latency_ms": round(latency * 1000),
@@ -96,6 +110,11 @@ async def dashboard(request: HttpRequest) -> HttpResponse:
 
 async def dashboard_serial(request: HttpRequest) -> HttpResponse:
     return await _render_dashboard(request, parallel=False)
+
+
+@db_parallelism(PARALLELISM, snapshot=True)
+async def dashboard_snapshot(request: HttpRequest) -> HttpResponse:
+    return await _render_dashboard(request, parallel=True, snapshot=True)
 
 
 def _panels_json(gathered: Gathered, *, parallel: bool) -> JsonResponse:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+import time
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import pytest
+from django.conf import settings
 from django.db.models import Sum
+from psycopg.conninfo import make_conninfo
 
 from asgi_dbset import get_stats
 from asgi_dbset.budget import budget
@@ -214,3 +221,56 @@ async def test_home_counters_and_health(app: Any) -> None:
         "database": True,
         "asgi_dbset": health["asgi_dbset"],
     }
+
+
+@contextlib.contextmanager
+def orders_coming_in(customer: int) -> Iterator[list[int]]:
+    """Another client commits a new order (of *customer*) every 2 ms until the
+    block ends."""
+    written = [0]
+    stop = threading.Event()
+    dsn = make_conninfo(
+        settings.DATABASE_URL, dbname=settings.DATABASES["default"]["NAME"]
+    )
+
+    def write() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            deadline = time.monotonic() + 120
+            while not stop.is_set() and time.monotonic() < deadline:
+                conn.execute(
+                    "INSERT INTO shop_order (customer_id, created_at, status) "
+                    "VALUES (%s, now(), 'open')",
+                    [customer],
+                )
+                written[0] += 1
+                stop.wait(0.002)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        yield written
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+async def test_the_snapshot_dashboards_totals_agree_while_orders_come_in(
+    app: Any,
+) -> None:
+    verdicts: dict[str, list[str]] = {"snapshot": [], "parallel": []}
+    customer = await Customer.objects.values_list("id", flat=True).afirst()
+    assert customer is not None
+    with orders_coming_in(customer) as written:
+        for _ in range(10):
+            for name, path in (
+                ("snapshot", "/dashboard/snapshot/"),
+                ("parallel", "/dashboard/"),
+            ):
+                page = html(await request(app, path, "latency=20"))
+                verdicts[name].append(figure(page, "consistency-verdict"))
+    assert written[0] > 20
+    assert verdicts["snapshot"] == ["they agree"] * 10
+    # The same page without the snapshot, side by side: its panels read
+    # different moments, and the two counts differ.
+    assert any(v != "they agree" for v in verdicts["parallel"])
+    assert budget.total == 0
