@@ -156,17 +156,24 @@ def plan(
         closed.update(lane for lane in extra if lane.broken)
         excess = len(lanes) - len(closed) - parallelism
         if excess > 0:
+            # (A lane holding an open cursor takes no other call, but stays
+            # for its cursor's chunks.)
             candidates = [
                 lane
                 for lane in reversed(extra)
-                if not lane.broken and not lane.reserved and not pinning(lane)
+                if not lane.broken and not lane.reserved
             ]
-            candidates.sort(key=lambda lane: lane.jobs > 0 or not lane.leased)
+            candidates.sort(
+                key=lambda lane: (pinning(lane), lane.jobs > 0 or not lane.leased)
+            )
             closed.update(candidates[:excess])
         decided.returns = [
             lane
             for lane in extra
-            if lane in closed and not lane.jobs and (lane.leased or lane.broken)
+            if lane in closed
+            and not lane.jobs
+            and (lane.leased or lane.broken)
+            and (lane.broken or not pinning(lane))
         ]
 
     # Hand calls out, first come first served.
@@ -174,7 +181,21 @@ def plan(
     lane0_free = not lane0.jobs
     lane0_handed = False  # a call handed to lane 0 in this plan reports first
     waiting: list[Call] = []
-    for call in queue:
+    # Lanes still free in this plan, and lanes that may still be leased: once
+    # both are none, every call left can only wait (so a long queue costs no
+    # scan at every event).
+    free = lane0_free + sum(
+        1
+        for lane in extra
+        if not lane.jobs
+        and not lane.broken
+        and (lane not in closed or pinning(lane))  # (that one: for its cursor)
+    )
+    room = parallelism - len(lanes)
+    for index, call in enumerate(queue):
+        if not free and room <= 0 and waiting:
+            waiting.extend(queue[index:])
+            break
         alias = call.target.alias
         pinned = call.pin
         if pinned is None and call.target.cursor is not None:
@@ -188,6 +209,7 @@ def plan(
                 if lane is not None:
                     decided.hand_outs.append((call, lane, "reserve"))
                     taken.add(lane)
+                    free -= 1
                     continue
                 if len(lanes) < parallelism and may_lease(alias):
                     waiting.append(call)  # a lease comes for it
@@ -199,9 +221,11 @@ def plan(
             elif pinned is lane0 and lane0_free:
                 decided.hand_outs.append((call, lane0, "pinned"))
                 lane0_free, lane0_handed = False, True
+                free -= 1
             elif pinned is not lane0 and not pinned.jobs and pinned not in taken:
                 decided.hand_outs.append((call, pinned, "pinned"))
                 taken.add(pinned)
+                free -= 1
             elif pinned is lane0 and not waiting and len(lanes) == 1:
                 decided.hand_outs.append((call, lane0, "behind"))
                 lane0_handed = True
@@ -211,6 +235,7 @@ def plan(
         if lane0_free:
             decided.hand_outs.append((call, lane0, "lane0"))
             lane0_free, lane0_handed = False, True
+            free -= 1
             continue
         # Lane 0 runs a call: an extra lane may take this one if lane 0's
         # report of that call allows (a call handed to lane 0 just now has
@@ -225,6 +250,7 @@ def plan(
                 if lane is not None:
                     decided.hand_outs.append((call, lane, how))
                     taken.add(lane)
+                    free -= 1
                     continue
             elif how == REPORT:
                 decided.want_report = True
@@ -238,7 +264,6 @@ def plan(
         waiting.append(call)
 
     # Lease extra lanes for the calls left, within the parallelism.
-    room = parallelism - len(lanes)
     if room > 0 and waiting:
         demand: Counter[str] = Counter(
             call.target.alias
@@ -291,6 +316,9 @@ class Scheduler:
         "_closed",
         "_cursors",
         "_lane0",
+        "_lane0_next",
+        "_lane0_passed",
+        "_lane0_turns",
         "_lanes",
         "_loop",
         "_next_index",
@@ -322,6 +350,11 @@ class Scheduler:
         self._closed = False
         self._lane0 = RequestLane()
         self._lanes: list[Lane] = [self._lane0]
+        # Lane 0's calls go to its thread in the order of their generations:
+        # the next generation to go, those that will not, the calls waiting.
+        self._lane0_next = 0
+        self._lane0_passed: set[int] = set()
+        self._lane0_turns: dict[int, asyncio.Future[None]] = {}
         self._next_index = 1
         self._queue: list[Call] = []
         self._seq = itertools.count()
@@ -386,9 +419,14 @@ class Scheduler:
                 self._return_lane(lane)
             for call, lane, how in decided.hand_outs:
                 self._hand(call, lane, how)
-            if len(decided.hand_outs) == len(self._queue):
+            handed = len(decided.hand_outs)
+            if handed == len(self._queue):
                 self._queue = []
-            elif decided.hand_outs:
+            elif handed and all(
+                decided.hand_outs[i][0] is self._queue[i] for i in range(handed)
+            ):
+                del self._queue[:handed]  # (the usual case: the first calls)
+            elif handed:
                 self._queue = [
                     call for call in self._queue if call.lane is None and not call.lost
                 ]
@@ -552,10 +590,16 @@ class Scheduler:
                     self._drop(call)
                     raise
             if call.lost:
+                what = (
+                    "its transaction block (the block's transaction is gone with "
+                    "it; leave the block and try again)"
+                    if call.pin is not None
+                    else "its aiterator()'s cursor (the iteration cannot go on; "
+                    "start it again)"
+                )
                 raise CallNotRunError(
-                    "asgi_dbset: this ORM call did not run: the connection of its "
-                    "transaction block was lost (the block's transaction is gone "
-                    "with it); leave the block and try again."
+                    "asgi_dbset: this ORM call did not run: the connection of "
+                    f"{what} was lost."
                 )
             lane = call.lane
             if lane is None:
@@ -587,9 +631,47 @@ class Scheduler:
                 self._queue.remove(call)
             return
         # Handed a lane just as it gave up: the lane is free again.
+        self._unpin_unopened(call)
         if lane is self._lane0:
             self._lane0.reports.withdraw(call.generation)
+            self._lane0_turn_passed(call.generation)
         self._finish(lane, None)
+
+    async def _lane0_turn(self, generation: int) -> None:
+        """Wait until every call handed to lane 0 before this one has gone to
+        its thread. Lane 0's thread runs calls in the order they reach it, and
+        its reports are numbered in the order calls are handed to it: a call
+        handed out later (queued behind lane 0 by its own task, at once) must
+        not reach the thread first, or a report would stand for the wrong call."""
+        while generation != self._lane0_next:
+            turn = self._lane0_turns[generation] = self._loop_future()
+            try:
+                await turn
+            except asyncio.CancelledError:
+                self._lane0_turns.pop(generation, None)
+                raise
+        self._lane0_next += 1
+        self._lane0_skip_passed()
+
+    def _lane0_turn_passed(self, generation: int) -> None:
+        """A call handed to lane 0 will not go to its thread: its turn passes."""
+        if generation == self._lane0_next:
+            self._lane0_next += 1
+            self._lane0_skip_passed()
+        elif generation > self._lane0_next:
+            self._lane0_passed.add(generation)
+
+    def _lane0_skip_passed(self) -> None:
+        while self._lane0_next in self._lane0_passed:
+            self._lane0_passed.discard(self._lane0_next)
+            self._lane0_next += 1
+        turn = self._lane0_turns.pop(self._lane0_next, None)
+        if turn is not None and not turn.done():
+            turn.set_result(None)
+
+    def _loop_future(self) -> asyncio.Future[None]:
+        assert self._loop is not None
+        return self._loop.create_future()
 
     async def _run_on(
         self,
@@ -600,12 +682,28 @@ class Scheduler:
         kwargs: dict[str, Any],
         outer: object,
     ) -> Any:
+        if lane is self._lane0:
+            try:
+                if call.generation == self._lane0_next and not self._lane0_turns:
+                    self._lane0_next += 1  # its turn (the usual case)
+                    if self._lane0_passed:
+                        self._lane0_skip_passed()
+                else:
+                    await self._lane0_turn(call.generation)
+            except asyncio.CancelledError:
+                self._lane0.reports.withdraw(call.generation)
+                self._lane0_turn_passed(call.generation)
+                self._unpin_unopened(call)
+                self._finish(lane, None)
+                raise
         job = Job(call.generation)
         alias = call.target.alias
         record = self.recorder.begin(lane.index, alias, func, call.queued)
         lane.calls += 1
         self._running.add(job)
         try:
+            # (No await before lane.run() hands the call to its thread: the
+            # next call's turn above comes after this one's.)
             result = await lane.run(
                 job,
                 func,
@@ -623,11 +721,7 @@ class Scheduler:
         except NotRunError:
             self.recorder.forget(record)
             lane.calls -= 1
-            cursor = call.target.cursor
-            if cursor is not None and inspect.getgeneratorstate(cursor) == (
-                inspect.GEN_CREATED
-            ):
-                self._unpin(cursor)  # its cursor was never opened
+            self._unpin_unopened(call)
             # (No decision here: the call queues again first, in its place.)
             lane.jobs -= 1
             self._running.discard(job)
@@ -639,12 +733,18 @@ class Scheduler:
                 # query it runs is cancelled on the server meanwhile.
                 self._cancel(job)
             else:
-                if job.state == Job.SKIPPED and lane is self._lane0:
-                    self._lane0.reports.withdraw(job.generation)  # no report
+                if job.state == Job.SKIPPED:
+                    self._unpin_unopened(call)
+                    if lane is self._lane0:
+                        self._lane0.reports.withdraw(job.generation)  # no report
                 self._finish(lane, job)
             raise
         except BaseException:
             self.recorder.end(record, job.started)
+            if lane is self._lane0:
+                # (If it failed before its report, none will come; a report
+                # already posted stands.)
+                self._lane0.reports.withdraw(job.generation)
             self._finish(lane, job)
             raise
         self.recorder.end(record, job.started)
@@ -708,9 +808,14 @@ class Scheduler:
             lane.broken = True
             # Every set of the process backs off as long as the lease waited: a
             # busy pool is not polled by each request in turn.
-            budget.back_off(lane.alias or "", max(self.lease_timeout, 0.01))
+            backoff = max(self.lease_timeout, 0.01)
+            budget.back_off(lane.alias or "", backoff)
             stats.incr("lease_failures")
             logger.debug("asgi_dbset: no extra lane for %r: %s", lane.alias, exc)
+            if self._loop is not None:
+                # Decide again when the back-off ends: calls still queued
+                # then may have a lane (nothing else would wake them).
+                self._loop.call_later(backoff, self._assign)
         self._assign()
 
     def _return_lane(self, lane: Lane) -> None:
@@ -788,7 +893,8 @@ class Scheduler:
         if self.holds_lanes():
             return False
         self._closed = True
-        return True  # (nothing waits for lane 0's reports: no call is queued)
+        self._lane0.reports.close()  # (a wake-up asked for earlier, if any)
+        return True
 
     # -- cursors -------------------------------------------------------------
 
@@ -804,6 +910,14 @@ class Scheduler:
             inspect.getgeneratorstate(cursor) != inspect.GEN_CREATED
         ):
             self._pin(cursor, self._lane0)
+
+    def _unpin_unopened(self, call: Call) -> None:
+        """A first chunk that did not run leaves no pin: its cursor never opened."""
+        cursor = call.target.cursor
+        if cursor is not None and inspect.getgeneratorstate(cursor) == (
+            inspect.GEN_CREATED
+        ):
+            self._unpin(cursor)
 
     def _pinned_to(self, call: Call) -> Lane | None:
         cursor = call.target.cursor

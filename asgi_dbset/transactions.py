@@ -150,6 +150,8 @@ class TransactionReports:
 
     def close(self) -> None:
         """The set is closing: tell the loop nothing any more."""
+        if self._notify is None:
+            return  # (most sets never asked)
         with self._lock:
             self._notify, self._wanted = None, -1
 

@@ -187,3 +187,60 @@ def test_leases_cover_the_calls_left_less_the_idle_lanes() -> None:
     assert sorted(decided.leases) == ["default", "default", "other"]
     assert decide(queue, set_lanes, parallelism=3).leases == ["default"]
     assert decide(queue, set_lanes, may_lease=False).leases == []
+
+
+def test_a_lane_holding_a_cursor_beyond_the_parallelism_serves_only_its_cursor() -> (
+    None
+):
+    set_lanes = lanes("default", busy=[0])
+    queue = calls("default", "default")
+    with_cursor(queue[1])
+    decided = decide(
+        queue,
+        set_lanes,
+        parallelism=1,
+        pinned={1: set_lanes[1]},
+        pinning=[set_lanes[1]],
+    )
+    # Lane 1 is one lane too many: the plain call waits for lane 0, the chunk
+    # of lane 1's cursor runs there, and the lane is not returned.
+    assert handed(decided) == [(1, 1, "pinned")]
+    assert decided.returns == []
+
+
+def test_a_long_queue_still_reaches_a_cursor_whose_lane_is_free() -> None:
+    set_lanes = lanes("default", busy=[0])
+    queue = calls(*["default"] * 50)
+    with_cursor(queue[-1])
+    decided = decide(
+        queue,
+        set_lanes,
+        parallelism=1,
+        pinned={49: set_lanes[1]},
+        pinning=[set_lanes[1]],
+    )
+    assert handed(decided) == [(49, 1, "pinned")]
+
+
+def test_a_long_queue_with_nothing_free_is_not_scanned_to_its_end() -> None:
+    set_lanes = lanes("default", busy=[0, 1])
+    queue = calls(*["default"] * 1000)
+    seen: list[int] = []
+
+    def pinned_to(call: Call) -> Lane | None:
+        seen.append(call.seq)
+        return None
+
+    for call in queue:
+        with_cursor(call)  # (so that the plan asks where each call is pinned)
+    plan(
+        queue,
+        set_lanes,
+        parallelism=2,
+        verdict=lambda alias: CLEAR,
+        likely_clear=lambda alias: True,
+        pinned_to=pinned_to,
+        may_lease=lambda alias: True,
+        pinning=lambda lane: False,
+    )
+    assert len(seen) < 5
