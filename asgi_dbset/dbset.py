@@ -107,7 +107,9 @@ class ConnectionSet:
         self._scheduler = Scheduler(
             parallelism=parallelism,
             lease_timeout=lease_timeout,
-            timeout_ms=milliseconds(statement_timeout),
+            timeout_ms=None
+            if statement_timeout is None
+            else milliseconds(statement_timeout),
             recorder=self.recorder,
         )
         #: The highest parallelism the set had (a block form may lower it again).

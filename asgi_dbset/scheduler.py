@@ -76,6 +76,11 @@ logger = logging.getLogger("asgi_dbset")
 if TYPE_CHECKING:
     GeneratorT: TypeAlias = types.GeneratorType[Any, None, None]
 
+# Lane 0's passed turns and waiting calls before the first (most sets never
+# have one): replaced, never changed.
+_NO_GENERATIONS: set[int] = set()
+_NO_TURNS: dict[int, asyncio.Future[None]] = {}
+
 # A set's cursor pins before its first (most sets never have one).
 _NO_CURSORS: Mapping[Any, Lane] = types.MappingProxyType({})
 
@@ -184,13 +189,15 @@ def plan(
     # Lanes still free in this plan, and lanes that may still be leased: once
     # both are none, every call left can only wait (so a long queue costs no
     # scan at every event).
-    free = lane0_free + sum(
-        1
-        for lane in extra
-        if not lane.jobs
-        and not lane.broken
-        and (lane not in closed or pinning(lane))  # (that one: for its cursor)
-    )
+    free = int(lane0_free)
+    if extra:
+        free += sum(
+            1
+            for lane in extra
+            if not lane.jobs
+            and not lane.broken
+            and (lane not in closed or pinning(lane))  # (that one: for its cursor)
+        )
     room = parallelism - len(lanes)
     for index, call in enumerate(queue):
         if not free and room <= 0 and waiting:
@@ -353,8 +360,8 @@ class Scheduler:
         # Lane 0's calls go to its thread in the order of their generations:
         # the next generation to go, those that will not, the calls waiting.
         self._lane0_next = 0
-        self._lane0_passed: set[int] = set()
-        self._lane0_turns: dict[int, asyncio.Future[None]] = {}
+        self._lane0_passed: set[int] = _NO_GENERATIONS  # (made on first use)
+        self._lane0_turns: dict[int, asyncio.Future[None]] = _NO_TURNS
         self._next_index = 1
         self._queue: list[Call] = []
         self._seq = itertools.count()
@@ -644,6 +651,8 @@ class Scheduler:
         handed out later (queued behind lane 0 by its own task, at once) must
         not reach the thread first, or a report would stand for the wrong call."""
         while generation != self._lane0_next:
+            if self._lane0_turns is _NO_TURNS:
+                self._lane0_turns = {}
             turn = self._lane0_turns[generation] = self._loop_future()
             try:
                 await turn
@@ -659,6 +668,8 @@ class Scheduler:
             self._lane0_next += 1
             self._lane0_skip_passed()
         elif generation > self._lane0_next:
+            if self._lane0_passed is _NO_GENERATIONS:
+                self._lane0_passed = set()
             self._lane0_passed.add(generation)
 
     def _lane0_skip_passed(self) -> None:
@@ -853,7 +864,7 @@ class Scheduler:
             len(self._lanes) > 1
             or bool(self._queue)
             or bool(self._background)
-            or self.has_cursors()
+            or (self._cursors is not _NO_CURSORS and bool(self._cursors))
         )
 
     async def close(self) -> None:
@@ -893,7 +904,8 @@ class Scheduler:
         if self.holds_lanes():
             return False
         self._closed = True
-        self._lane0.reports.close()  # (a wake-up asked for earlier, if any)
+        if self._lane0.reports.due >= 0:
+            self._lane0.reports.close()  # (a wake-up asked for earlier, if any)
         return True
 
     # -- cursors -------------------------------------------------------------
