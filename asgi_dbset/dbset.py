@@ -302,6 +302,8 @@ class ConnectionSet:
         self._closed = True
         self.closed_at = time.perf_counter()
         stats.incr("sets_closed")
+        if stats.closed_observer is not None:
+            stats.closed_observer(self)
         return True
 
     async def aclose(self) -> None:
@@ -322,6 +324,8 @@ class ConnectionSet:
         finally:
             self.closed_at = time.perf_counter()
             stats.incr("sets_closed")
+            if stats.closed_observer is not None:
+                stats.closed_observer(self)
 
     async def _close_lanes(self) -> None:
         if self._scheduler.snapshot is not None:

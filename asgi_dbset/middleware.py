@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from asgiref.sync import SyncToAsync, ThreadSensitiveContext
 from asgiref.sync import sync_to_async as stock_sync_to_async
@@ -190,6 +191,9 @@ async def open_pools() -> None:
     def open_all() -> None:
         for alias in _pooled_aliases():
             connections[alias].pool.open(wait=False)  # type: ignore[attr-defined]
+        otel = sys.modules.get("asgi_dbset.opentelemetry")
+        if otel is not None and otel.instrumented():
+            otel.time_pools()  # (the pools exist now: time them from the start)
 
     await asyncio.to_thread(open_all)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 _lock = threading.Lock()
@@ -29,6 +30,16 @@ COUNTERS = {
 
 # Every key there from the start: incr() is on the path of every call.
 _counters: Counter[str] = Counter(dict.fromkeys([*COUNTERS, "sets_closed"], 0))
+
+
+#: Called with each connection set as it closes, when something observes them
+#: (asgi_dbset.opentelemetry's per-request histograms); None otherwise.
+closed_observer: Callable[[Any], None] | None = None
+
+
+def set_closed_observer(observer: Callable[[Any], None] | None) -> None:
+    global closed_observer
+    closed_observer = observer
 
 
 def incr(name: str, n: int = 1) -> None:

@@ -287,6 +287,9 @@ INSTRUCTION_VARIANTS: dict[str, tuple[str, str, str, str, dict[str, str]]] = {
         name: (variant, path, "", wrap, {})
         for name, (variant, path, wrap) in {**VARIANTS, **SPLIT}.items()
     },
+    # W3 with asgi_dbset.opentelemetry's metrics on (the SDK, nothing exporting).
+    "dbset-p1-otel": ("dbset", "/p1/w3/", "", "", {"BENCH_OTEL": "1"}),
+    "dbset-p4-otel": ("dbset", "/p4/w3/", "", "", {"BENCH_OTEL": "1"}),
     # W4's request as a saturated server serves it: four lookups, no extra
     # lane to be had (a pool of one connection leaves the sets no budget), so
     # at p=4 they queue on lane 0 as they do when the pool is busy.
