@@ -5,10 +5,12 @@
 #   make test PYTEST_ARGS="-k smoke" extra pytest arguments, passed to every cell
 #   make test CELLS=A                only some cells (A: Django 5.2/Py3.11,
 #                                    B: Django 6.1/Py3.12, C: Django 6.1/Py3.13,
-#                                    D: Django 5.2/Py3.11 with the lowest asgiref)
+#                                    D: Django 5.2/Py3.11 with the lowest asgiref,
+#                                    E: Django 5.2/Py3.11 through PgBouncer)
 #   make test-embedded               smoke tests on the embedded server, main cell
 #   make db-start, make db-stop      start/stop the embedded PostgreSQL (.pgdata/)
 #   make chromium                    install Debian's chromium if absent (browser test)
+#   make pgbouncer                   install Debian's pgbouncer if absent (cell E)
 #   make docs                        build the documentation (mkdocs --strict) into site/
 #   make bench                       benchmarks (~17 min) -> bench/results/, docs/benchmarks.md
 #   make bench BENCH_ARGS=--quick    a ~2 min benchmark smoke run, written under bench/.work/
@@ -20,7 +22,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 PYTEST_ARGS ?=
-CELLS ?= A,B,C,D
+CELLS ?= A,B,C,D,E
 HOST ?= 127.0.0.1
 PORT ?= 8000
 BENCH_ARGS ?=
@@ -30,10 +32,10 @@ VPY := $(VENV)/bin/python
 MATRIX := $(PYTHON) scripts/matrix.py --python $(PYTHON)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo lint typecheck test test-embedded db-start db-stop chromium docs bench soak
+.PHONY: help venv demo lint typecheck test test-embedded db-start db-stop chromium pgbouncer docs bench soak
 
 help:
-	@sed -n '1,18p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,20p' Makefile | sed 's/^# \{0,1\}//'
 
 venv:
 	@$(MATRIX) venv A
@@ -58,6 +60,7 @@ test: venv
 	$(MAKE) --no-print-directory db-start || failed="$$failed db-start"; \
 	$(MAKE) --no-print-directory typecheck || failed="$$failed typecheck"; \
 	$(MAKE) --no-print-directory chromium || failed="$$failed chromium"; \
+	$(MAKE) --no-print-directory pgbouncer || failed="$$failed pgbouncer"; \
 	$(MAKE) --no-print-directory docs || failed="$$failed docs"; \
 	$(MATRIX) test --cells $(CELLS) -- $(PYTEST_ARGS) || failed="$$failed pytest"; \
 	if [ -n "$$failed" ]; then echo "make test FAILED:$$failed"; exit 1; fi; \
@@ -83,6 +86,18 @@ chromium:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else \
 		echo "chromium is missing; install it: sudo apt-get update && sudo apt-get install -y chromium"; \
+		exit 1; \
+	fi
+
+# Cell E runs the suite through a real PgBouncer (tests/pgbouncer.py starts it).
+pgbouncer:
+	@if command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "Installing Debian's pgbouncer for the PgBouncer cell."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; \
+		systemctl disable --now pgbouncer >/dev/null 2>&1 || true; \
+	else \
+		echo "pgbouncer is missing; install it: sudo apt-get update && sudo apt-get install -y pgbouncer"; \
 		exit 1; \
 	fi
 

@@ -72,6 +72,11 @@ def connection_set(
     )
 
 
+def _pooled(values: Mapping[str, Any]) -> frozenset[str]:
+    pooled = values["TRANSACTION_POOLED"]  # (checked at startup)
+    return pooled if isinstance(pooled, frozenset) else frozenset(pooled)
+
+
 def _validate_snapshot(value: object, what: str) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{what} takes True or False, not {value!r}.")
@@ -102,6 +107,7 @@ def set_from_settings(
             else statement_timeout
         ),
         snapshot=snapshot,
+        transaction_pooled=_pooled(values),
     )
 
 
@@ -131,7 +137,8 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
 
     With ``snapshot=True``, every call of the view (or block), on every lane,
     reads one consistent snapshot of its database (see
-    ``docs/transactions.md``); a snapshot already on stays.
+    ``docs/transactions.md``); a snapshot already on stays. The decorator's
+    snapshot ends when the view returns.
     """
 
     def __init__(
@@ -181,8 +188,15 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
                 dbset.parallelism = min(self.n, conf.MAX_PARALLELISM)
                 if not isinstance(self.statement_timeout, Unset):
                     dbset.statement_timeout = self.statement_timeout
-                if self.snapshot:
-                    dbset.begin_snapshot()  # (it ends when the set closes)
+                if self.snapshot and not dbset.snapshot:
+                    # For the view's own calls: its transactions end when the
+                    # view returns, before Django returns the request's own
+                    # connection (a streaming body's calls come after).
+                    dbset.begin_snapshot()
+                    try:
+                        return await view(*args, **kwargs)
+                    finally:
+                        await dbset.end_snapshot()
                 return await view(*args, **kwargs)
             async with self:
                 return await view(*args, **kwargs)

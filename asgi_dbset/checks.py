@@ -142,6 +142,8 @@ def check_settings(
             )
         )
 
+    errors.extend(_check_transaction_pooled(values["TRANSACTION_POOLED"]))
+
     parallel = _is_positive_int(maximum) and maximum > 1
     for alias, db in settings.DATABASES.items():
         engine = db.get("ENGINE", "")
@@ -189,6 +191,63 @@ def check_settings(
                     hint=f"Set BUDGET to at most {max_size - 1}, or raise "
                     f'DATABASES[{alias!r}]["OPTIONS"]["pool"]["max_size"] above {budget}.',
                     id="asgi_dbset.E010",
+                )
+            )
+    return errors
+
+
+def _check_transaction_pooled(pooled: Any) -> list[CheckMessage]:
+    """E014-E016: aliases declared behind a transaction-pooling PgBouncer."""
+    if isinstance(pooled, str) or not isinstance(
+        pooled, list | tuple | set | frozenset
+    ):
+        return [
+            Error(
+                f"ASGI_DBSET['TRANSACTION_POOLED'] must list database aliases, not "
+                f"{pooled!r}.",
+                hint='For example "TRANSACTION_POOLED": ["default"] for a database '
+                "reached through PgBouncer in transaction pooling mode.",
+                id="asgi_dbset.E014",
+            )
+        ]
+    errors: list[CheckMessage] = []
+    for alias in pooled:
+        db = settings.DATABASES.get(alias) if isinstance(alias, str) else None
+        if db is None:
+            errors.append(
+                Error(
+                    f"ASGI_DBSET['TRANSACTION_POOLED'] names {alias!r}, which is not "
+                    "in DATABASES.",
+                    hint=f"Known aliases: {', '.join(settings.DATABASES)}.",
+                    id="asgi_dbset.E014",
+                )
+            )
+            continue
+        if not db.get("DISABLE_SERVER_SIDE_CURSORS", False):
+            errors.append(
+                Error(
+                    f"Database {alias!r} is behind a transaction pooler but uses "
+                    "server-side cursors: an iterator()'s or aiterator()'s cursor "
+                    'would be gone by its next chunk ("cursor does not exist").',
+                    hint=f'Set DATABASES[{alias!r}]["DISABLE_SERVER_SIDE_CURSORS"] = '
+                    "True (iterators then fetch their rows at once).",
+                    id="asgi_dbset.E015",
+                )
+            )
+        options = db.get("OPTIONS", {})
+        if (
+            options.get("server_side_binding")
+            and options.get("prepare_threshold", 5) is not None
+        ):
+            errors.append(
+                Error(
+                    f"Database {alias!r} is behind a transaction pooler and binds "
+                    "parameters on the server, so psycopg prepares statements: the "
+                    "next transaction may reach another server session, where they "
+                    "do not exist (or already do).",
+                    hint=f'Set DATABASES[{alias!r}]["OPTIONS"]["prepare_threshold"] = '
+                    "None, or leave server_side_binding off.",
+                    id="asgi_dbset.E016",
                 )
             )
     return errors

@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "SERVER_TIMING": False,
     # How many finished requests to keep for asgi_dbset.recent_requests().
     "HISTORY": 0,
+    # Database aliases behind a transaction-pooling PgBouncer (or any pooler
+    # that gives a client a server session per transaction only).
+    "TRANSACTION_POOLED": (),
 }
 
 
@@ -90,6 +93,10 @@ class Settings:
     @property
     def HISTORY(self) -> int:  # noqa: N802
         return int(self._get("HISTORY"))
+
+    @property
+    def TRANSACTION_POOLED(self) -> frozenset[str]:  # noqa: N802
+        return frozenset(self._get("TRANSACTION_POOLED"))
 
 
 conf = Settings()

@@ -91,6 +91,7 @@ class ConnectionSet:
         lease_timeout: float = 0.1,
         statement_timeout: float | None = None,
         snapshot: bool = False,
+        transaction_pooled: frozenset[str] = frozenset(),
     ) -> None:
         # (The validators are called only for what is not plainly valid: the
         # middleware makes a set per request from settings checked at startup.)
@@ -130,6 +131,8 @@ class ConnectionSet:
                     f"{snapshot!r}."
                 )
             self._scheduler.snapshot = Snapshot()
+        if transaction_pooled:
+            self._scheduler.transaction_pooled = frozenset(transaction_pooled)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: Token[ConnectionSet | None] | None = None
         self._closed = False

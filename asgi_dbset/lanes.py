@@ -23,7 +23,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 import psycopg
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import snapshots, stats
@@ -133,6 +133,7 @@ class Lane:
         clearance: int | None = None,
         outer: object = None,
         snapshot: Snapshot | None = None,
+        local_timeout: bool = False,
     ) -> Any:
         """Run ``func(*args, **kwargs)`` as *job* on this lane's thread.
 
@@ -145,8 +146,14 @@ class Lane:
         ``AsyncToSync.executors.current`` (lane 0 runs on that thread when
         there is one). With a *snapshot*, the call runs inside it (see
         .snapshots); without one, a connection still in an earlier snapshot
-        leaves it first.
+        leaves it first. With *local_timeout* (the alias is behind a
+        transaction pooler), the statement timeout holds for the call's own
+        transaction only (:func:`run_with_local_timeout`).
         """
+        if local_timeout and timeout_ms is not None:
+            local_ms, timeout_ms = timeout_ms, None  # (no session setting at all)
+        else:
+            local_ms = None
         loop = asyncio.get_running_loop()
         # The call runs in a private copy of the caller's context, never copied
         # back: code on a lane does not see the set (an async_to_sync inside it
@@ -182,6 +189,10 @@ class Lane:
                 for each in wrappers:
                     each.execute_wrappers.append(job.guard)
                 try:
+                    if local_ms is not None:
+                        return run_with_local_timeout(
+                            wrapper, local_ms, func, args, kwargs
+                        )
                     return func(*args, **kwargs)
                 except DatabaseError as exc:
                     if snapshot is not None and isinstance(
@@ -435,6 +446,45 @@ class PooledLane(Lane):
 
 
 _TIMEOUT_ATTR = "_asgi_dbset_statement_timeout"
+
+
+def run_with_local_timeout(
+    wrapper: BaseDatabaseWrapper,
+    timeout_ms: int,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``func(*args, **kwargs)`` with ``statement_timeout`` set for the call's
+    transaction only (``set_config(..., true)``, as ``SET LOCAL``).
+
+    Behind a transaction pooler, a session setting could be sent to one server
+    session and the query to another, and outlive the call on a session other
+    clients then use. So: outside a transaction the call runs in one of its
+    own (its writes commit together, or none does); inside the caller's
+    transaction the setting is put back as it was when the call ends.
+    """
+    value = f"{timeout_ms}ms"
+    if wrapper.in_atomic_block or not wrapper.get_autocommit():
+        conn = wrapper.connection
+        row = conn.execute("SELECT current_setting('statement_timeout')").fetchone()
+        conn.execute("SELECT set_config('statement_timeout', %s, true)", [value])
+        try:
+            return func(*args, **kwargs)
+        finally:
+            if (
+                row is not None
+                and not conn.closed
+                and conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            ):
+                conn.execute(
+                    "SELECT set_config('statement_timeout', %s, true)", [row[0]]
+                )
+    with transaction.atomic(using=wrapper.alias):
+        wrapper.connection.execute(
+            "SELECT set_config('statement_timeout', %s, true)", [value]
+        )
+        return func(*args, **kwargs)
 
 
 def set_statement_timeout(wrapper: BaseDatabaseWrapper, timeout_ms: int) -> None:

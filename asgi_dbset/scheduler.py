@@ -338,6 +338,7 @@ class Scheduler:
         "recorder",
         "snapshot",
         "timeout_ms",
+        "transaction_pooled",
     )
 
     def __init__(
@@ -374,6 +375,9 @@ class Scheduler:
         self.blocks = 0
         #: The snapshot every call runs in, when one is on (see .snapshots).
         self.snapshot: Snapshot | None = None
+        #: Aliases behind a transaction pooler: statement timeouts per call's
+        #: transaction, never per session.
+        self.transaction_pooled: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         busy = sum(lane.busy for lane in self._lanes)
@@ -728,6 +732,7 @@ class Scheduler:
                 # (A transaction block's lane is never in the snapshot: its
                 # block may write.)
                 snapshot=None if lane.reserved else self.snapshot,
+                local_timeout=alias in self.transaction_pooled,
             )
         except NotRunError:
             self.recorder.forget(record)

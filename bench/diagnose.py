@@ -33,6 +33,13 @@
         and without each, one client, variants interleaved. ``make bench``
         records it and the report shows it beside plain W1.
 
+    python -m bench.diagnose pgbouncer [--seconds 3] [--rounds 3]
+        W1 through a PgBouncer in transaction pooling mode (Debian's package,
+        started for the run by tests/pgbouncer.py in front of BENCH_DSN's
+        server, pool_size 20) beside W1 on direct connections: stock Django
+        and asgi_dbset at p = k, one client, interleaved. ``make bench``
+        records it and the report shows it beside plain W1.
+
     python -m bench.diagnose floor [--calls 400]
         W1's floor: the CPU one W1 lookup spends before its query leaves
         (queryset, SQL, cursor) and after its rows return (model objects), on
@@ -530,6 +537,75 @@ def print_features(seconds: int, rounds: int) -> None:
         print(f"  {label:18} {ms:7.2f} ms")
 
 
+# -- pgbouncer --------------------------------------------------------------------
+
+#: (label, server, path): W1 at k = p, each through PgBouncer and direct.
+PGBOUNCER_RUNS = tuple(
+    (f"{variant} k={k}", variant, f"/p{1 if variant == 'stock' else k}/w1/?k={k}")
+    for k in (1, 2, 4, 8)
+    for variant in ("stock", "dbset")
+)
+
+
+def pgbouncer(seconds: int, rounds: int) -> dict[str, Any]:
+    """W1 through a PgBouncer (transaction pooling) and direct, one client;
+    the runs interleaved, the median of *rounds* means per run."""
+    from bench import config
+    from bench.run import Server, wrk
+    from tests.pgbouncer import in_front_of
+
+    # Its pool holds every connection a process may use here (the app's pool
+    # is 16): the figures are PgBouncer's hop, not a queue in front of it.
+    bouncer, url = in_front_of(config.SERVER_DSN, pool_size=20)
+    servers = {}
+    try:
+        for route, env in (
+            ("direct", {}),
+            ("pgbouncer", {"BENCH_DSN": url, "BENCH_PGBOUNCER": "1"}),
+        ):
+            for variant in ("stock", "dbset"):
+                server = Server(variant, env)
+                server.log = server.log.with_name(f"{variant}-{route}.log")
+                server.start()
+                servers[route, variant] = server
+                wrk(f"{server.base}/p1/w1/?k=1", 16, 1)  # grow the pool
+                if variant == "dbset":
+                    wrk(f"{server.base}/p8/w1/?k=8", 8, 1)  # start lane threads
+        means: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for label, variant, path in PGBOUNCER_RUNS:
+                for route in ("direct", "pgbouncer"):
+                    figures = wrk(f"{servers[route, variant].base}{path}", 1, seconds)
+                    means.setdefault(f"{route} {label}", []).append(
+                        figures["latency_us"]["mean"] / 1000
+                    )
+    finally:
+        for server in servers.values():
+            server.stop()
+        bouncer.stop()
+    return {
+        "seconds": seconds,
+        "rounds": rounds,
+        "pool_size": bouncer.pool_size,
+        "mean_ms": {
+            label: round(statistics.median(v), 3) for label, v in means.items()
+        },
+    }
+
+
+def print_pgbouncer(seconds: int, rounds: int) -> None:
+    result = pgbouncer(seconds, rounds)
+    print(
+        f"W1 at k = p, one client, median of {rounds} rounds of {seconds} s "
+        "(mean latency, ms):"
+    )
+    print(f"  {'':12} {'direct':>8} {'PgBouncer':>10}")
+    for label, _, _ in PGBOUNCER_RUNS:
+        direct = result["mean_ms"][f"direct {label}"]
+        pooled = result["mean_ms"][f"pgbouncer {label}"]
+        print(f"  {label:12} {direct:8.2f} {pooled:10.2f}")
+
+
 # -- floor ------------------------------------------------------------------------
 
 
@@ -660,6 +736,9 @@ def main() -> None:
     ft = sub.add_parser("features")
     ft.add_argument("--seconds", type=int, default=3)
     ft.add_argument("--rounds", type=int, default=3)
+    pb = sub.add_parser("pgbouncer")
+    pb.add_argument("--seconds", type=int, default=3)
+    pb.add_argument("--rounds", type=int, default=3)
     fl = sub.add_parser("floor")
     fl.add_argument("--calls", type=int, default=400)
     sub.add_parser("spin")
@@ -693,6 +772,8 @@ def main() -> None:
         lanes(args.seconds)
     elif args.command == "features":
         print_features(args.seconds, args.rounds)
+    elif args.command == "pgbouncer":
+        print_pgbouncer(args.seconds, args.rounds)
     elif args.command == "floor":
         print(json.dumps(floor(args.calls), indent=1))
     elif args.command == "_floor":

@@ -530,6 +530,50 @@ def features_table(found: dict[str, Any] | None) -> str:
     )
 
 
+def pgbouncer_table(found: dict[str, Any] | None) -> str:
+    """W1 through PgBouncer (transaction pooling) beside W1 direct."""
+    if not found:
+        return ""
+    ms = found["mean_ms"]
+    rows = []
+    for k in (1, 2, 4, 8):
+        stock_d, stock_b = (
+            ms.get(f"direct stock k={k}"),
+            ms.get(f"pgbouncer stock k={k}"),
+        )
+        lib_d, lib_b = ms.get(f"direct dbset k={k}"), ms.get(f"pgbouncer dbset k={k}")
+        rows.append(
+            [
+                str(k),
+                fmt(stock_d),
+                fmt(stock_b),
+                fmt(lib_d),
+                fmt(lib_b),
+                f"{fmt(ratio(stock_b, lib_b), 2)}x",
+            ]
+        )
+    return (
+        "**Through PgBouncer.** W1 at p = k, one client, through a PgBouncer in "
+        f"transaction pooling mode (pool_size {found['pool_size']}, in front of the same "
+        "server) beside the same servers' direct figures, the runs interleaved, median "
+        f"of {found['rounds']} rounds of {found['seconds']} s "
+        "(`python -m bench.diagnose pgbouncer`). Through PgBouncer the alias is "
+        "declared in `TRANSACTION_POOLED`; the speed-up is stock's latency over "
+        "asgi_dbset's, both through PgBouncer.\n\n"
+        + table(
+            [
+                "k",
+                "stock direct, ms",
+                "stock via PgBouncer, ms",
+                "asgi_dbset direct, ms",
+                "asgi_dbset via PgBouncer, ms",
+                "speed-up via PgBouncer",
+            ],
+            rows,
+        )
+    )
+
+
 def w3_table(f: Figures) -> str:
     rows = []
     for s in f.series("W3"):
@@ -1118,6 +1162,7 @@ def write(
                     k_tables(f, "W1"),
                     w1_floor_table(f, results.get("w1_floor")),
                     features_table(results.get("features")),
+                    pgbouncer_table(results.get("pgbouncer")),
                 )
                 if part
             ),

@@ -1013,7 +1013,7 @@ def main(argv: list[str] | None = None) -> None:
         harness.saturation(series)
     w5_rtt = harness.w5(series, args.w5_delay_ms) if "W5" in workloads else None
     load_after = load_snapshot()
-    w1_floor = features = None
+    w1_floor = features = w1_pgbouncer = None
     if "W1" in workloads:
         say("measuring W1's floor (CPU per lookup before its query leaves)")
         from bench import diagnose
@@ -1021,6 +1021,10 @@ def main(argv: list[str] | None = None) -> None:
         w1_floor = diagnose.floor(100 if args.quick else 400)
         say("measuring what snapshot=True and asgi_dbset.atomic() cost W1")
         features = diagnose.features(1 if args.quick else 3, 1 if args.quick else 3)
+        say("measuring W1 through PgBouncer (transaction pooling) beside direct")
+        w1_pgbouncer = diagnose.pgbouncer(
+            1 if args.quick else 3, 1 if args.quick else 3
+        )
     # After the HTTP runs, which it would slow down; counts do not depend on time.
     instructions = None
     if workloads & {"W3", "W4"} and not (args.no_instructions or args.quick):
@@ -1053,6 +1057,7 @@ def main(argv: list[str] | None = None) -> None:
         "instructions": instructions,
         "w1_floor": w1_floor,
         "features": features,
+        "pgbouncer": w1_pgbouncer,
         "quiet": quiet,
         "load_before": load_before,
         "load_after": load_after,

@@ -49,6 +49,10 @@ class Cell:
     main: bool = False
     # Further pip requirements, e.g. a dependency held at its lowest version.
     pins: tuple[str, ...] = ()
+    # Environment variables of its pytest run, and the tests it runs (before
+    # any PYTEST_ARGS); empty: pytest's own default, every test.
+    env: tuple[tuple[str, str], ...] = ()
+    tests: tuple[str, ...] = ()
 
 
 CELLS = (
@@ -64,6 +68,26 @@ CELLS = (
         "3.11",
         ".venv-dj52-asgiref391",
         pins=("asgiref==3.9.1",),
+    ),
+    # The suite through a real PgBouncer in transaction pooling mode, started
+    # by tests/settings.py (tests/pgbouncer.py): Django's connections go
+    # through it. The reliability tests that watch the server's connections
+    # one by one stay direct, but for the two that are about PgBouncer too.
+    Cell(
+        "E",
+        "django>=5.2,<5.3",
+        "Django 5.2 through PgBouncer",
+        "3.11",
+        ".venv",
+        main=True,
+        env=(("ASGI_DBSET_TEST_PGBOUNCER", "1"),),
+        tests=(
+            "tests/test_*.py",
+            "tests/example",
+            "tests/reliability/test_disconnects.py",
+            "tests/reliability/test_statement_timeout_server.py",
+            "tests/reliability/test_pgbouncer_processes.py",
+        ),
     ),
 )
 
@@ -254,10 +278,15 @@ def ensure_venv(cell: Cell, interpreter: Interpreter) -> Path:
     return venv
 
 
-def run_with_timeout(command: list[str], timeout: float) -> int | None:
-    """Run pytest; on timeout dump its threads' stacks, kill it, return None."""
+def run_with_timeout(
+    command: list[str], timeout: float, env: dict[str, str] | None = None
+) -> int | None:
+    """Run pytest (with *env* added to the environment); on timeout dump its
+    threads' stacks, kill it, return None."""
     # Its own process group, so servers that tests started go down with it.
-    process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, start_new_session=True, env={**os.environ, **(env or {})}
+    )
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -334,10 +363,25 @@ def cmd_test(args: argparse.Namespace) -> int:
         except subprocess.CalledProcessError as exc:
             results.append((cell, "failed", f"{label}: installing failed ({exc})"))
             continue
-        command = [str(venv_python(venv)), "-m", "pytest", *pytest_args]
-        say("$ " + " ".join(shlex.quote(part) for part in command))
+        tests = [
+            path
+            for pattern in cell.tests
+            for path in (
+                sorted(str(p.relative_to(REPO)) for p in REPO.glob(pattern))
+                if "*" in pattern
+                else [pattern]
+            )
+        ]
+        command = [str(venv_python(venv)), "-m", "pytest", *tests, *pytest_args]
+        env = dict(cell.env)
+        say(
+            "$ "
+            + " ".join(f"{k}={v}" for k, v in env.items())
+            + (" " if env else "")
+            + " ".join(shlex.quote(part) for part in command)
+        )
         started = time.monotonic()
-        code = run_with_timeout(command, args.timeout)
+        code = run_with_timeout(command, args.timeout, env)
         elapsed = time.monotonic() - started
         if code is None:
             results.append(

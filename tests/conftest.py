@@ -168,6 +168,22 @@ def uses_database(request: pytest.FixtureRequest) -> bool:
     ) is not None or not DATABASE_FIXTURES.isdisjoint(request.fixturenames)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _pgbouncer_lets_test_databases_go(
+    request: pytest.FixtureRequest,
+) -> Iterator[None]:
+    """Through PgBouncer, close its server connections to the test databases
+    before they are dropped (it keeps them pooled)."""
+    bouncer = getattr(settings, "PGBOUNCER", None)
+    if bouncer is None:
+        yield
+        return
+    request.getfixturevalue("django_db_setup")
+    yield
+    for alias in settings.DATABASES:
+        bouncer.close_server_connections(connections[alias].settings_dict["NAME"])
+
+
 @pytest.fixture(autouse=True)
 def pool_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a database test that leaves a pooled connection checked out."""

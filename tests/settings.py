@@ -40,22 +40,41 @@ DATABASE_URL, DATABASE_SOURCE = _server_url()
 # Lets two runs share one server (two checkouts, a matrix run beside a dev run).
 _SUFFIX = os.environ.get("ASGI_DBSET_TEST_DB_SUFFIX", "")
 
+# ASGI_DBSET_TEST_PGBOUNCER=1 (the matrix's PgBouncer cell): Django's
+# connections go through a PgBouncer in transaction pooling mode, started here
+# for the run. DATABASE_URL stays the server's own: the tests watch the server
+# (pg_stat_activity) and write beside the app from there.
+PGBOUNCER = None
+APP_DATABASE_URL = DATABASE_URL
+if os.environ.get("ASGI_DBSET_TEST_PGBOUNCER") == "1":
+    from tests.pgbouncer import in_front_of
+
+    PGBOUNCER, APP_DATABASE_URL = in_front_of(DATABASE_URL, pool_size=10)
+    _SUFFIX += "_pgb"
+
 _POOL = {"min_size": 2, "max_size": 8, "timeout": 10}
 
 DATABASES = {
     "default": {
         **django_database(
-            DATABASE_URL, pool=_POOL, application_name="asgi_dbset_tests"
+            APP_DATABASE_URL, pool=_POOL, application_name="asgi_dbset_tests"
         ),
         "TEST": {"NAME": f"test_asgi_dbset{_SUFFIX}"},
     },
     "other": {
         **django_database(
-            DATABASE_URL, pool=_POOL, application_name="asgi_dbset_tests"
+            APP_DATABASE_URL, pool=_POOL, application_name="asgi_dbset_tests"
         ),
         "TEST": {"NAME": f"test_asgi_dbset_other{_SUFFIX}"},
     },
 }
+
+if PGBOUNCER is not None:
+    for _entry in DATABASES.values():
+        # What a transaction-pooled alias needs (checks E015, E016).
+        _entry["DISABLE_SERVER_SIDE_CURSORS"] = True
+        _entry["OPTIONS"]["prepare_threshold"] = None
+    ASGI_DBSET = {"TRANSACTION_POOLED": ["default", "other"]}
 
 INSTALLED_APPS = [
     "django.contrib.contenttypes",

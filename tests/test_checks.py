@@ -98,8 +98,9 @@ def test_check_command_fails_on_errors() -> None:
 def test_manage_py_check_fails_in_a_fresh_process() -> None:
     code = (
         "import django; from django.conf import settings; import tests.settings as s;"
-        "settings.configure(**{k: getattr(s, k) for k in dir(s) if k.isupper()},"
-        " ASGI_DBSET={'BUDGET': 'lots'});"
+        "values = {k: getattr(s, k) for k in dir(s) if k.isupper()};"
+        "values['ASGI_DBSET'] = {**getattr(s, 'ASGI_DBSET', {}), 'BUDGET': 'lots'};"
+        "settings.configure(**values);"
         "django.setup()"
     )
     result = subprocess.run(
@@ -114,3 +115,36 @@ def test_the_middleware_refuses_bad_settings_at_startup() -> None:
     with override_settings(ASGI_DBSET={"DEFAULT_PARALLELISM": 0}):
         with pytest.raises(ImproperlyConfigured, match=r"asgi_dbset\.E003"):
             DBSetMiddleware(lambda scope, receive, send: None)  # type: ignore[arg-type, return-value]
+
+
+def test_transaction_pooled_aliases() -> None:
+    pooled = {"TRANSACTION_POOLED": ["default"]}
+    ready = databases(DISABLE_SERVER_SIDE_CURSORS=True)
+    assert ids(DATABASES=ready, ASGI_DBSET=pooled) == []
+    # Not a list of aliases, or an alias that does not exist.
+    assert ids(ASGI_DBSET={"TRANSACTION_POOLED": "default"}) == ["asgi_dbset.E014"]
+    assert ids(ASGI_DBSET={"TRANSACTION_POOLED": ["nope"]}) == ["asgi_dbset.E014"]
+    # Server-side cursors cannot outlive a transaction there.
+    cursors = databases(DISABLE_SERVER_SIDE_CURSORS=False)
+    assert ids(DATABASES=cursors, ASGI_DBSET=pooled) == ["asgi_dbset.E015"]
+    # Prepared statements do not follow a client from session to session.
+    binding = copy.deepcopy(ready)
+    binding["default"]["OPTIONS"]["server_side_binding"] = True
+    binding["default"]["OPTIONS"].pop("prepare_threshold", None)
+    assert ids(DATABASES=binding, ASGI_DBSET=pooled) == ["asgi_dbset.E016"]
+    binding["default"]["OPTIONS"]["prepare_threshold"] = None
+    assert ids(DATABASES=binding, ASGI_DBSET=pooled) == []
+
+
+def test_the_transaction_pooled_checks_say_what_to_write() -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Overriding setting DATABASES", UserWarning)
+        with override_settings(
+            DATABASES=databases(DISABLE_SERVER_SIDE_CURSORS=False),
+            ASGI_DBSET={"TRANSACTION_POOLED": ["default"]},
+        ):
+            (message,) = check_settings()
+    assert message.id == "asgi_dbset.E015"
+    assert "DATABASES['default'][\"DISABLE_SERVER_SIDE_CURSORS\"] = True" in str(
+        message.hint
+    )

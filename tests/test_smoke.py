@@ -5,8 +5,6 @@ Marked ``embedded``: ``make test-embedded`` runs these against the embedded serv
 
 from __future__ import annotations
 
-import os
-
 import psycopg
 import pytest
 from django.conf import settings
@@ -26,8 +24,9 @@ pytestmark = pytest.mark.embedded
     [("default", "test_asgi_dbset"), ("other", "test_asgi_dbset_other")],
 )
 def test_django_connection_is_postgresql(alias: str, test_name: str) -> None:
-    # ASGI_DBSET_TEST_DB_SUFFIX lets two runs share a server.
-    test_name += os.environ.get("ASGI_DBSET_TEST_DB_SUFFIX", "")
+    # (ASGI_DBSET_TEST_DB_SUFFIX, and the PgBouncer cell, add a suffix.)
+    assert settings.DATABASES[alias]["TEST"]["NAME"].startswith(test_name)
+    test_name = settings.DATABASES[alias]["TEST"]["NAME"]
     with connections[alias].cursor() as cursor:
         cursor.execute("SELECT version(), current_database()")
         version, database = cursor.fetchone()
@@ -75,4 +74,8 @@ def test_embedded_server_starts_and_is_reused() -> None:
     assert row is not None
     assert row[0].startswith("PostgreSQL")
     if settings.DATABASE_SOURCE == "embedded":
-        assert settings.DATABASES["default"]["HOST"] == conninfo_to_dict(url)["host"]
+        # (Django's own connections go through PgBouncer in the PgBouncer cell.)
+        assert (
+            conninfo_to_dict(settings.DATABASE_URL)["host"]
+            == conninfo_to_dict(url)["host"]
+        )

@@ -11,4 +11,5 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("cbv-as-view/", views.db_parallelism(3)(views.PlainView.as_view())),
     path("stream/", views.stream),
     path("fail/", views.fail),
+    path("replica/", views.replica_reads),
 ]

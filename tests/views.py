@@ -13,7 +13,7 @@ from django.views import View
 from asgi_dbset import active_set, db_parallelism
 from asgi_dbset.budget import budget
 from tests.helpers import sleeping
-from tests.testapp.models import Author, Book, Tag
+from tests.testapp.models import Author, Book, Review, Tag
 
 
 async def dashboard_data(sleep: float = 0.0) -> dict[str, Any]:
@@ -80,3 +80,22 @@ async def fail(request: HttpRequest) -> HttpResponse:
             sleeping(0.2).acount(), sleeping(0.2, Book).acount(), boom()
         )
     return HttpResponse("unreachable")
+
+
+async def _names(queryset: Any) -> list[str]:
+    return sorted([author.name async for author in queryset])
+
+
+@db_parallelism(4)
+async def replica_reads(request: HttpRequest) -> JsonResponse:
+    """Reads the router sends to the replica, reads pinned to the primary with
+    ``.using()``, and a write, gathered (tests/test_replicas.py)."""
+    replica, primary, count, review = await asyncio.gather(
+        _names(Author.objects.all()),
+        _names(Author.objects.using("default")),
+        Author.objects.acount(),
+        Review.objects.acreate(stars=4),
+    )
+    return JsonResponse(
+        {"replica": replica, "primary": primary, "count": count, "review": review.pk}
+    )

@@ -63,6 +63,13 @@ DATABASES = {
     }
 }
 
+# bench.diagnose pgbouncer: BENCH_DSN points at a PgBouncer in transaction
+# pooling mode; what such an alias needs (checks asgi_dbset.E015/E016).
+PGBOUNCER = os.environ.get("BENCH_PGBOUNCER") == "1"
+if PGBOUNCER:
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
+    DATABASES["default"]["OPTIONS"]["prepare_threshold"] = None
+
 # The library's defaults, written out: BUDGET None is max_size // 2 = 8 extra
 # connections across the process.
 ASGI_DBSET = {
@@ -70,4 +77,5 @@ ASGI_DBSET = {
     "MAX_PARALLELISM": 8,
     "BUDGET": None,
     "LEASE_TIMEOUT": 0.1,
+    "TRANSACTION_POOLED": ["default"] if PGBOUNCER else [],
 }

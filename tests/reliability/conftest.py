@@ -61,7 +61,9 @@ def serve(
 
     def start(**options: Any) -> Server:
         name = options.pop("app_name", app_name)
-        url = options.pop("db_url", settings.DATABASE_URL)
+        # (The app's own address: a PgBouncer in the PgBouncer cell.)
+        url = options.pop("db_url", settings.APP_DATABASE_URL)
+        options.setdefault("transaction_pooled", settings.PGBOUNCER is not None)
         config = ServerConfig(
             db_url=url,
             app_name=name,

@@ -34,6 +34,8 @@ class ServerConfig:
     asgi_dbset: dict[str, Any] = field(default_factory=dict)
     stock: bool = False
     health_checks: bool = False
+    # db_url is a PgBouncer in transaction pooling mode: declare it so.
+    transaction_pooled: bool = False
 
     def environ(self) -> dict[str, str]:
         env = {
@@ -50,6 +52,7 @@ class ServerConfig:
             REL_ASGI_DBSET=json.dumps(self.asgi_dbset),
             REL_STOCK="1" if self.stock else "",
             REL_HEALTH_CHECKS="1" if self.health_checks else "",
+            REL_TRANSACTION_POOLED="1" if self.transaction_pooled else "",
             PYTHONUNBUFFERED="1",
         )
         return env

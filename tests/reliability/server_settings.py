@@ -10,6 +10,7 @@ Everything that varies between scenarios comes from the environment, set by
 ``REL_ASGI_DBSET``     JSON ``ASGI_DBSET``
 ``REL_STOCK``          ``1``: serve plain Django, without asgi_dbset at all
 ``REL_HEALTH_CHECKS``  ``1``: ``CONN_HEALTH_CHECKS`` (the pool checks on every getconn)
+``REL_TRANSACTION_POOLED`` ``1``: REL_DB_URL is a PgBouncer in transaction pooling mode
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ INSTALLED_APPS = [
     "tests.testapp",
 ]
 ASGI_DBSET = json.loads(os.environ.get("REL_ASGI_DBSET", "{}"))
+if os.environ.get("REL_TRANSACTION_POOLED", "") == "1":
+    # What Django and asgi_dbset need behind PgBouncer's transaction pooling.
+    _database["DISABLE_SERVER_SIDE_CURSORS"] = True
+    _database["OPTIONS"]["prepare_threshold"] = None
+    if not STOCK:
+        ASGI_DBSET.setdefault("TRANSACTION_POOLED", ["default"])
 
 SECRET_KEY = "asgi-dbset-reliability-not-secret"
 DEBUG = False

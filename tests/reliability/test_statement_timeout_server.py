@@ -73,7 +73,8 @@ def mixed_timeouts(
     # Nothing ran past the limit but the 0.3 s gathers (the limit is 0.2 s).
     assert watch.max_active_seconds < 1.0, watch.max_active_seconds
     assert quiet(state), state
-    assert {b.pid for b in backends(dsn, app_name)} == before
+    if not server.config.transaction_pooled:  # (PgBouncer's own connections vary)
+        assert {b.pid for b in backends(dsn, app_name)} == before
     return {
         "requests": result["requests"],
         "statuses": result["statuses"],
