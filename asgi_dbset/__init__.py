@@ -25,6 +25,7 @@ __all__ = [
     "RequestSummary",
     "SnapshotError",
     "SnapshotWriteError",
+    "TransactionLeftOpenError",
     "active_set",
     "atomic",
     "connection_set",
@@ -33,6 +34,7 @@ __all__ = [
     "get_stats",
     "on_commit",
     "recent_requests",
+    "sync_to_lane",
 ]
 
 if TYPE_CHECKING:
@@ -45,11 +47,13 @@ if TYPE_CHECKING:
         QueryRefusedError,
         SnapshotError,
         SnapshotWriteError,
+        TransactionLeftOpenError,
     )
     from .history import RequestSummary, recent_requests
     from .middleware import DBSetMiddleware
     from .records import CallRecord
     from .stats import get_pool_stats, get_stats
+    from .sync import sync_to_lane
 
 # Imported lazily: `import asgi_dbset` (as INSTALLED_APPS does) must not touch
 # Django's models before the app registry is ready.
@@ -64,6 +68,7 @@ _LAZY = {
     "QueryRefusedError": ".errors",
     "SnapshotError": ".errors",
     "SnapshotWriteError": ".errors",
+    "TransactionLeftOpenError": ".errors",
     "active_set": ".api",
     "atomic": ".blocks",
     "on_commit": ".blocks",
@@ -71,6 +76,7 @@ _LAZY = {
     "db_parallelism": ".api",
     "get_stats": ".stats",
     "recent_requests": ".history",
+    "sync_to_lane": ".sync",
 }
 
 

@@ -364,17 +364,23 @@ class ConnectionSet:
         )
 
     async def call(
-        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        where: Target | None = None,
     ) -> Any:
         """Run one ORM call on a lane of this set, or as stock Django when the
         set cannot take it (closed, another loop, parallelism 1, unknown call).
-        The router skips this when :attr:`passes_through` says so."""
+        The router skips this when :attr:`passes_through` says so. *where*:
+        the call's target when the caller knows it (``sync_to_lane``), else it
+        is read off the ORM call."""
         target = None
         if self._routes():
             if self._closed or asyncio.get_running_loop() is not self._loop:
                 self._fall_back("the set has ended or belongs to another event loop")
             else:
-                target = target_of(func, args, kwargs)
+                target = where or target_of(func, args, kwargs)
         if target is None:
             if self._record_stock_calls and not self._closed:
                 return await self._run_stock_recorded(func, args, kwargs)

@@ -8,6 +8,7 @@ catch them too.
 from __future__ import annotations
 
 from django.db import InternalError, OperationalError
+from django.db.transaction import TransactionManagementError
 
 
 class OrphanedIteratorError(RuntimeError):
@@ -38,5 +39,12 @@ class SnapshotError(OperationalError):
 class SnapshotWriteError(InternalError):
     """A write inside ``db_parallelism(snapshot=True)``: the snapshot's
     transactions are read only. Its ``__cause__`` is PostgreSQL's error."""
+
+    __module__ = "asgi_dbset"
+
+
+class TransactionLeftOpenError(TransactionManagementError):
+    """A function run by ``sync_to_lane()`` returned inside a transaction it
+    opened; the transaction was rolled back."""
 
     __module__ = "asgi_dbset"

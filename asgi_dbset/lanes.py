@@ -106,11 +106,12 @@ class Lane:
         job: Job,
         timeout_ms: int | None,
         clearance: int | None,
+        scope: str,
     ) -> None:
         """Runs on the lane's thread before each call, with the thread's Django
         connection of the call's alias and all of the thread's wrappers;
         ``clearance`` is the generation of lane 0's report the call must wait
-        for, if any."""
+        for, if any, to clear *scope* (the call's alias, or every alias)."""
 
     def _after(
         self,
@@ -134,6 +135,7 @@ class Lane:
         outer: object = None,
         snapshot: Snapshot | None = None,
         local_timeout: bool = False,
+        scope: str | None = None,
     ) -> Any:
         """Run ``func(*args, **kwargs)`` as *job* on this lane's thread.
 
@@ -148,7 +150,8 @@ class Lane:
         .snapshots); without one, a connection still in an earlier snapshot
         leaves it first. With *local_timeout* (the alias is behind a
         transaction pooler), the statement timeout holds for the call's own
-        transaction only (:func:`run_with_local_timeout`).
+        transaction only (:func:`run_with_local_timeout`). *scope*: what the
+        clearance must clear, if not *alias* (see ``Target.scope``).
         """
         if local_timeout and timeout_ms is not None:
             local_ms, timeout_ms = timeout_ms, None  # (no session setting at all)
@@ -177,7 +180,9 @@ class Lane:
                     if len(connections.settings) == 1
                     else list(connections.all())
                 )
-                self._before(wrapper, wrappers, job, timeout_ms, clearance)
+                self._before(
+                    wrapper, wrappers, job, timeout_ms, clearance, scope or alias
+                )
                 if snapshot is not None:
                     snapshot.enter(wrapper)
                 elif getattr(wrapper, snapshots.MARK, None) is not None:
@@ -244,6 +249,7 @@ class RequestLane(Lane):
         job: Job,
         timeout_ms: int | None,
         clearance: int | None,
+        scope: str,
     ) -> None:
         # The set may only use other connections while this thread's are
         # outside a transaction: report it for every call, since code the set
@@ -344,17 +350,17 @@ class PooledLane(Lane):
         job: Job,
         timeout_ms: int | None,
         clearance: int | None,
+        scope: str,
     ) -> None:
         if self._refused is not None:
             # Never let Django open the connection itself: it would wait the
             # pool's own timeout, not the lease's.
             raise LeaseRefusedError(str(self._refused))
-        alias = wrapper.alias
         if clearance is not None and not self.reports.wait_clear(
-            clearance, alias, _CLEARANCE_WAIT
+            clearance, scope, _CLEARANCE_WAIT
         ):
             raise NotClearedError(
-                f"lane 0 did not report {alias!r} outside a transaction"
+                f"lane 0 did not report {scope!r} outside a transaction"
             )
         if timeout_ms is None:
             reset_statement_timeout(wrapper)

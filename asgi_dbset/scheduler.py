@@ -204,6 +204,8 @@ def plan(
             waiting.extend(queue[index:])
             break
         alias = call.target.alias
+        # (What lane 0's transactions are checked for: the alias, or every one.)
+        scope = call.target.scope or alias
         pinned = call.pin
         if pinned is None and call.target.cursor is not None:
             pinned = pinned_to(call)
@@ -211,7 +213,7 @@ def plan(
             # A transaction block's first call: on an extra lane of its own
             # when lane 0 is known outside a transaction of the alias (the
             # block's transaction is then the lane's alone), else on lane 0.
-            if parallelism > 1 and verdict(alias) == CLEAR:
+            if parallelism > 1 and verdict(scope) == CLEAR:
                 lane = _idle_extra_lane(extra, alias, taken, closed)
                 if lane is not None:
                     decided.hand_outs.append((call, lane, "reserve"))
@@ -249,9 +251,9 @@ def plan(
         # not reported yet).
         if extra:
             if lane0_handed:
-                how = CREDIT if likely_clear(alias) else REPORT
+                how = CREDIT if likely_clear(scope) else REPORT
             else:
-                how = verdict(alias)
+                how = verdict(scope)
             if how in (CLEAR, CREDIT):
                 lane = _idle_extra_lane(extra, alias, taken, closed)
                 if lane is not None:
@@ -262,7 +264,7 @@ def plan(
             elif how == REPORT:
                 decided.want_report = True
         elif not waiting and not (
-            parallelism > 1 and may_lease(alias) and likely_clear(alias)
+            parallelism > 1 and may_lease(alias) and likely_clear(scope)
         ):
             # No other lane, none to be had now, nothing queued before it.
             decided.hand_outs.append((call, lane0, "behind"))
@@ -275,7 +277,11 @@ def plan(
         demand: Counter[str] = Counter(
             call.target.alias
             for call in waiting
-            if call.pin is None and pinned_to(call) is None
+            if call.pin is None
+            and pinned_to(call) is None
+            # (A call for every alias stays on lane 0 while it is inside any
+            # transaction: no lease for it then.)
+            and (call.target.scope is None or likely_clear(call.target.scope))
         )
         for lane in extra:
             # Idle lanes (leasing, or waiting for lane 0's report) serve first.
@@ -733,6 +739,7 @@ class Scheduler:
                 # block may write.)
                 snapshot=None if lane.reserved else self.snapshot,
                 local_timeout=alias in self.transaction_pooled,
+                scope=call.target.scope,
             )
         except NotRunError:
             self.recorder.forget(record)

@@ -39,10 +39,14 @@ _WRITES = frozenset(
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where a call goes: ``alias``; ``cursor`` is the generator of an open
-    ``aiterator()`` whose chunks must all run on the connection that opened it."""
+    ``aiterator()`` whose chunks must all run on the connection that opened it.
+    ``scope``, when set: what lane 0 must be outside a transaction of before
+    the call may run elsewhere, in place of ``alias`` - ``EVERY_ALIAS`` for a
+    call that may touch any database (``sync_to_lane``)."""
 
     alias: str
     cursor: types.GeneratorType[Any, None, None] | None = None
+    scope: str | None = None
 
 
 def _queryset_alias(qs: QuerySet[Any] | Manager[Any], write: bool) -> str:

@@ -55,6 +55,15 @@ _KEEP = 32
 
 _NOT_POSTED: Final = object()
 
+#: The alias of a call that may touch any database (``sync_to_lane``): it is
+#: clear only while lane 0 is outside a transaction of every alias.
+EVERY_ALIAS: Final = "*"
+
+
+def _inside(aliases: frozenset[str], alias: str) -> bool:
+    """Is a call for *alias* inside one of lane 0's transactions (*aliases*)?"""
+    return bool(aliases) if alias == EVERY_ALIAS else alias in aliases
+
 
 class TransactionReports:
     """Lane 0's reports; see the module docstring for who calls what, where."""
@@ -112,7 +121,7 @@ class TransactionReports:
         """True unless lane 0 was last seen inside a transaction of *alias*
         (before any report: True). Leases and credit go by it."""
         last = self.last
-        return last is None or alias not in last
+        return last is None or not _inside(last, alias)
 
     def verdict(self, alias: str) -> str:
         """May a call for *alias* go to an extra lane while lane 0 runs its
@@ -122,7 +131,7 @@ class TransactionReports:
         aliases = self._posted.get(self.due, _NOT_POSTED)
         if aliases is _NOT_POSTED:
             return CREDIT if self.likely_clear(alias) else REPORT
-        if aliases is None or alias in aliases:  # type: ignore[operator]
+        if aliases is None or _inside(aliases, alias):  # type: ignore[arg-type]
             return LANE0
         return CLEAR
 
@@ -198,4 +207,4 @@ class TransactionReports:
             finally:
                 self._waiting -= 1
             aliases = self._posted.get(generation)
-            return aliases is not None and alias not in aliases
+            return aliases is not None and not _inside(aliases, alias)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import threading
 
-from asgi_dbset.transactions import CLEAR, CREDIT, LANE0, REPORT, TransactionReports
+from asgi_dbset.transactions import (
+    CLEAR,
+    CREDIT,
+    EVERY_ALIAS,
+    LANE0,
+    REPORT,
+    TransactionReports,
+)
 
 NONE: frozenset[str] = frozenset()
 
@@ -124,3 +131,25 @@ def test_a_report_of_an_earlier_call_does_not_clear_a_later_one() -> None:
     reports.post(second, frozenset({"default"}))
     thread.join(30)
     assert answer == [False]
+
+
+def test_a_call_for_every_alias_is_clear_only_outside_every_transaction() -> None:
+    """sync_to_lane's calls may touch any database."""
+    reports = TransactionReports()
+    g = reports.next_generation()
+    reports.post(g, frozenset({"other"}))
+    assert reports.verdict("default") == CLEAR
+    assert reports.verdict(EVERY_ALIAS) == LANE0
+    g = reports.next_generation()
+    assert not reports.likely_clear(EVERY_ALIAS)
+    reports.post(g, NONE)
+    assert reports.verdict(EVERY_ALIAS) == CLEAR
+    g = reports.next_generation()
+    reports.post(g, frozenset({"default"}))
+    done: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: done.append(reports.wait_clear(g, EVERY_ALIAS, 5))
+    )
+    thread.start()
+    thread.join(10)
+    assert done == [False]

@@ -1,0 +1,358 @@
+"""``asgi_dbset.sync_to_lane``: sync ORM code on the set's lanes.
+
+Each pattern runs both ways where stock Django has one: with asgiref's
+``sync_to_async`` (stock) and with ``sync_to_lane`` in a set; the rows,
+commits and rollbacks are the same, and gathered functions run in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.db import connections, transaction
+from rest_framework import serializers
+
+import asgi_dbset
+from asgi_dbset import TransactionLeftOpenError, connection_set, sync_to_lane
+from asgi_dbset.budget import budget
+from tests.helpers import active_sleeps, sleeping, timed
+from tests.testapp.models import Author, Book, Tag
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def in_request(
+    body: Callable[[], Awaitable[Any]], parallelism: int | None
+) -> Any:
+    """*body* as a request runs it: in its own thread-sensitive context, in a
+    set of *parallelism* (None: no set, stock Django), its connections
+    returned at the end."""
+    async with ThreadSensitiveContext():
+        try:
+            if parallelism is None:
+                return await body()
+            async with connection_set(parallelism=parallelism, lease_timeout=5.0):
+                return await body()
+        finally:
+            await sync_to_async(connections.close_all)()
+
+
+@pytest.fixture
+def library(transactional_db: None) -> None:
+    for a in range(3):
+        author = Author.objects.create(name=f"author {a}")
+        for b in range(2):
+            book = Book.objects.create(title=f"book {a}.{b}", author=author, pages=b)
+            tag, _ = Tag.objects.get_or_create(name=f"tag {b}")
+            tag.books.add(book)
+
+
+# -- parallel, and the same rows ------------------------------------------------------
+
+
+def two_slow_queries(n: int) -> list[int]:
+    return [sleeping(0.15).count() + n, sleeping(0.15, Book).count() + n]
+
+
+@pytest.mark.usefixtures("library")
+async def test_gathered_functions_run_in_parallel() -> None:
+    async def with_(wrap: Callable[[Any], Any]) -> list[Any]:
+        return list(
+            await asyncio.gather(*[wrap(two_slow_queries)(n) for n in range(3)])
+        )
+
+    stock, serial = await timed(in_request(lambda: with_(sync_to_async), None))
+    lanes, parallel = await timed(in_request(lambda: with_(sync_to_lane), 4))
+    assert lanes == stock == [[3, 6], [4, 7], [5, 8]]
+    # Stock: six 0.15 s queries one after another; the lanes: three at once.
+    assert parallel < serial / 2, (parallel, serial)
+    assert budget.total == 0
+
+
+def titles_with_relations() -> list[tuple[str, str, list[str]]]:
+    """Lazy relations: a foreign key and a many-to-many, each a query of its own."""
+    return [
+        (book.title, book.author.name, [tag.name for tag in book.tags.all()])
+        for book in Book.objects.order_by("title")
+    ]
+
+
+@pytest.mark.usefixtures("library")
+async def test_lazy_relations_follow_as_on_stock_django() -> None:
+    async def gathered(wrap: Callable[[Any], Any]) -> list[Any]:
+        return list(
+            await asyncio.gather(*[wrap(titles_with_relations)() for _ in range(3)])
+        )
+
+    stock = await in_request(lambda: gathered(sync_to_async), None)
+
+    async def on_lanes() -> tuple[list[Any], int]:
+        result = await gathered(sync_to_lane)
+        dbset = asgi_dbset.active_set()
+        assert dbset is not None
+        return result, dbset.lanes_used
+
+    lanes, used = await in_request(on_lanes, 3)
+    assert lanes == stock
+    assert stock[0][0] == ("book 0.0", "author 0", ["tag 0"])
+    assert used == 3
+
+
+class BookSerializer(serializers.ModelSerializer[Book]):
+    author = serializers.StringRelatedField()
+    tags = serializers.StringRelatedField(many=True)
+
+    class Meta:
+        model = Book
+        fields = ("title", "pages", "author", "tags")
+
+
+class AuthorSerializer(serializers.ModelSerializer[Author]):
+    books = serializers.StringRelatedField(many=True)
+
+    class Meta:
+        model = Author
+        fields = ("name", "books")
+
+
+def serialized(serializer: Any) -> Any:
+    return serializer.data
+
+
+@pytest.mark.usefixtures("library")
+async def test_two_serializers_data_gathered_on_lanes() -> None:
+    """Django REST framework: each serializer's ``.data`` walks its queryset's
+    relations with lazy queries; gathered on lanes, they run at once."""
+
+    async def both(wrap: Callable[[Any], Any]) -> list[Any]:
+        # (Each list's own query spends 0.2 s on the server.)
+        books = BookSerializer(sleeping(0.2, Book).order_by("title"), many=True)
+        authors = AuthorSerializer(sleeping(0.2, Author).order_by("name"), many=True)
+        return [
+            _plain(data)
+            for data in await asyncio.gather(
+                wrap(serialized)(books), wrap(serialized)(authors)
+            )
+        ]
+
+    stock, serial = await timed(in_request(lambda: both(sync_to_async), None))
+    lanes, parallel = await timed(in_request(lambda: both(sync_to_lane), 2))
+    assert lanes == stock
+    assert stock[0][0] == {
+        "title": "book 0.0",
+        "pages": 0,
+        "author": "author 0",
+        "tags": ["tag 0"],
+    }
+    assert [len(part) for part in stock] == [6, 3]
+    assert parallel < serial * 0.75, (parallel, serial)
+
+
+def _plain(data: Any) -> Any:
+    return [dict(item) for item in data]
+
+
+# -- transactions ---------------------------------------------------------------------
+
+
+def write_two(name: str, fail: bool) -> None:
+    with transaction.atomic():
+        Author.objects.create(name=f"{name} 1")
+        Author.objects.create(name=f"{name} 2")
+        if fail:
+            raise ValueError("rolled back")
+
+
+async def test_atomic_inside_commits_or_rolls_back_as_on_stock_django() -> None:
+    async def run(wrap: Callable[[Any], Any], prefix: str) -> list[str]:
+        outcome = await asyncio.gather(
+            wrap(write_two)(f"{prefix} kept", False),
+            wrap(write_two)(f"{prefix} lost", True),
+            return_exceptions=True,
+        )
+        return [type(o).__name__ for o in outcome]
+
+    stock = await in_request(lambda: run(sync_to_async, "stock"), None)
+    lanes = await in_request(lambda: run(sync_to_lane, "lanes"), 3)
+    assert stock == lanes == ["NoneType", "ValueError"]
+    names = sorted([a.name async for a in Author.objects.all()])
+    assert names == ["lanes kept 1", "lanes kept 2", "stock kept 1", "stock kept 2"]
+
+
+def leave_open_autocommit() -> None:
+    transaction.set_autocommit(False)
+    Author.objects.create(name="never committed")
+
+
+def leave_open_atomic() -> None:
+    transaction.atomic().__enter__()
+    Author.objects.create(name="never committed")
+
+
+@pytest.mark.parametrize("leave_open", [leave_open_autocommit, leave_open_atomic])
+async def test_a_transaction_left_open_is_rolled_back_and_raises(
+    leave_open: Callable[[], None],
+) -> None:
+    async def body() -> list[Any]:
+        # Two at once, so one of them runs on an extra lane.
+        return list(
+            await asyncio.gather(
+                sync_to_lane(leave_open)(),
+                sync_to_lane(leave_open)(),
+                return_exceptions=True,
+            )
+        )
+
+    outcome = await in_request(body, 3)
+    assert [type(o) for o in outcome] == [TransactionLeftOpenError] * 2
+    assert "was rolled back" in str(outcome[0])
+    assert "asgi_dbset.atomic()" in str(outcome[0])
+    assert await Author.objects.acount() == 0
+    assert budget.total == 0
+
+
+class RollBackError(Exception):
+    pass
+
+
+async def test_inside_asgi_dbset_atomic_it_runs_in_the_block() -> None:
+    def write(name: str) -> bool:
+        Author.objects.create(name=name)
+        return transaction.get_connection().in_atomic_block
+
+    async def body() -> Any:
+        dbset = asgi_dbset.active_set()
+        assert dbset is not None
+        inside: list[bool] = []
+        seen = -1
+        try:
+            async with asgi_dbset.atomic():
+                inside = await asyncio.gather(
+                    sync_to_lane(write)("a"), sync_to_lane(write)("b")
+                )
+                seen = await Author.objects.acount()
+                raise RollBackError
+        except RollBackError:
+            pass
+        kept = await sync_to_lane(write)("after")
+        return inside, seen, kept, {r.lane for r in dbset.records if r.name == "write"}
+
+    inside, seen, kept, lanes = await in_request(body, 4)
+    assert inside == [True, True]
+    assert seen == 2  # the block sees its own writes
+    assert kept is False
+    assert [a.name async for a in Author.objects.all()] == ["after"]
+    assert len(lanes) <= 2, lanes
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+async def test_inside_a_transaction_of_the_request_thread_it_stays_there() -> None:
+    """The request's thread opened a transaction (as code the set does not see
+    may): every sync_to_lane call runs inside it, on that thread, whatever its
+    `using` - the function may write to any database - and rolls back with
+    it. Stock Django: the same."""
+
+    def write(name: str) -> None:
+        Author.objects.create(name=name)
+
+    async def body(wrap: Callable[..., Any]) -> None:
+        await sync_to_async(transaction.set_autocommit)(False)
+        await asyncio.gather(*[wrap(write)(f"w{i}") for i in range(4)])
+        await sync_to_async(transaction.rollback)()
+        await sync_to_async(transaction.set_autocommit)(True)
+
+    await in_request(lambda: body(sync_to_async), None)
+    stock = await Author.objects.acount()
+    await in_request(
+        lambda: body(lambda f: sync_to_lane(f, using="other")),
+        4,
+    )
+    assert stock == await Author.objects.acount() == 0
+
+
+# -- cancellation, fallback, errors -----------------------------------------------
+
+
+async def test_cancelling_the_caller_cancels_its_running_query() -> None:
+    def slow() -> int:
+        return int(sleeping(30).count())
+
+    async def body() -> None:
+        task = asyncio.ensure_future(
+            asyncio.gather(sync_to_lane(slow)(), sync_to_lane(slow)())
+        )
+        for _ in range(300):
+            if await asyncio.to_thread(active_sleeps) == 2:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    _, took = await timed(in_request(body, 3))
+    assert took < 10, took
+    assert await asyncio.to_thread(active_sleeps) == 0
+    assert budget.total == 0
+
+
+request_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_var")
+
+
+def where_and_set() -> int:
+    request_var.set("set in the function")
+    return threading.get_ident()
+
+
+@pytest.mark.parametrize("parallelism", [None, 1])
+async def test_without_a_set_or_at_parallelism_1_it_is_sync_to_async(
+    parallelism: int | None,
+) -> None:
+    async def body() -> tuple[int, int, str]:
+        stock = await sync_to_async(where_and_set)()
+        request_var.set("reset")
+        lane = await sync_to_lane(where_and_set)()
+        return stock, lane, request_var.get()
+
+    stock_thread, lane_thread, seen = await in_request(body, parallelism)
+    # The request's own thread, and context changes copied back, as asgiref does.
+    assert lane_thread == stock_thread
+    assert seen == "set in the function"
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+async def test_decorator_forms() -> None:
+    @sync_to_lane
+    def plain() -> int:
+        return Author.objects.count()
+
+    @sync_to_lane(using="other")
+    def on_other() -> int:
+        return Author.objects.using("other").count()
+
+    async def body() -> list[int]:
+        return list(await asyncio.gather(plain(), on_other()))
+
+    assert await in_request(body, 2) == [0, 0]
+    assert plain.__name__ == "plain"
+
+
+async def test_what_it_refuses() -> None:
+    async def coroutine() -> None:
+        pass
+
+    with pytest.raises(TypeError, match="await it directly"):
+        sync_to_lane(coroutine)
+    with pytest.raises(TypeError, match="database alias"):
+        sync_to_lane(plain_function, using=3)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="sync function"):
+        sync_to_lane(42)  # type: ignore[call-overload]
+
+
+def plain_function() -> None:
+    pass
