@@ -9,7 +9,14 @@ budget counts them per database alias and in total:
   lanes is always eventually served (extra lanes are only taken with a short
   bounded wait, so their holders always make progress and give them back);
 - in total, at most ``ASGI_DBSET["BUDGET"]`` when it is set; when it is not,
-  each alias gets half of its pool.
+  each alias gets half of its pool;
+- and only from what the process's requests leave over: every connection set
+  open (a request in flight) may need a connection of its own, so an extra
+  lane is taken only while ``open sets + extra lanes + 1 <= max_size``. Under
+  light load a request gets its lanes; once the requests in flight could use
+  the whole pool themselves (stock Django's saturation point), sets lease
+  nothing more and run their calls as stock Django does, so parallelism
+  never takes a connection that another request's own would need.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 from django.conf import settings
 from django.core.signals import setting_changed
 
+from . import stats
 from .conf import conf
 
 # psycopg_pool.ConnectionPool's own defaults.
@@ -65,6 +73,8 @@ class Budget:
         self._retry_at: dict[str, float] = {}
         # limit() of each alias asked for, until DATABASES or ASGI_DBSET changes.
         self._limits: dict[str, int] = {}
+        # The pool's max_size of each alias in _limits (0 without a pool).
+        self._sizes: dict[str, int] = {}
         # ASGI_DBSET["BUDGET"], read with the limits (and forgotten with them).
         self._total_limit: int | None = None
 
@@ -93,6 +103,7 @@ class Budget:
         except KeyError:
             pass
         max_size = pool_max_size(alias)
+        self._sizes[alias] = max_size or 0
         budget = self._total_limit = conf.BUDGET
         if max_size is None:
             limit = 0
@@ -106,6 +117,7 @@ class Budget:
     def forget_limits(self) -> None:
         """Work the limits out again at the next use (the settings changed)."""
         self._limits.clear()
+        self._sizes.clear()
 
     def may_acquire(self, alias: str) -> bool:
         """True if :meth:`try_acquire` would succeed now (a hint: other
@@ -126,7 +138,12 @@ class Budget:
         limit = self.limit(alias)  # (first: working a limit out sets _total_limit)
         # (.get: release() drops an alias at zero; a Counter's [] of a missing
         # key is a Python call.)
-        if self._held.get(alias, 0) >= limit:
+        held = self._held.get(alias, 0)
+        if held >= limit:
+            return False
+        # Every request in flight keeps room for its own connection: the new
+        # lane only takes one that the open sets' own ones leave over.
+        if held + stats.sets_open_now() + 1 > self._sizes[alias]:
             return False
         total = self._total_limit  # (checked at startup: None or int)
         return total is None or self.total < total

@@ -380,13 +380,21 @@ class PooledLane(Lane):
             # this lane (the pool discards its connection).
             self.broken = True
 
-    def start_lease(self, lease_timeout: float) -> asyncio.Future[None]:
+    def start_lease(
+        self, lease_timeout: float, after_report: int | None = None
+    ) -> asyncio.Future[None]:
         """Queue the lease on the worker thread and return at once; the future
-        fails if no connection was had within ``lease_timeout`` seconds."""
+        fails if no connection was had within ``lease_timeout`` seconds. With
+        *after_report* (the generation of the call lane 0 runs now), the lease
+        first waits for that call's report: the calls this lane is leased for
+        wait for it anyway, and until it comes (lane 0's thread may be busy
+        with code the set does not see) the lane holds no connection."""
         alias = self.alias
         assert alias is not None
 
         def lease() -> None:
+            if after_report is not None:
+                self.reports.wait_reported(after_report, _CLEARANCE_WAIT)
             wrapper = connections[alias]
             self._wrappers = [wrapper]
             _bounded_getconn(wrapper.pool)  # type: ignore[attr-defined]

@@ -816,7 +816,12 @@ class Scheduler:
             self._next_index += 1
             self._lanes.append(lane)
             stats.incr("lanes_open")
-            lease = lane.start_lease(self.lease_timeout)
+            # (While lane 0 runs a call, the lane's calls wait for its report:
+            # so does the lease.)
+            lease = lane.start_lease(
+                self.lease_timeout,
+                self._lane0.reports.due if self._lane0.jobs else None,
+            )
             lease.add_done_callback(functools.partial(self._lease_done, lane))
             added = True
         return added

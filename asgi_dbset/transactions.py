@@ -194,17 +194,30 @@ class TransactionReports:
         a transaction; False if it reports otherwise, will not report, or
         after *timeout* seconds."""
         with self._lock:
-            if self._cond is None:
-                self._cond = threading.Condition(self._lock)
-            self._waiting += 1
-            try:
-                self._cond.wait_for(
-                    lambda: (
-                        generation in self._posted or self._latest - generation >= _KEEP
-                    ),
-                    timeout,
-                )
-            finally:
-                self._waiting -= 1
+            self._wait_posted(generation, timeout)
             aliases = self._posted.get(generation)
             return aliases is not None and not _inside(aliases, alias)
+
+    def wait_reported(self, generation: int, timeout: float) -> None:
+        """Return once call *generation* on lane 0 has reported (or will not),
+        or after *timeout* seconds: an extra lane's lease waits for it, so no
+        connection is taken for calls that wait for lane 0 to start its own."""
+        if generation in self._posted:  # (a dict read: atomic under the GIL)
+            return
+        with self._lock:
+            self._wait_posted(generation, timeout)
+
+    def _wait_posted(self, generation: int, timeout: float) -> None:
+        # (The caller holds the lock.)
+        if self._cond is None:
+            self._cond = threading.Condition(self._lock)
+        self._waiting += 1
+        try:
+            self._cond.wait_for(
+                lambda: (
+                    generation in self._posted or self._latest - generation >= _KEEP
+                ),
+                timeout,
+            )
+        finally:
+            self._waiting -= 1

@@ -40,6 +40,15 @@
         and asgi_dbset at p = k, one client, interleaved. ``make bench``
         records it and the report shows it beside plain W1.
 
+    python -m bench.diagnose sweep [--seconds 4] [--rounds 2]
+        W6: the client sweep 1, 4, 8, 16, 20, 32, 64, 200 on a pool of 20
+        (default budget), stock Django against a view gathering 8 x 20 ms
+        lookups under @db_parallelism(8): req/s, p50, p99 and the most server
+        connections each server held; the client counts interleaved, the
+        order of the two servers alternating by round. Then W1 written as
+        sync functions (k of one lookup each): stock's sync_to_async against
+        sync_to_lane at p = k, one client. ``make bench`` records it.
+
     python -m bench.diagnose floor [--calls 400]
         W1's floor: the CPU one W1 lookup spends before its query leaves
         (queryset, SQL, cursor) and after its rows return (model objects), on
@@ -606,6 +615,164 @@ def print_pgbouncer(seconds: int, rounds: int) -> None:
         print(f"  {label:12} {direct:8.2f} {pooled:10.2f}")
 
 
+# -- sweep (W6) -------------------------------------------------------------------
+
+#: W6's client counts, and its pool.
+SWEEP_CLIENTS = (1, 4, 8, 16, 20, 32, 64, 200)
+SWEEP_POOL = 20
+#: W1 as sync functions: (label, server, path), one client.
+SYNC_RUNS = tuple(
+    (f"{variant} k={k}", variant, f"/p{1 if variant == 'stock' else k}/w1sync/?k={k}")
+    for k in (1, 2, 4, 8)
+    for variant in ("stock", "dbset")
+)
+
+
+def _quiet(app_name: str, limit: float = 20.0) -> None:
+    """Wait until no query of *app_name* runs on the server (a closed-loop
+    run's last requests drain after wrk stops: they must not overlap the next
+    run), at most *limit* seconds."""
+    import psycopg
+
+    from bench import config
+
+    deadline = time.monotonic() + limit
+    quiet = 0
+    with psycopg.connect(config.db_dsn("bench_harness"), autocommit=True) as conn:
+        while quiet < 3 and time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                "AND state = 'active'",
+                (app_name,),
+            ).fetchone()
+            quiet = quiet + 1 if row and row[0] == 0 else 0
+            time.sleep(0.05)
+
+
+class _ActiveSampler:
+    """The most queries each server had running at once (pg_stat_activity,
+    every 20 ms): the connections it used, out of the pool's."""
+
+    def __init__(self) -> None:
+        self.max: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _ActiveSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        import psycopg
+
+        from bench import config
+
+        with psycopg.connect(config.db_dsn("bench_harness"), autocommit=True) as conn:
+            while not self._stop.is_set():
+                rows = conn.execute(
+                    "SELECT application_name, count(*) FROM pg_stat_activity "
+                    "WHERE datname = %s AND state <> 'idle' AND pid <> pg_backend_pid() "
+                    "GROUP BY 1",
+                    (config.DB_NAME,),
+                ).fetchall()
+                for name, count in rows:
+                    self.max[name] = max(self.max.get(name, 0), int(count))
+                self._stop.wait(0.02)
+
+
+def sweep(seconds: int, rounds: int) -> dict[str, Any]:
+    """W6 and W1 as sync functions; see the module docstring."""
+    from bench.run import Server, http_get, wrk
+
+    env = {"BENCH_POOL_MAX_SIZE": str(SWEEP_POOL)}
+    servers = {name: Server(name, env) for name in ("stock", "dbset")}
+    paths = {"stock": "/p1/w1/?k=8", "dbset": "/p8/w1/?k=8"}
+    runs: dict[str, list[dict[str, float]]] = {}
+    sync: dict[str, list[float]] = {}
+
+    def leased() -> float:
+        counts = json.loads(http_get(servers["dbset"].base + "/stats/")[1])
+        return float(counts["asgi_dbset"]["lanes_leased"])
+
+    try:
+        for name, server in servers.items():
+            server.start()
+            wrk(f"{server.base}{paths[name]}", SWEEP_POOL, 2)  # grow the pool
+            _quiet(f"bench_{name}")
+        for round_no in range(rounds):
+            order = ["stock", "dbset"] if round_no % 2 == 0 else ["dbset", "stock"]
+            for clients in SWEEP_CLIENTS:
+                for name in order:
+                    server = servers[name]
+                    before = leased()
+                    with _ActiveSampler() as sampler:
+                        figures = wrk(f"{server.base}{paths[name]}", clients, seconds)
+                    _quiet(f"bench_{name}")
+                    n = max(figures["requests"], 1)
+                    runs.setdefault(f"{name} c={clients}", []).append(
+                        {
+                            "rps": figures["requests"] / (figures["duration_us"] / 1e6),
+                            "p50_ms": figures["latency_us"]["p50"] / 1000,
+                            "p99_ms": figures["latency_us"]["p99"] / 1000,
+                            "errors": float(sum(figures["errors"].values())),
+                            "connections": float(sampler.max.get(f"bench_{name}", 0)),
+                            # (Leased by the dbset server; requests drained
+                            # after wrk stopped are counted too.)
+                            "lanes_per_request": (leased() - before) / n,
+                        }
+                    )
+            for label, name, path in SYNC_RUNS:
+                figures = wrk(f"{servers[name].base}{path}", 1, max(1, seconds // 2))
+                sync.setdefault(label, []).append(figures["latency_us"]["mean"] / 1000)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {
+        "seconds": seconds,
+        "rounds": rounds,
+        "pool": SWEEP_POOL,
+        "clients": list(SWEEP_CLIENTS),
+        "w6": {
+            label: {
+                key: round(statistics.median(r[key] for r in rows), 3)
+                for key in rows[0]
+            }
+            for label, rows in runs.items()
+        },
+        "w1sync_mean_ms": {
+            label: round(statistics.median(v), 3) for label, v in sync.items()
+        },
+    }
+
+
+def print_sweep(seconds: int, rounds: int) -> None:
+    result = sweep(seconds, rounds)
+    w6 = result["w6"]
+    print(
+        f"W6: 8 x 20 ms lookups per request, pool {result['pool']}, median of "
+        f"{rounds} rounds of {seconds} s"
+    )
+    print(
+        f"  {'clients':>7} | {'stock req/s':>11} {'p50':>7} {'p99':>7} {'conns':>5} |"
+        f" {'dbset req/s':>11} {'p50':>7} {'p99':>7} {'conns':>5} | {'ratio':>5}"
+    )
+    for c in result["clients"]:
+        s, d = w6[f"stock c={c}"], w6[f"dbset c={c}"]
+        print(
+            f"  {c:7d} | {s['rps']:11.1f} {s['p50_ms']:7.1f} {s['p99_ms']:7.1f}"
+            f" {s['connections']:5.0f} | {d['rps']:11.1f} {d['p50_ms']:7.1f}"
+            f" {d['p99_ms']:7.1f} {d['connections']:5.0f} | {d['rps'] / s['rps']:5.2f}"
+            f" | lanes/request {d['lanes_per_request']:.2f}"
+        )
+    print("W1 as sync functions, one client (mean latency, ms):")
+    for label, ms in result["w1sync_mean_ms"].items():
+        print(f"  {label:12} {ms:8.2f}")
+
+
 # -- floor ------------------------------------------------------------------------
 
 
@@ -739,6 +906,9 @@ def main() -> None:
     pb = sub.add_parser("pgbouncer")
     pb.add_argument("--seconds", type=int, default=3)
     pb.add_argument("--rounds", type=int, default=3)
+    sw = sub.add_parser("sweep")
+    sw.add_argument("--seconds", type=int, default=4)
+    sw.add_argument("--rounds", type=int, default=2)
     fl = sub.add_parser("floor")
     fl.add_argument("--calls", type=int, default=400)
     sub.add_parser("spin")
@@ -774,6 +944,8 @@ def main() -> None:
         print_features(args.seconds, args.rounds)
     elif args.command == "pgbouncer":
         print_pgbouncer(args.seconds, args.rounds)
+    elif args.command == "sweep":
+        print_sweep(args.seconds, args.rounds)
     elif args.command == "floor":
         print(json.dumps(floor(args.calls), indent=1))
     elif args.command == "_floor":

@@ -574,6 +574,65 @@ def pgbouncer_table(found: dict[str, Any] | None) -> str:
     )
 
 
+def w6_section(found: dict[str, Any] | None) -> str:
+    """W6: the client sweep, stock against the decorated view; and W1 written
+    as sync functions."""
+    if not found:
+        return ""
+    w6 = found["w6"]
+    rows = []
+    for c in found["clients"]:
+        s, d = w6[f"stock c={c}"], w6[f"dbset c={c}"]
+        rows.append(
+            [
+                str(c),
+                fmt(s["rps"]),
+                fmt(d["rps"]),
+                f"{fmt(ratio(d['rps'], s['rps']), 2)}x",
+                f"{fmt(s['p50_ms'])} / {fmt(d['p50_ms'])}",
+                f"{fmt(s['p99_ms'])} / {fmt(d['p99_ms'])}",
+                f"{s['connections']:.0f} / {d['connections']:.0f}",
+                f"{s['errors']:.0f} / {d['errors']:.0f}",
+            ]
+        )
+    ms = found["w1sync_mean_ms"]
+    sync_rows = [
+        [
+            str(k),
+            fmt(ms.get(f"stock k={k}")),
+            fmt(ms.get(f"dbset k={k}")),
+            f"{fmt(ratio(ms.get(f'stock k={k}'), ms.get(f'dbset k={k}')), 2)}x",
+        ]
+        for k in (1, 2, 4, 8)
+    ]
+    return (
+        f"One process, a pool of {found['pool']} (default budget), a view gathering "
+        "8 lookups of 20 ms each: stock Django against the same view under "
+        "`@db_parallelism(8)`, at each client count, the two servers measured one after "
+        "the other at each count (their order alternating by round), median of "
+        f"{found['rounds']} rounds of {found['seconds']} s "
+        "(`python -m bench.diagnose sweep`). Connections: the most server connections "
+        "each process held (pg_stat_activity, sampled every 20 ms).\n\n"
+        + table(
+            [
+                "clients",
+                "stock req/s",
+                "asgi_dbset req/s",
+                "ratio",
+                "p50 ms (stock / lib)",
+                "p99 ms (stock / lib)",
+                "connections",
+                "errors",
+            ],
+            rows,
+        )
+        + "\n\n**W1 as sync functions.** k sync functions of one 20 ms lookup each, "
+        "gathered, one client: stock Django through asgiref's `sync_to_async`, asgi_dbset "
+        "through `sync_to_lane` at p = k (mean latency, ms).\n\n"
+        + table(["k", "stock sync_to_async", "sync_to_lane", "speed-up"], sync_rows)
+    )
+
+
 def w3_table(f: Figures) -> str:
     rows = []
     for s in f.series("W3"):
@@ -1183,6 +1242,13 @@ def write(
         if workload not in images:
             continue
         out += [heading, "", f"![{workload}]({images[workload]})", "", render(), ""]
+    if results.get("w6"):
+        out += [
+            "## W6: the client sweep, and sync code on lanes",
+            "",
+            w6_section(results["w6"]),
+            "",
+        ]
     checks = results.get("lane_checks") or []
     if checks:
         out += [

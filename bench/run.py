@@ -1013,7 +1013,7 @@ def main(argv: list[str] | None = None) -> None:
         harness.saturation(series)
     w5_rtt = harness.w5(series, args.w5_delay_ms) if "W5" in workloads else None
     load_after = load_snapshot()
-    w1_floor = features = w1_pgbouncer = None
+    w1_floor = features = w1_pgbouncer = w6 = None
     if "W1" in workloads:
         say("measuring W1's floor (CPU per lookup before its query leaves)")
         from bench import diagnose
@@ -1025,6 +1025,8 @@ def main(argv: list[str] | None = None) -> None:
         w1_pgbouncer = diagnose.pgbouncer(
             1 if args.quick else 3, 1 if args.quick else 3
         )
+        say("W6: the client sweep on a pool of 20, and W1 as sync functions")
+        w6 = diagnose.sweep(2 if args.quick else 5, 1 if args.quick else 2)
     # After the HTTP runs, which it would slow down; counts do not depend on time.
     instructions = None
     if workloads & {"W3", "W4"} and not (args.no_instructions or args.quick):
@@ -1058,6 +1060,7 @@ def main(argv: list[str] | None = None) -> None:
         "w1_floor": w1_floor,
         "features": features,
         "pgbouncer": w1_pgbouncer,
+        "w6": w6,
         "quiet": quiet,
         "load_before": load_before,
         "load_after": load_after,

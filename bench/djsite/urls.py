@@ -29,7 +29,7 @@ def _at(view: Any, n: int) -> Any:
 VIEWS = {
     (n, name): _at(getattr(views, name), n)
     for n in PARALLELISMS
-    for name in ("w1", "w2", "w3")
+    for name in ("w1", "w1sync", "w2", "w3")
 }
 
 

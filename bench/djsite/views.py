@@ -101,6 +101,26 @@ async def w1(request: HttpRequest) -> JsonResponse:
     return _reply(request, {"ids": [item.pk for item in items]})
 
 
+def _sync_lookup(pk: int) -> Any:
+    """W1's lookup as sync ORM code (a service function, say)."""
+    return sleep_queryset().get(pk=pk)
+
+
+async def w1sync(request: HttpRequest) -> JsonResponse:
+    """W1 written as k sync functions of one lookup each, gathered: through
+    ``sync_to_lane`` on the dbset variant, asgiref's ``sync_to_async`` on
+    stock Django (what code does today)."""
+    if settings.VARIANT == "dbset":
+        from asgi_dbset import sync_to_lane as wrap
+    else:
+        from asgiref.sync import sync_to_async as wrap
+    base = random.randrange(ROWS)
+    items = await asyncio.gather(
+        *(wrap(_sync_lookup)(pk_for(base, i)) for i in range(_k(request)))
+    )
+    return _reply(request, {"ids": [item.pk for item in items]})
+
+
 async def w2(request: HttpRequest) -> JsonResponse:
     """k aggregates, each scanning the whole table (W2)."""
     results = await asyncio.gather(*(_call(aggregate(i)) for i in range(_k(request))))
