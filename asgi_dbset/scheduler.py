@@ -33,6 +33,11 @@ Rules the plan keeps:
   they are idle.
 - **No hold and wait.** A lease waits for the pool at most ``lease_timeout``,
   on its lane's own thread; the set's calls keep running meanwhile.
+- **No idle leases.** A lease started while lane 0 runs a call first waits,
+  on its lane's thread, for that call's report (which the calls it is leased
+  for wait for anyway): while lane 0's thread is busy with code the set does
+  not see, no connection sits out of the pool for them. And the budget lends
+  only what the process's open sets leave over (see :mod:`.budget`).
 """
 
 from __future__ import annotations
