@@ -79,6 +79,25 @@ class Block:
             block = block.outer
         return None
 
+    def lane_for_any_alias(self, dbset: ConnectionSet) -> Lane | None:
+        """The lane a call that may touch any database (``sync_to_lane``)
+        runs on here: the one lane the blocks of this set in this chain hold.
+        Blocks of several databases on different lanes cannot share one call."""
+        lanes: list[Lane] = []
+        block: Block | None = self
+        while block is not None:
+            if block.dbset is dbset and block.lane not in lanes:
+                lanes.append(block.lane)
+            block = block.outer
+        if len(lanes) > 1:
+            raise transaction.TransactionManagementError(
+                "asgi_dbset: sync_to_lane() inside asgi_dbset.atomic() blocks of "
+                "several databases, which run on different connections: one "
+                "function cannot run inside all of them. Call it outside the inner "
+                "block, or split it into one function per database."
+            )
+        return lanes[0] if lanes else None
+
     def of(self, dbset: ConnectionSet, alias: str) -> Block | None:
         block: Block | None = self
         while block is not None:

@@ -71,10 +71,10 @@ class Budget:
         self._lock = threading.Lock()
         self._held: Counter[str] = Counter()
         self._retry_at: dict[str, float] = {}
-        # limit() of each alias asked for, until DATABASES or ASGI_DBSET changes.
-        self._limits: dict[str, int] = {}
-        # The pool's max_size of each alias in _limits (0 without a pool).
-        self._sizes: dict[str, int] = {}
+        # (limit(), the pool's max_size or 0) of each alias asked for, until
+        # DATABASES or ASGI_DBSET changes; one dict, so one is never without
+        # the other.
+        self._limits: dict[str, tuple[int, int]] = {}
         # ASGI_DBSET["BUDGET"], read with the limits (and forgotten with them).
         self._total_limit: int | None = None
 
@@ -98,12 +98,14 @@ class Budget:
 
     def limit(self, alias: str) -> int:
         """Extra lanes *alias* may have across the process (0 without a pool)."""
+        return self._limit_and_size(alias)[0]
+
+    def _limit_and_size(self, alias: str) -> tuple[int, int]:
         try:
             return self._limits[alias]
         except KeyError:
             pass
         max_size = pool_max_size(alias)
-        self._sizes[alias] = max_size or 0
         budget = self._total_limit = conf.BUDGET
         if max_size is None:
             limit = 0
@@ -111,13 +113,12 @@ class Budget:
             limit = max_size // 2
         else:
             limit = max(0, min(budget, max_size - 1))
-        self._limits[alias] = limit
-        return limit
+        self._limits[alias] = (limit, max_size or 0)
+        return limit, max_size or 0
 
     def forget_limits(self) -> None:
         """Work the limits out again at the next use (the settings changed)."""
         self._limits.clear()
-        self._sizes.clear()
 
     def may_acquire(self, alias: str) -> bool:
         """True if :meth:`try_acquire` would succeed now (a hint: other
@@ -135,7 +136,8 @@ class Budget:
             return True
 
     def _has_room(self, alias: str) -> bool:
-        limit = self.limit(alias)  # (first: working a limit out sets _total_limit)
+        # (First: working a limit out sets _total_limit.)
+        limit, max_size = self._limit_and_size(alias)
         # (.get: release() drops an alias at zero; a Counter's [] of a missing
         # key is a Python call.)
         held = self._held.get(alias, 0)
@@ -143,7 +145,7 @@ class Budget:
             return False
         # Every request in flight keeps room for its own connection: the new
         # lane only takes one that the open sets' own ones leave over.
-        if held + stats.sets_open_now() + 1 > self._sizes[alias]:
+        if held + stats.sets_open_now() + 1 > max_size:
             return False
         total = self._total_limit  # (checked at startup: None or int)
         return total is None or self.total < total

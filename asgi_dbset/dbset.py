@@ -42,6 +42,7 @@ from .records import CallRecord, Recorder
 from .scheduler import Scheduler
 from .snapshots import Snapshot
 from .targets import Target, target_of
+from .transactions import EVERY_ALIAS
 from .validation import (
     MAX_LEASE_TIMEOUT,
     milliseconds,
@@ -397,9 +398,18 @@ class ConnectionSet:
         if cursor is not None:
             self._scheduler.pin_opened_cursor(cursor)
             self.passes_through = False
-        # Inside a transaction block of this set and alias: on the block's lane.
+        # Inside a transaction block of this set and alias: on the block's lane
+        # (a call for any alias: on the lane of the set's blocks).
         block = current_block.get()
-        pin = None if block is None else block.lane_for(self, target.alias)
+        if block is None:
+            pin = None
+        elif target.scope == EVERY_ALIAS:
+            pin = block.lane_for_any_alias(self)
+            if pin is not None and pin.alias not in (None, target.alias):
+                # The call runs with the connection that lane holds.
+                target = Target(pin.alias, scope=EVERY_ALIAS)
+        else:
+            pin = block.lane_for(self, target.alias)
         ran, result = await self._scheduler.run(
             target, func, args, kwargs, outer, pin=pin
         )

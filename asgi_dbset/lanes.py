@@ -154,7 +154,11 @@ class Lane:
         clearance must clear, if not *alias* (see ``Target.scope``).
         """
         if local_timeout and timeout_ms is not None:
-            local_ms, timeout_ms = timeout_ms, None  # (no session setting at all)
+            # (No session setting at all. A call of any alias - sync_to_lane -
+            # runs its code's own transactions, which a transaction around it
+            # would change: behind a pooler it runs without the timeout.)
+            local_ms = timeout_ms if scope is None else None
+            timeout_ms = None
         else:
             local_ms = None
         loop = asyncio.get_running_loop()

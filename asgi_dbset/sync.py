@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -31,11 +32,12 @@ from asgiref.sync import sync_to_async
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from . import snapshots
 from .context import current_set
 from .errors import TransactionLeftOpenError
 from .targets import Target
 from .transactions import EVERY_ALIAS
+
+logger = logging.getLogger("asgi_dbset")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -100,15 +102,14 @@ def _closing_transactions(func: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(func)
     def closing(*args: P.args, **kwargs: P.kwargs) -> R:
-        before = _in_transaction()
+        before = _transaction_states()
         try:
             result = func(*args, **kwargs)
         except BaseException:
-            _roll_back(_in_transaction() - before)
+            _close_left_open(before)
             raise
-        left = _in_transaction() - before
+        left = _close_left_open(before)
         if left:
-            _roll_back(left)
             raise TransactionLeftOpenError(
                 f"{getattr(func, '__qualname__', func)!r} returned inside a "
                 f"transaction of {sorted(left)}; it was rolled back. A function "
@@ -121,28 +122,94 @@ def _closing_transactions(func: Callable[P, R]) -> Callable[P, R]:
     return closing
 
 
-def _in_transaction() -> frozenset[str]:
-    """The aliases this thread's connections are inside a transaction of (a
-    set's snapshot transaction is the set's own, not counted)."""
-    return frozenset(
-        w.alias
-        for w in connections.all(initialized_only=True)
-        if w.in_atomic_block
-        or (
-            w.connection is not None
-            and not w.autocommit
-            and getattr(w, snapshots.MARK, None) is None
-        )
+#: Per alias: (atomic blocks open, savepoints of nested ones, in an atomic
+#: block, autocommit off), as the thread's connection had them.
+_State = tuple[int, int, bool, bool]
+
+
+def _transaction_states() -> dict[str, _State]:
+    return {w.alias: _state(w) for w in connections.all(initialized_only=True)}
+
+
+def _state(wrapper: BaseDatabaseWrapper) -> _State:
+    return (
+        len(wrapper.atomic_blocks),
+        len(wrapper.savepoint_ids),
+        wrapper.in_atomic_block,
+        wrapper.connection is not None and not wrapper.autocommit,
     )
 
 
-def _roll_back(aliases: frozenset[str]) -> None:
-    for alias in aliases:
-        wrapper: BaseDatabaseWrapper = connections[alias]
-        # The atomic blocks left open are abandoned: their exits never run.
-        wrapper.in_atomic_block = False
-        wrapper.atomic_blocks = []
-        wrapper.savepoint_ids = []
+_OUTSIDE: _State = (0, 0, False, False)
+
+
+def _close_left_open(before: dict[str, _State]) -> list[str]:
+    """Undo what the call left open on this thread's connections - atomic
+    blocks it entered and never exited, autocommit it turned off - back to
+    *before*; the aliases it had to undo."""
+    left = []
+    for wrapper in connections.all(initialized_only=True):
+        was = before.get(wrapper.alias, _OUTSIDE)
+        now = _state(wrapper)
+        if now[0] <= was[0] and (now[3] <= was[3]):
+            continue  # (no more blocks than before, autocommit not turned off)
+        left.append(wrapper.alias)
+        try:
+            if was == _OUTSIDE or not (was[2] or was[3]):
+                _roll_back_all(wrapper)
+            else:
+                _roll_back_to(wrapper, was)
+        except Exception:
+            # The connection cannot say where it is: it must not serve again
+            # (Django's Atomic.__exit__ does the same). The lane sees it gone.
+            logger.warning(
+                "asgi_dbset: could not roll back what a sync_to_lane() function "
+                "left open on database %r; closing its connection",
+                wrapper.alias,
+                exc_info=True,
+            )
+            _abandon(wrapper)
+    return left
+
+
+def _roll_back_all(wrapper: BaseDatabaseWrapper) -> None:
+    """The call opened the connection's transaction: roll all of it back."""
+    _abandon_blocks(wrapper, 0, 0, in_atomic_block=False)
+    if wrapper.connection is None:
+        return  # (closed inside the transaction: nothing to roll back)
+    wrapper.rollback()  # (drops its on_commit callbacks too)
+    wrapper.set_autocommit(True)
+
+
+def _roll_back_to(wrapper: BaseDatabaseWrapper, was: _State) -> None:
+    """The call entered blocks inside a transaction that was open before it
+    (the set's block, a snapshot, the request's own): roll back to the first
+    savepoint it made, or, if it made none, doom the enclosing transaction."""
+    blocks, savepoints, in_atomic_block, _ = was
+    leaked = wrapper.savepoint_ids[savepoints:]
+    first = leaked[0] if leaked else None
+    if first is not None and wrapper.connection is not None:
+        wrapper.savepoint_rollback(first)
+    else:
+        wrapper.needs_rollback = True
+    _abandon_blocks(wrapper, blocks, savepoints, in_atomic_block=in_atomic_block)
+
+
+def _abandon_blocks(
+    wrapper: BaseDatabaseWrapper, blocks: int, savepoints: int, *, in_atomic_block: bool
+) -> None:
+    # The blocks entered after *blocks* are abandoned: their exits never run.
+    wrapper.atomic_blocks = wrapper.atomic_blocks[:blocks]
+    wrapper.savepoint_ids = wrapper.savepoint_ids[:savepoints]
+    wrapper.in_atomic_block = in_atomic_block
+    if not in_atomic_block:
         wrapper.needs_rollback = False
-        wrapper.rollback()  # (drops its on_commit callbacks too)
-        wrapper.set_autocommit(True)
+
+
+def _abandon(wrapper: BaseDatabaseWrapper) -> None:
+    _abandon_blocks(wrapper, 0, 0, in_atomic_block=False)
+    try:
+        wrapper.close()
+    except Exception:
+        logger.debug("asgi_dbset: error closing a connection", exc_info=True)
+        wrapper.connection = None

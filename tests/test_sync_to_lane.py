@@ -356,3 +356,109 @@ async def test_what_it_refuses() -> None:
 
 def plain_function() -> None:
     pass
+
+
+# -- what review found: blocks of other aliases, nested blocks left open ----------
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+async def test_inside_a_block_of_another_database_it_runs_in_that_block() -> None:
+    """The function may touch any database: inside asgi_dbset.atomic(using=
+    "other") it runs on the block's connection, and sees the block's rows."""
+
+    def count_other() -> int:
+        return Author.objects.using("other").count()
+
+    async def body() -> int:
+        seen = -1
+        try:
+            async with asgi_dbset.atomic(using="other"):
+                await Author.objects.using("other").acreate(name="in the block")
+                seen = await sync_to_lane(count_other)()
+                raise RollBackError
+        except RollBackError:
+            pass
+        return seen
+
+    assert await in_request(body, 4) == 1
+    assert await Author.objects.using("other").acount() == 0
+
+
+def leave_a_nested_block_open() -> None:
+    transaction.atomic().__enter__()
+    Author.objects.create(name="left open")
+
+
+async def test_a_nested_block_left_open_rolls_back_to_its_savepoint() -> None:
+    """Inside the set's own block, a block the function enters and never
+    exits is rolled back to its savepoint; the enclosing block goes on and
+    commits what it wrote itself."""
+
+    async def body() -> type[BaseException] | None:
+        raised = None
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="before")
+            try:
+                await sync_to_lane(leave_a_nested_block_open)()
+            except TransactionLeftOpenError as exc:
+                raised = type(exc)
+            await Author.objects.acreate(name="after")
+        return raised
+
+    assert await in_request(body, 4) is TransactionLeftOpenError
+    names = sorted([a.name async for a in Author.objects.all()])
+    assert names == ["after", "before"]
+
+
+@pytest.mark.usefixtures("library")
+async def test_a_block_left_open_inside_a_snapshot_leaves_the_snapshot_whole() -> None:
+    def read_in_a_block_left_open() -> int:
+        transaction.atomic().__enter__()
+        return Book.objects.count()
+
+    def write() -> None:
+        Author.objects.create(name="no")
+
+    async def body() -> tuple[list[Any], Any]:
+        async with ThreadSensitiveContext():
+            async with connection_set(parallelism=2, snapshot=True):
+                first = await asyncio.gather(
+                    sync_to_lane(read_in_a_block_left_open)(),
+                    sync_to_lane(read_in_a_block_left_open)(),
+                    return_exceptions=True,
+                )
+                # Still one read-only snapshot: a read agrees, a write is refused.
+                again = await asyncio.gather(
+                    Book.objects.acount(),
+                    sync_to_lane(write)(),
+                    return_exceptions=True,
+                )
+            await sync_to_async(connections.close_all)()
+        return first, again
+
+    first, again = await body()
+    assert [type(r) for r in first] == [TransactionLeftOpenError] * 2
+    assert again[0] == 6
+    assert type(again[1]) is asgi_dbset.SnapshotWriteError
+    assert await Author.objects.acount() == 3
+
+
+async def test_a_durable_block_inside_runs_with_a_statement_timeout() -> None:
+    """The set's statement timeout does not wrap the function in a
+    transaction of its own (behind a transaction pooler it would): a durable
+    block inside is the outermost, as on stock Django."""
+
+    def durable_write() -> None:
+        with transaction.atomic(durable=True):
+            Author.objects.create(name="durable")
+
+    async def body() -> None:
+        async with ThreadSensitiveContext():
+            async with connection_set(parallelism=2, statement_timeout=5.0):
+                await asyncio.gather(
+                    sync_to_lane(durable_write)(), sync_to_lane(durable_write)()
+                )
+            await sync_to_async(connections.close_all)()
+
+    await body()
+    assert await Author.objects.acount() == 2
