@@ -56,7 +56,9 @@ async def test_django_views_run_in_parallel(
     plain, serial = await timed(request(django_app, "/plain/", "sleep=0.2"))
     assert _counts(plain.json()) == EXPECTED
     assert plain.json()["parallelism"] == 1
-    assert parallel < serial / 2, (parallel, serial)
+    # Three 0.2 s queries one at a time take 0.6 s or more; any overlap of the
+    # three shows well below 0.75 of that, with room for leasing under load.
+    assert parallel < serial * 0.75, (parallel, serial)
 
 
 @pytest.mark.usefixtures("rows")
@@ -69,7 +71,9 @@ async def test_the_same_view_in_a_starlette_app() -> None:
     assert response.json()["lanes_used"] == 3
     plain, serial = await timed(request(app, "/plain", "sleep=0.2"))
     assert _counts(plain.json()) == EXPECTED
-    assert parallel < serial / 2, (parallel, serial)
+    # Three 0.2 s queries one at a time take 0.6 s or more; any overlap of the
+    # three shows well below 0.75 of that, with room for leasing under load.
+    assert parallel < serial * 0.75, (parallel, serial)
     # The middleware gave each Starlette request its own thread and connection,
     # and returned that connection at the end, as Django's handler does.
     assert checked_out() == before
