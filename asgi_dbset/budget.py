@@ -17,6 +17,11 @@ budget counts them per database alias and in total:
   the whole pool themselves (stock Django's saturation point), sets lease
   nothing more and run their calls as stock Django does, so parallelism
   never takes a connection that another request's own would need.
+
+When that holds for every pooled alias at once (:meth:`Budget.saturated`: the
+requests in flight need every connection of every pool), no set could lease,
+and a set whose calls need nothing else of it lets them run exactly as stock
+Django runs them (see ``ConnectionSet.call``).
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ class Budget:
         self._limits: dict[str, tuple[int, int]] = {}
         # ASGI_DBSET["BUDGET"], read with the limits (and forgotten with them).
         self._total_limit: int | None = None
+        # The pooled aliases' max_size, read with the limits (None: not yet).
+        self._pool_sizes: tuple[tuple[str, int], ...] | None = None
 
     def back_off(self, alias: str, seconds: float) -> None:
         """No set leases for *alias* for ``seconds`` (after a refused lease)."""
@@ -119,6 +126,26 @@ class Budget:
     def forget_limits(self) -> None:
         """Work the limits out again at the next use (the settings changed)."""
         self._limits.clear()
+        self._pool_sizes = None
+
+    def saturated(self) -> bool:
+        """True when no alias could lend an extra lane because the requests in
+        flight need every connection of its pool (``open sets + extra lanes +
+        1 > max_size`` for each pooled alias; False without a pool). A hint,
+        without the lock, asked once per ORM call of a set that has no extra
+        lane: two dict reads per alias."""
+        sizes = self._pool_sizes
+        if sizes is None:
+            sizes = self._pool_sizes = tuple(
+                (alias, size)
+                for alias in settings.DATABASES
+                if (size := pool_max_size(alias)) is not None
+            )
+        if not sizes:
+            return False
+        open_now = stats.sets_open_now()
+        held = self._held
+        return all(held.get(alias, 0) + open_now + 1 > size for alias, size in sizes)
 
     def may_acquire(self, alias: str) -> bool:
         """True if :meth:`try_acquire` would succeed now (a hint: other

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import Token
 from typing import Any
 
@@ -33,6 +33,7 @@ from asgiref.sync import AsyncToSync
 
 from . import routing, stats
 from .aio import finish_shielded
+from .budget import budget
 from .context import current_block, current_set
 from .cursors import check_cursor
 from .errors import CallNotRunError
@@ -364,6 +365,28 @@ class ConnectionSet:
             or self._scheduler.snapshot is not None
         )
 
+    def _steps_aside(self) -> bool:
+        """True when an ORM call runs exactly as stock Django runs it, with
+        none of the set's bookkeeping: no set of the process could lease a
+        lane (the requests in flight need every pooled connection:
+        ``budget.saturated()``), only the parallelism makes the set route
+        calls, and it holds nothing a call could have to queue behind or
+        report to - no lane but lane 0, no call queued or handed out, no
+        transaction block. Under saturation the set would run the call on
+        lane 0 anyway; stepping aside is what keeps a decorated view's cost
+        per request at stock's there. (A caller that gives up still has its
+        query cancelled on the server: :meth:`Scheduler.run_aside`.)"""
+        scheduler = self._scheduler
+        return (
+            scheduler.only_lane0_idle()
+            and self._statement_timeout is None
+            and scheduler.snapshot is None
+            and not scheduler.blocks
+            and not scheduler.has_cursors()
+            and current_block.get() is None
+            and budget.saturated()
+        )
+
     async def call(
         self,
         func: Callable[..., Any],
@@ -372,7 +395,8 @@ class ConnectionSet:
         where: Target | None = None,
     ) -> Any:
         """Run one ORM call on a lane of this set, or as stock Django when the
-        set cannot take it (closed, another loop, parallelism 1, unknown call).
+        set cannot take it (closed, another loop, parallelism 1, unknown call)
+        or steps aside (a saturated process: :meth:`_steps_aside`).
         The router skips this when :attr:`passes_through` says so. *where*:
         the call's target when the caller knows it (``sync_to_lane``), else it
         is read off the ORM call."""
@@ -380,6 +404,13 @@ class ConnectionSet:
         if self._routes():
             if self._closed or asyncio.get_running_loop() is not self._loop:
                 self._fall_back("the set has ended or belongs to another event loop")
+            elif where is None and self._steps_aside():
+                stats.incr("saturated_calls")
+                if self._record_stock_calls:
+                    return await self._run_stock_recorded(
+                        func, args, kwargs, run=self._scheduler.run_aside
+                    )
+                return await self._scheduler.run_aside(func, *args, **kwargs)
             else:
                 target = where or target_of(func, args, kwargs)
         if target is None:
@@ -470,7 +501,11 @@ class ConnectionSet:
         self._update_routing()
 
     async def _run_stock_recorded(
-        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        run: Callable[..., Awaitable[Any]] = run_as_stock,
     ) -> Any:
         # Stock Django, timed for figures and timelines: lane 0, no scheduling.
         # The query's time starts when the request's thread starts the call,
@@ -487,7 +522,7 @@ class ConnectionSet:
 
         timed.__name__ = getattr(func, "__name__", "?")
         try:
-            return await run_as_stock(timed)
+            return await run(timed)
         finally:
             self.recorder.end(record, started)
 

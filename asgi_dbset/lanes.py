@@ -23,7 +23,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 import psycopg
-from django.db import DatabaseError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import snapshots, stats
@@ -231,6 +231,36 @@ class Lane:
                             pass
 
         return await hop(loop, self._executor(outer), context, call)
+
+
+def guarded(
+    job: Job, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any]:
+    """``func(*args, **kwargs)`` as *job*, for whatever thread runs it, with
+    none of a lane's work but the cancel guard: every query it sends, on any
+    of that thread's connections, passes ``job.guard``. Nothing runs if the
+    caller gave up before the thread started it."""
+
+    def call() -> Any:
+        if not job.begin(time.perf_counter()):
+            return None  # its caller gave up before it started
+        try:
+            wrappers = (
+                [connections[DEFAULT_DB_ALIAS]]
+                if len(connections.settings) == 1
+                else list(connections.all())
+            )
+            for each in wrappers:
+                each.execute_wrappers.append(job.guard)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                for each in wrappers:
+                    each.execute_wrappers.pop()
+        finally:
+            job.end()
+
+    return call
 
 
 class RequestLane(Lane):

@@ -164,6 +164,13 @@ _LIBRARY = (
         "Calls queued on lane 0's thread: no other lane could be had.",
     ),
     (
+        "asgi_dbset.calls.saturated",
+        "saturated_calls",
+        "{call}",
+        "Calls run as stock Django: the requests in flight needed every pooled "
+        "connection.",
+    ),
+    (
         "asgi_dbset.fallbacks",
         "fallbacks",
         "{call}",

@@ -63,11 +63,13 @@ from .budget import budget, pool_is_contended
 from .cancellation import Job, cancel_until_ended, send_cancel
 from .cursors import orphan
 from .errors import CallNotRunError
+from .hop import run_as_stock
 from .lanes import (
     Lane,
     NotRunError,
     PooledLane,
     RequestLane,
+    guarded,
     leave_thread_snapshots,
 )
 from .records import Recorder
@@ -531,6 +533,25 @@ class Scheduler:
         call = Call(next(self._seq), target, time.perf_counter(), pin=pin)
         return await self._serve(call, func, args, kwargs, outer)
 
+    async def run_aside(
+        self, func: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> Any:
+        """Run one call as stock Django runs it (:func:`~.hop.run_as_stock`:
+        the request's thread, no lane, no record, no report), keeping only
+        what every call of a set has: a caller that gives up while it runs
+        has its query cancelled on the server, and so does a set that closes
+        on an error (see ``ConnectionSet._steps_aside``)."""
+        job = Job()
+        self._running.add(job)
+        try:
+            return await run_as_stock(guarded(job, func, args, kwargs))
+        except asyncio.CancelledError:
+            if job.give_up():
+                self._cancel(job)  # (it runs on; its query is cancelled)
+            raise
+        finally:
+            self._running.discard(job)
+
     async def open_block(
         self,
         alias: str,
@@ -879,6 +900,11 @@ class Scheduler:
                 and not self._pinning(lane)
             ):
                 self._return_lane(lane)
+
+    def only_lane0_idle(self) -> bool:
+        """True when the set has no lane but lane 0, nothing queued and
+        nothing handed to lane 0: no call of the set runs or waits."""
+        return len(self._lanes) == 1 and not self._queue and not self._lane0.jobs
 
     def holds_lanes(self) -> bool:
         """True while closing has something to give back or wait for."""

@@ -21,6 +21,8 @@ COUNTERS = {
     "pinned_calls": "calls that had to run on one lane (cursor or transaction)",
     "lane0_queued_calls": "calls queued on lane 0's thread behind its current call: "
     "no other lane could be had",
+    "saturated_calls": "calls a set let run as stock Django, with none of its "
+    "bookkeeping: the requests in flight needed every pooled connection",
     "fallbacks": "calls that ran as stock Django although a set was active",
     "cancels": "server-side cancels sent for abandoned queries",
     "connections_discarded": "lane connections found broken and discarded",

@@ -866,7 +866,7 @@ def spin() -> None:
             # Spawned just before the set closes: it runs and ends in the same
             # loop iteration in which _release_all() first runs, so its
             # done-callback (self._background.discard) is still only scheduled.
-            dbset._spawn(ends_at_once())
+            dbset._scheduler._spawn(ends_at_once())
         print(f"Python {sys.version.split()[0]}: aclose() returned", flush=True)
 
     threading.Thread(target=watchdog, daemon=True).start()

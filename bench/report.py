@@ -903,9 +903,11 @@ def findings(results: dict[str, Any], f: Figures) -> list[str]:
                 )
                 + " (each refusal is a lane thread that waited LEASE_TIMEOUT in the "
                 "pool's queue). So under saturation the views run one query at a time, "
-                "as stock Django does: a set that cannot lease queues the calls behind "
-                "lane 0's on the request's thread, as stock Django queues them "
-                "(`lane0_queued_calls`)."
+                "as stock Django does: once the requests in flight need every pooled "
+                "connection, a set steps aside and its calls run as stock Django's, "
+                "keeping only their cancel guard (`saturated_calls`); short of that, "
+                "a set that cannot lease queues the calls behind lane 0's on the "
+                "request's thread, as stock Django queues them (`lane0_queued_calls`)."
             )
         instr = _instruction_ratios(results, ("w4-p1", "w4-p4"))
         if instr:
@@ -917,9 +919,10 @@ def findings(results: dict[str, Any], f: Figures) -> list[str]:
                 )
                 + ". Every variant hops to the request's thread once per call; "
                 "asgi_dbset's hop skips what asgiref's SyncToAsync rebuilds per "
-                "call, and above p=1 adds the set's bookkeeping of each call (its "
-                "record, its cancel guard, lane 0's transaction report). On a "
-                "CPU-bound server the difference from 1.000 is throughput won or lost."
+                "call, and above p=1 a set that stepped aside adds each call's "
+                "cancel guard (a set that schedules adds its record and lane 0's "
+                "transaction report too). On a CPU-bound server the difference "
+                "from 1.000 is throughput won or lost."
             )
         out.append(text)
     spin = results.get("release_spin_check") or {}

@@ -875,10 +875,14 @@ def spin_check() -> dict[str, Any]:
                 timeout=60,
                 check=False,
             )
+            # (A check that fails for another reason is no hang: its error
+            # is kept, and the report does not claim one.)
             out[name] = {
-                "hangs": result.returncode != 0,
+                "hangs": "still running" in result.stdout,
                 "output": result.stdout.strip(),
             }
+            if result.returncode != 0 and not out[name]["hangs"]:
+                out[name]["error"] = result.stderr.strip()[-500:]
         except subprocess.TimeoutExpired:
             out[name] = {"hangs": True, "output": "timed out"}
     return out
