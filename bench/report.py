@@ -574,6 +574,42 @@ def pgbouncer_table(found: dict[str, Any] | None) -> str:
     )
 
 
+def w6_targets(found: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """W6's two targets: at least stock's throughput at every client count,
+    and the single request's speed-up kept (about 6x at k=8)."""
+    if not found:
+        return []
+    w6 = found["w6"]
+    ratios = {
+        c: ratio(w6[f"dbset c={c}"]["rps"], w6[f"stock c={c}"]["rps"])
+        for c in found["clients"]
+    }
+    known = {c: r for c, r in ratios.items() if r is not None}
+    if not known:
+        return []
+    below = [c for c, r in known.items() if r < 1.0]
+    worst = min(known, key=lambda c: known[c])
+    rows = [
+        (
+            f"W6: throughput >= stock at every client count "
+            f"({', '.join(str(c) for c in found['clients'])}; pool {found['pool']})",
+            f"worst {known[worst]:.2f}x at {worst} clients; below 1.00x at "
+            + (", ".join(str(c) for c in below) if below else "none"),
+            "met" if not below else f"missed at {len(below)} of {len(known)} counts",
+        )
+    ]
+    one = known.get(1)
+    if one is not None:
+        rows.append(
+            (
+                "W6: a single request keeps its speed-up (about 6x at k=8)",
+                f"{one:.2f}x stock at 1 client",
+                "met" if one >= 5.0 else "missed",
+            )
+        )
+    return rows
+
+
 def w6_section(found: dict[str, Any] | None) -> str:
     """W6: the client sweep, stock against the decorated view; and W1 written
     as sync functions."""
@@ -1145,7 +1181,8 @@ def write(
                     _instruction_ratios(results, ("dbset-p1",)),
                     results.get("w1_floor"),
                 )
-            ],
+            ]
+            + [list(t) for t in w6_targets(results.get("w6"))],
         ),
         "",
         "## Findings",
