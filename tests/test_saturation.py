@@ -230,3 +230,26 @@ async def test_a_call_that_stepped_aside_is_cancelled_on_the_server() -> None:
     assert after["saturated_calls"] == before["saturated_calls"] + 2
     assert after["cancels"] > before["cancels"]
     assert budget.total == 0
+
+
+async def test_an_aiterator_opened_aside_stays_on_the_requests_connection() -> None:
+    """A cursor opened while the set stepped aside was opened as stock Django
+    opens it, on the request's thread: once room comes back, its later chunks
+    still run there, and the rows are stock Django's."""
+    await Author.objects.abulk_create([Author(name=f"a{i}") for i in range(7)])
+    async with request_thread():
+        stock = [a.name async for a in Author.objects.order_by("pk").aiterator(2)]
+    async with request_thread(), other_requests(saturating()) as others:
+        async with connection_set(parallelism=4, lease_timeout=5.0) as dbset:
+            names = []
+            async for author in Author.objects.order_by("pk").aiterator(2):
+                names.append(author.name)
+                if len(names) == 1:
+                    await others.end()
+                    # Room again: a gather beside the open cursor leases.
+                    assert await asyncio.gather(
+                        *(sleeping(0.05).acount() for _ in range(3))
+                    ) == [7, 7, 7]
+            assert dbset.lanes_used >= 2
+    assert names == stock == [f"a{i}" for i in range(7)]
+    assert budget.total == 0
