@@ -141,6 +141,13 @@ SERVERS: dict[str, dict[str, str]] = {
         "BENCH_VARIANT": "dab",
         "venv": "dab",
     },
+    # asgi_dbset on django-async-backend's Django 6.1 / Python 3.12: W1 like
+    # for like with it and with stock-dj61.
+    "dbset-dj61": {
+        "app": "bench.djsite.asgi:application",
+        "BENCH_VARIANT": "dbset",
+        "venv": "dab",
+    },
 }
 VENVS = {"main": Path(sys.executable), "dab": WORK / "venv-dab" / "bin" / "python"}
 
@@ -153,8 +160,14 @@ ALL_SERIES = (
     Series("ceiling", "ceiling", "/p1"),
     Series("stock-dj61", "stock-dj61", "/p1"),
     Series("dab", "dab", "/p1"),
+    Series("dbset-dj61-p2", "dbset-dj61", "/p2", 2),
+    Series("dbset-dj61-p4", "dbset-dj61", "/p4", 4),
+    Series("dbset-dj61-p8", "dbset-dj61", "/p8", 8),
 )
 W3_SERIES = ("stock", "dbset-p1", "dbset-p4", "ceiling", "stock-dj61", "dab")
+#: Series measured in W1 only: the like-for-like comparison with
+#: django-async-backend on its interpreter and Django.
+W1_ONLY_SERIES = ("dbset-dj61-p2", "dbset-dj61-p4", "dbset-dj61-p8")
 
 
 def rotate(items: list[Any], n: int) -> list[Any]:
@@ -623,6 +636,8 @@ class Harness:
                         for s in rotate(members, turn):
                             if workload == "W3" and s.name not in W3_SERIES:
                                 continue
+                            if workload != "W1" and s.name in W1_ONLY_SERIES:
+                                continue
                             self.measure(
                                 servers[s.server], s, workload, view, k=k,
                                 clients=clients, seconds=seconds,
@@ -657,7 +672,8 @@ class Harness:
         """W4, one server at a time (each fills its pool); rounds rotate them."""
         by_server: dict[str, list[Series]] = defaultdict(list)
         for s in series:
-            by_server[s.server].append(s)
+            if s.name not in W1_ONLY_SERIES:
+                by_server[s.server].append(s)
         plan = self.plan
         for round_no in range(plan.rounds):
             for name in rotate(list(by_server), round_no):
@@ -717,7 +733,10 @@ class Harness:
                 ("W5", "w1", k, 1, plan.w5_seconds) for k in plan.w5_ks
             ]
             self.together(
-                series, [(plan.w5_rounds, points)], title="W5", env={"BENCH_DSN": dsn}
+                [s for s in series if s.name not in W1_ONLY_SERIES],
+                [(plan.w5_rounds, points)],
+                title="W5",
+                env={"BENCH_DSN": dsn},
             )
             return rtt
         finally:
