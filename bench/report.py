@@ -88,9 +88,11 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def baseline_for(series: str) -> str:
-    # django-async-backend runs on Python 3.12 + Django 6.1: its like-for-like
-    # baseline is stock Django on that interpreter.
-    return "stock-dj61" if series == "dab" else "stock"
+    # django-async-backend (and asgi_dbset beside it) run on Python 3.12 +
+    # Django 6.1: their like-for-like baseline is stock Django there.
+    if series == "dab" or series in LIKE_FOR_LIKE.values():
+        return "stock-dj61"
+    return "stock"
 
 
 # -- targets --------------------------------------------------------------------
@@ -425,7 +427,8 @@ def k_tables(f: Figures, workload: str) -> str:
             "Mean latency per request, ms (median over rounds):\n\n"
             + table(head, latency),
             "Speed-up over stock Django (stock latency / this latency; django-async-backend "
-            "against stock Django 6.1 on Python 3.12):\n\n" + table(head, speed),
+            "and asgi_dbset on Django 6.1 / Py3.12 against stock Django 6.1 on Python "
+            "3.12):\n\n" + table(head, speed),
             "Latency relative to the ceiling (1.00 = the ceiling):\n\n"
             + table(head, vs_ceiling),
             "p99 latency, ms:\n\n" + table(head, p99),
@@ -1288,7 +1291,12 @@ def write(
     if checks:
         out += [
             "Lanes the asgi_dbset views used (one request at k = p, `active_set().lanes_used`): "
-            + ", ".join(f"p={c['parallelism']}: {c['lanes_used']}" for c in checks)
+            + ", ".join(
+                f"{label(c['series'])}: {c['lanes_used']}"
+                if c["series"] in LIKE_FOR_LIKE.values()
+                else f"p={c['parallelism']}: {c['lanes_used']}"
+                for c in checks
+            )
             + ".",
             "",
         ]
