@@ -177,7 +177,9 @@ async def test_a_query_a_lane_runs_on_another_alias_is_cancelled_too() -> None:
     try:
         async with ThreadSensitiveContext():
             async with connection_set(parallelism=2, lease_timeout=5.0) as dbset:
-                busy = asyncio.ensure_future(sleeping(0.5).acount())  # lane 0
+                # (Books: the save commits its author while this may still wait
+                # to start, since the two run in parallel.)
+                busy = asyncio.ensure_future(sleeping(0.5, Book).acount())  # lane 0
                 save = asyncio.ensure_future(Author.objects.acreate(name="audited"))
                 for _ in range(200):
                     if await asyncio.to_thread(other_sleeps) == 1:
