@@ -82,7 +82,7 @@ class Budget:
         self._limits: dict[str, tuple[int, int]] = {}
         # ASGI_DBSET["BUDGET"], read with the limits (and forgotten with them).
         self._total_limit: int | None = None
-        # The pooled aliases' max_size, read with the limits (None: not yet).
+        # (alias, max_size) of every pooled alias, from _limits (None: not yet).
         self._pool_sizes: tuple[tuple[str, int], ...] | None = None
 
     def back_off(self, alias: str, seconds: float) -> None:
@@ -136,10 +136,11 @@ class Budget:
         lane: two dict reads per alias."""
         sizes = self._pool_sizes
         if sizes is None:
+            # (Read through the limits: one place works a pool's size out.)
             sizes = self._pool_sizes = tuple(
                 (alias, size)
                 for alias in settings.DATABASES
-                if (size := pool_max_size(alias)) is not None
+                if (size := self._limit_and_size(alias)[1])
             )
         if not sizes:
             return False

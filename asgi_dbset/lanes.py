@@ -175,15 +175,7 @@ class Lane:
             wrapper = None
             wrappers: list[BaseDatabaseWrapper] = []
             try:
-                # (Looked up once: each lookup is an asgiref Local's.)
-                wrapper = connections[alias]
-                # (With one database, the call's wrapper is the thread's only
-                # one, known without connections.all().)
-                wrappers = (
-                    [wrapper]
-                    if len(connections.settings) == 1
-                    else list(connections.all())
-                )
+                wrapper, wrappers = thread_wrappers(alias)
                 self._before(
                     wrapper, wrappers, job, timeout_ms, clearance, scope or alias
                 )
@@ -233,6 +225,20 @@ class Lane:
         return await hop(loop, self._executor(outer), context, call)
 
 
+def thread_wrappers(
+    alias: str,
+) -> tuple[BaseDatabaseWrapper, list[BaseDatabaseWrapper]]:
+    """This thread's Django connection of *alias*, and all of its connections
+    (whose queries a call's guard must see, whatever alias Django routes them to)."""
+    # (Looked up once: each lookup is an asgiref Local's. With one database,
+    # the alias's wrapper is the thread's only one, known without
+    # connections.all().)
+    wrapper = connections[alias]
+    if len(connections.settings) == 1:
+        return wrapper, [wrapper]
+    return wrapper, list(connections.all())
+
+
 def guarded(
     job: Job, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Callable[[], Any]:
@@ -245,11 +251,7 @@ def guarded(
         if not job.begin(time.perf_counter()):
             return None  # its caller gave up before it started
         try:
-            wrappers = (
-                [connections[DEFAULT_DB_ALIAS]]
-                if len(connections.settings) == 1
-                else list(connections.all())
-            )
+            _, wrappers = thread_wrappers(DEFAULT_DB_ALIAS)
             for each in wrappers:
                 each.execute_wrappers.append(job.guard)
             try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -48,20 +48,31 @@ async def request_like(parallel: bool) -> AsyncIterator[None]:
         await sync_to_async(connections.close_all)()
 
 
+async def writes_then_rollback(
+    tag: str, before_writes: Callable[[], Awaitable[None]] | None = None
+) -> list[bool]:
+    """The core issue's first pattern, on the request's thread: a transaction
+    opened there, four gathered writes and their reads, then a rollback.
+    *before_writes* runs once the transaction is open."""
+    await sync_to_async(transaction.set_autocommit)(False)
+    try:
+        if before_writes is not None:
+            await before_writes()
+        created = await asyncio.gather(
+            *(Author.objects.acreate(name=f"{tag}{i}") for i in range(4))
+        )
+        seen = await asyncio.gather(
+            *(Author.objects.filter(pk=a.pk).aexists() for a in created)
+        )
+        await sync_to_async(transaction.rollback)()
+    finally:
+        await sync_to_async(transaction.set_autocommit)(True)
+    return list(seen)
+
+
 async def writes_in_autocommit_off(parallel: bool, tag: str) -> list[bool]:
     async with request_like(parallel):
-        await sync_to_async(transaction.set_autocommit)(False)
-        try:
-            created = await asyncio.gather(
-                *(Author.objects.acreate(name=f"{tag}{i}") for i in range(4))
-            )
-            seen = await asyncio.gather(
-                *(Author.objects.filter(pk=a.pk).aexists() for a in created)
-            )
-            await sync_to_async(transaction.rollback)()
-        finally:
-            await sync_to_async(transaction.set_autocommit)(True)
-    return list(seen)
+        return await writes_then_rollback(tag)
 
 
 async def writes_in_an_entered_atomic(parallel: bool, tag: str) -> list[bool]:

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
-from django.db import connections, transaction
+from django.db import connections
 
 import asgi_dbset
 from asgi_dbset import connection_set, get_stats, sync_to_lane
 from asgi_dbset.budget import budget
 from tests.helpers import active_sleeps, pool_stats, sleeping, timed
 from tests.test_cancellation import no_sleeps_within
+from tests.test_lane0_transactions import writes_then_rollback
 from tests.testapp.models import Author
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -104,28 +105,6 @@ async def test_calls_of_a_saturated_process_run_as_stock_django() -> None:
     assert stock_s >= 0.3, stock_s
     assert not budget.saturated()
     assert budget.total == 0
-
-
-async def writes_then_rollback(
-    tag: str, before_writes: Callable[[], Awaitable[None]] | None = None
-) -> list[bool]:
-    """The core issue's first pattern, on the request's thread: a transaction
-    opened there, four gathered writes and their reads, then a rollback.
-    *before_writes* runs once the transaction is open."""
-    await sync_to_async(transaction.set_autocommit)(False)
-    try:
-        if before_writes is not None:
-            await before_writes()
-        created = await asyncio.gather(
-            *(Author.objects.acreate(name=f"{tag}{i}") for i in range(4))
-        )
-        seen = await asyncio.gather(
-            *(Author.objects.filter(pk=a.pk).aexists() for a in created)
-        )
-        await sync_to_async(transaction.rollback)()
-    finally:
-        await sync_to_async(transaction.set_autocommit)(True)
-    return list(seen)
 
 
 async def saturated_writes_then_rollback(room_comes_back: bool, tag: str) -> list[bool]:
