@@ -23,6 +23,7 @@ A no-op call on a request's thread costs 297 k instructions through
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
 import os
@@ -91,6 +92,10 @@ async def hop(
         return await SyncToAsync(entering(context, fn))()
     task_context: list[asyncio.Task[Any]] = []
     handling = sys.exc_info()[1]
+    # The call's outcome comes back in one callback on the loop, straight into
+    # this future: none of wrap_future's chaining, which reads the thread's
+    # future back under its lock four times.
+    done: asyncio.Future[T] = loop.create_future()
 
     def in_thread() -> T:
         __traceback_hide__ = True
@@ -99,19 +104,25 @@ async def hop(
         local.main_event_loop_pid = os.getpid()
         local.task_context = task_context
         _restore_context(context)
-        if handling is None:
-            return fn()
         try:
-            raise handling
-        except BaseException:
-            return fn()
+            if handling is None:
+                result = fn()
+            else:
+                try:
+                    raise handling
+                except BaseException:
+                    result = fn()
+        except BaseException as exc:
+            _hand_back(loop, done, None, exc)
+            raise  # (the thread's future holds the outcome too: see below)
+        _hand_back(loop, done, result, None)
+        return result
 
-    # (What run_in_executor does, keeping the thread's own future: awaiting
-    # the asyncio one is what cancelling the caller cancels.)
     running = executor.submit(context.run, in_thread)
     try:
-        return await asyncio.wrap_future(running, loop=loop)
+        return await done
     except asyncio.CancelledError:
+        running.cancel()  # a call not started never starts
         if not task_context:
             raise
         # SyncToAsync.__call__'s rule for a call inside async_to_sync.
@@ -126,6 +137,34 @@ async def hop(
         # this resumes. The call's thread may be done, so the rule is not
         # read off ``running``.)
         return await asyncio.wrap_future(running, loop=loop)
+
+
+def _hand_back(
+    loop: asyncio.AbstractEventLoop,
+    done: asyncio.Future[Any],
+    result: Any,
+    exc: BaseException | None,
+) -> None:
+    """From the call's thread: settle *done* on its loop, unless the caller
+    gave up (cancelled it) or the loop has closed."""
+    if exc is not None and type(exc) is concurrent.futures.CancelledError:
+        exc = asyncio.CancelledError(*exc.args)  # (as wrap_future converts it)
+    try:
+        loop.call_soon_threadsafe(_settle, done, result, exc)
+    except RuntimeError:  # the loop has closed: nobody waits
+        pass
+
+
+def _settle(done: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if done.cancelled():
+        return
+    if exc is None:
+        done.set_result(result)
+        return
+    try:
+        done.set_exception(exc)
+    except TypeError as refused:  # (StopIteration: a future refuses it)
+        done.set_exception(refused)
 
 
 async def run_as_stock(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
