@@ -6,6 +6,14 @@ modules (see ``shared/notes/django-internals.md``). :func:`install` points that
 name, in those modules only, at :func:`sync_to_async` below, which asks the
 active :class:`~.dbset.ConnectionSet` to run the call. Without an active set it
 is asgiref's ``sync_to_async``, plus one context-variable read.
+
+The rest of Django's request path hops to the request's thread the same way:
+signal dispatch (``request_started``, ``request_finished``), ``MiddlewareMixin``
+middleware, sync views, template rendering, the response's close. Inside a set
+those hops go to that same thread through the lanes' leaner hop
+(:func:`request_path_sync_to_async`): never to a lane, never through the
+scheduler, only cheaper than asgiref's. A module of that path that cannot be
+routed keeps asgiref's hops: nothing changes but the cost.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import types
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from asgiref.sync import sync_to_async as stock_sync_to_async
@@ -29,6 +37,15 @@ MODULES = (
     "django.db.models.base",
     "django.db.models.fields.related_descriptors",
     "django.contrib.contenttypes.fields",
+)
+
+#: The modules of Django's request path whose hops run through the leaner hop
+#: inside a set (:func:`request_path_sync_to_async`).
+REQUEST_PATH_MODULES = (
+    "django.core.handlers.asgi",
+    "django.core.handlers.base",
+    "django.dispatch.dispatcher",
+    "django.utils.deprecation",
 )
 
 
@@ -54,12 +71,7 @@ def sync_to_async(
         or context is not None
         or executor is not None
     ):
-        return stock_sync_to_async(
-            func,  # type: ignore[arg-type]
-            thread_sensitive=thread_sensitive,
-            context=context,
-            executor=executor,
-        )
+        return _asgirefs(func, thread_sensitive, context, executor)
 
     dbset = current_set.get()
     if not cursors.ever_orphaned:
@@ -78,6 +90,44 @@ def sync_to_async(
         return dbset.call(func, args, kwargs)
 
     return routed
+
+
+def request_path_sync_to_async(
+    func: Callable[..., Any] | None = None,
+    *,
+    thread_sensitive: bool = True,
+    context: Any = None,
+    executor: Any = None,
+) -> Any:
+    """asgiref's ``sync_to_async`` for Django's request path (not the ORM).
+
+    Inside a set, the plain thread-sensitive form runs where asgiref would run
+    it - the request's thread, in a copy of the caller's context copied back
+    after - through :func:`~.hop.run_as_stock`; it never goes to a lane, so
+    what the set schedules is unchanged. Any other form, or no set, is
+    asgiref's own.
+    """
+    if (
+        func is None
+        or not thread_sensitive
+        or context is not None
+        or executor is not None
+        or current_set.get() is None
+    ):
+        return _asgirefs(func, thread_sensitive, context, executor)
+    return functools.partial(run_as_stock, func)
+
+
+def _asgirefs(
+    func: Callable[..., Any] | None, thread_sensitive: bool, context: Any, executor: Any
+) -> Any:
+    """The form asgiref's ``sync_to_async`` returns, for the forms not routed."""
+    return stock_sync_to_async(
+        func,  # type: ignore[arg-type]
+        thread_sensitive=thread_sensitive,
+        context=context,
+        executor=executor,
+    )
 
 
 def _routable_modules() -> list[str]:
@@ -101,25 +151,35 @@ def ensure_installed() -> None:
 
 
 def install() -> list[str]:
-    """Route the ORM modules' ``sync_to_async``; idempotent.
+    """Route the ORM modules' ``sync_to_async``, and the request path's;
+    idempotent.
 
-    Returns the modules that could not be routed (an unexpected Django layout);
-    the system check ``asgi_dbset.W001`` reports them.
+    Returns the ORM modules that could not be routed (an unexpected Django
+    layout); the system check ``asgi_dbset.W001`` reports them. (A request
+    path module that cannot be routed keeps asgiref's hops: no semantics
+    depend on it.)
     """
+    _route(REQUEST_PATH_MODULES, request_path_sync_to_async)
+    return _route(_routable_modules(), sync_to_async)
+
+
+def _route(names: Sequence[str], replacement: Callable[..., Any]) -> list[str]:
+    """Point each module's ``sync_to_async`` at *replacement* where it is
+    asgiref's; return the modules where it is neither."""
     missing = []
-    for name in _routable_modules():
+    for name in names:
         try:
             module = importlib.import_module(name)
         except ImportError:
             missing.append(name)
             continue
         current = getattr(module, "sync_to_async", None)
-        if current is sync_to_async:
+        if current is replacement:
             continue
         if current is not stock_sync_to_async:
             missing.append(name)
             continue
-        module.sync_to_async = sync_to_async  # type: ignore[attr-defined]
+        module.sync_to_async = replacement  # type: ignore[attr-defined]
     return missing
 
 

@@ -59,6 +59,18 @@
         latency (stock's or asgi_dbset's) plus (k - 1) x "before". Prints JSON;
         ``make bench`` records it and the report sets W1 against it.
 
+    python -m bench.diagnose breakdown [--k 8] [--requests 60]
+        Where each W1 call's time goes at p = k, in-process (no HTTP), on the
+        dbset variant: per call, the hop out (from the call being made on the
+        loop to its function starting on its lane's thread, the lease of a
+        new lane included, shown apart), the ORM's work before the query
+        leaves (wall time, and the thread's CPU time: the rest is waiting for
+        the GIL), the server, the ORM's work after the rows return, and the
+        hop back (from the function's return to the caller resuming on the
+        loop). Medians per position in the gather, and the request's latency
+        against W1's floor. Runs once per ``sys.setswitchinterval`` given
+        (--switch, seconds; Python's default is 0.005), interleaved.
+
     python -m bench.diagnose spin
         ConnectionSet.aclose() on Python 3.12+: a background task that ends in
         the same loop iteration in which _release_all() starts keeps the loop
@@ -834,6 +846,203 @@ def _floor_child(calls: int) -> None:
     )
 
 
+# -- breakdown --------------------------------------------------------------------
+
+
+def breakdown(
+    k: int, requests: int, switches: list[float], rounds: int
+) -> dict[str, Any]:
+    """W1 at p = k, each call's time split into phases (see the module's
+    docstring); one child process per switch interval and round, interleaved."""
+    runs: dict[str, list[dict[str, Any]]] = {str(sw): [] for sw in switches}
+    for round_no in range(rounds):
+        order = switches if round_no % 2 == 0 else list(reversed(switches))
+        for sw in order:
+            out = _run_child(
+                ["_breakdown", str(k), str(requests), "--switch", str(sw)],
+                "dbset",
+                "",
+                timeout=600,
+            )
+            runs[str(sw)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    floor_figures = floor(400)
+    return {
+        "k": k,
+        "requests": requests,
+        "rounds": rounds,
+        "floor": floor_figures,
+        "runs": runs,
+    }
+
+
+def _breakdown_child(k: int, requests: int, switch: float) -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.djsite.settings")
+    import contextvars
+
+    sys.setswitchinterval(switch)
+    application = _wrapped("")
+    import psycopg_pool
+    from django.db.backends import utils
+
+    from asgi_dbset.dbset import ConnectionSet
+    from asgi_dbset.targets import target_of
+
+    current: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+        "breakdown_call", default=None
+    )
+    calls: list[dict[str, float]] = []
+    here = threading.local()
+    perf, cpu = time.perf_counter, time.thread_time
+
+    original_call = ConnectionSet.call
+
+    async def call(
+        self: ConnectionSet,
+        func: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        where: Any = None,
+    ) -> Any:
+        target = where or target_of(func, args, kwargs)
+        if target is None:
+            return await original_call(self, func, args, kwargs, where)
+        record = {"made": perf()}
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            lease = getattr(here, "lease", None)
+            here.lease = None
+            record["lease"] = lease if lease is not None else 0.0
+            record["start"], record["start_cpu"] = perf(), cpu()
+            try:
+                return func(*a, **kw)
+            finally:
+                record["end"], record["end_cpu"] = perf(), cpu()
+
+        for name in ("__name__", "__qualname__", "__self__"):
+            if hasattr(func, name):
+                try:
+                    setattr(timed, name, getattr(func, name))
+                except AttributeError:
+                    pass
+        token = current.set(record)
+        try:
+            result = await original_call(self, timed, args, kwargs, target)
+        finally:
+            current.reset(token)
+        record["resumed"] = perf()
+        calls.append(record)
+        return result
+
+    ConnectionSet.call = call  # type: ignore[method-assign]
+
+    original_execute = utils.CursorWrapper._execute
+
+    def execute(self: Any, sql: Any, params: Any, *ignored: Any) -> Any:
+        record = current.get()
+        if record is not None:
+            record["sent"], record["sent_cpu"] = perf(), cpu()
+        try:
+            return original_execute(self, sql, params, *ignored)
+        finally:
+            if record is not None:
+                record["back"], record["back_cpu"] = perf(), cpu()
+
+    utils.CursorWrapper._execute = execute  # type: ignore[method-assign]
+
+    original_getconn = psycopg_pool.ConnectionPool.getconn
+
+    def getconn(self: Any, timeout: float | None = None) -> Any:
+        started = perf()
+        try:
+            return original_getconn(self, timeout)
+        finally:
+            here.lease = perf() - started
+
+    psycopg_pool.ConnectionPool.getconn = getconn  # type: ignore[method-assign]
+
+    path, query = f"/p{k}/w1/", f"k={k}"
+    latencies: list[float] = []
+    per_request: list[list[dict[str, float]]] = []
+
+    async def run() -> None:
+        for _ in range(30):  # warm: pool, lane threads, caches
+            assert await _one(application, path, query) == 200
+        for _ in range(requests):
+            calls.clear()
+            started = perf()
+            assert await _one(application, path, query) == 200
+            latencies.append(perf() - started)
+            per_request.append(sorted(calls, key=lambda r: r["made"]))
+
+    asyncio.run(run())
+
+    def ms(values: list[float]) -> float:
+        return round(statistics.median(values) * 1000, 3)
+
+    phases = {
+        "hop_out_ms": lambda r: r["start"] - r["made"] - r["lease"],
+        "lease_ms": lambda r: r["lease"],
+        "before_wall_ms": lambda r: r["sent"] - r["start"],
+        "before_cpu_ms": lambda r: r["sent_cpu"] - r["start_cpu"],
+        "server_ms": lambda r: r["back"] - r["sent"],
+        "after_wall_ms": lambda r: r["end"] - r["back"],
+        "after_cpu_ms": lambda r: r["end_cpu"] - r["back_cpu"],
+        "hop_back_ms": lambda r: r["resumed"] - r["end"],
+    }
+    complete = [
+        rs for rs in per_request if len(rs) == k and all("sent" in r for r in rs)
+    ]
+    positions = []
+    for i in range(k):
+        row = {name: ms([f(rs[i]) for rs in complete]) for name, f in phases.items()}
+        # When its query left and when its caller resumed, from the first call made.
+        row["sent_at_ms"] = ms([rs[i]["sent"] - rs[0]["made"] for rs in complete])
+        row["resumed_at_ms"] = ms([rs[i]["resumed"] - rs[0]["made"] for rs in complete])
+        positions.append(row)
+    print(
+        json.dumps(
+            {
+                "switch": switch,
+                "latency_ms": ms(latencies),
+                "requests": len(complete),
+                "last_resumed_ms": ms(
+                    [rs[-1]["resumed"] - rs[0]["made"] for rs in complete]
+                ),
+                "positions": positions,
+            }
+        )
+    )
+
+
+def print_breakdown(k: int, requests: int, switches: list[float], rounds: int) -> None:
+    result = breakdown(k, requests, switches, rounds)
+    fl = result["floor"]
+    print(
+        f"W1 at p = k = {k}, in-process, {requests} requests x {rounds} rounds; floor CPU "
+        f"{fl['before_send_ms']} ms before a query leaves, {fl['after_result_ms']} ms after"
+    )
+    for sw, runs in result["runs"].items():
+        lat = statistics.median(r["latency_ms"] for r in runs)
+        span = statistics.median(r["last_resumed_ms"] for r in runs)
+        print(
+            f"\nswitch interval {sw} s: request {lat:.2f} ms, first call made to last resumed {span:.2f} ms"
+        )
+        print(
+            "  call  hop-out  lease  before(cpu)    server  after(cpu)   hop-back  sent@  resumed@"
+        )
+        for i in range(result["k"]):
+
+            def m(key: str, i: int = i, runs: list[Any] = runs) -> float:
+                return statistics.median(r["positions"][i][key] for r in runs)
+
+            print(
+                f"  {i:4d}  {m('hop_out_ms'):7.3f}  {m('lease_ms'):5.2f}  "
+                f"{m('before_wall_ms'):5.3f}({m('before_cpu_ms'):5.3f})  {m('server_ms'):7.3f}  "
+                f"{m('after_wall_ms'):5.3f}({m('after_cpu_ms'):5.3f})  {m('hop_back_ms'):7.3f}  "
+                f"{m('sent_at_ms'):5.2f}  {m('resumed_at_ms'):7.2f}"
+            )
+
+
 # -- spin -------------------------------------------------------------------------
 
 
@@ -912,6 +1121,17 @@ def main() -> None:
     fl = sub.add_parser("floor")
     fl.add_argument("--calls", type=int, default=400)
     sub.add_parser("spin")
+    bd = sub.add_parser("breakdown")
+    bd.add_argument("--k", type=int, default=8)
+    bd.add_argument("--requests", type=int, default=60)
+    bd.add_argument("--rounds", type=int, default=3)
+    bd.add_argument(
+        "--switch", default="0.005", help="comma-separated sys.setswitchinterval values"
+    )
+    bd_child = sub.add_parser("_breakdown")
+    bd_child.add_argument("k", type=int)
+    bd_child.add_argument("requests", type=int)
+    bd_child.add_argument("--switch", type=float, default=0.005)
     fl_child = sub.add_parser("_floor")
     fl_child.add_argument("calls", type=int)
     child = sub.add_parser("_child")
@@ -952,6 +1172,11 @@ def main() -> None:
         _floor_child(args.calls)
     elif args.command == "spin":
         spin()
+    elif args.command == "breakdown":
+        switches = [float(v) for v in args.switch.split(",")]
+        print_breakdown(args.k, args.requests, switches, args.rounds)
+    elif args.command == "_breakdown":
+        _breakdown_child(args.k, args.requests, args.switch)
     else:
         _child(args.path, "", args.requests, args.profile, args.clients)
 
