@@ -30,7 +30,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from asgiref.sync import AsyncToSync, SyncToAsync, _restore_context
@@ -40,21 +40,27 @@ T = TypeVar("T")
 
 def request_thread_executor(outer: object) -> Executor | None:
     """The executor ``SyncToAsync(thread_sensitive=True)`` would run a call on
-    for the current caller, when it exists already: the sync thread above
-    (*outer*, ``AsyncToSync.executors.current`` read by the caller), else the
-    thread of the caller's ``ThreadSensitiveContext``.
+    for the current caller: the sync thread above (*outer*,
+    ``AsyncToSync.executors.current`` read by the caller), else the thread of
+    the caller's ``ThreadSensitiveContext``, made here on the context's first
+    call exactly as ``SyncToAsync.__call__`` makes it (one ``ThreadPoolExecutor``
+    of one thread, in asgiref's own map, which the context's exit shuts down).
 
-    None when asgiref has to choose itself - it makes the request's thread on
-    its first call, and refuses calls after the context has exited - so the
-    caller then goes through ``SyncToAsync``. The order of the checks is
-    ``SyncToAsync.__call__``'s.
+    None when asgiref has to choose itself - no such context (asgiref then
+    uses the loop's or its one shared thread), or one that has exited (asgiref
+    refuses the call) - so the caller then goes through ``SyncToAsync``. The
+    order of the checks is ``SyncToAsync.__call__``'s.
     """
     if outer:
         return outer  # type: ignore[return-value]
     context = SyncToAsync.thread_sensitive_context.get(None)
     if context is None or getattr(context, "_exited", False):
         return None
-    return SyncToAsync.context_to_thread_executor.get(context)
+    executors = SyncToAsync.context_to_thread_executor
+    executor = executors.get(context)
+    if executor is None:
+        executor = executors[context] = ThreadPoolExecutor(max_workers=1)
+    return executor
 
 
 def entering(context: contextvars.Context, fn: Callable[[], T]) -> Callable[[], T]:
@@ -77,10 +83,10 @@ async def hop(
 ) -> T:
     """Run ``fn()`` in *context* on *executor*'s thread and return its result.
 
-    Without an executor (the request's thread is not made yet, or its context
-    has exited: see :func:`request_thread_executor`), the call goes through
-    ``SyncToAsync``, which makes the thread (or refuses the call) as for stock
-    Django.
+    Without an executor (no thread-sensitive context, or one that has
+    exited: see :func:`request_thread_executor`), the call goes through
+    ``SyncToAsync``, which chooses the thread (or refuses the call) as for
+    stock Django.
 
     Cancelling the caller cancels as ``SyncToAsync`` does: a call not started
     never starts; a running one goes on (a lane's job marks it abandoned),

@@ -216,3 +216,21 @@ async def test_an_exception_in_process_request_is_stocks_500(
     assert statuses == {"stock": 500, "asgi_dbset": 500}
     assert checked_out() == before
     assert not connection.in_atomic_block
+
+
+@pytest.mark.usefixtures("authors")
+async def test_the_request_thread_is_made_and_ended_as_asgiref_does(
+    apps: dict[str, Any], signal_threads: dict[str, list[int]]
+) -> None:
+    # The request's first hop (request_started) makes the request's thread;
+    # asgiref's context exit takes it out of its map and shuts it down.
+    executors = SyncToAsync.context_to_thread_executor
+    before = len(executors)
+    threads = set()
+    for _ in range(3):
+        response = await request(apps["asgi_dbset"], "/async/")
+        assert response.status == 200
+        threads.add(response.json()["thread"])
+        assert len(executors) == before
+    assert signal_threads["started"] == signal_threads["finished"]
+    assert set(signal_threads["started"]) == threads
