@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -479,6 +480,100 @@ def w1_floor_table(f: Figures, floor: dict[str, Any] | None) -> str:
                 "asgi_dbset p=8 speed-up / k",
             ],
             rows,
+        )
+    )
+
+
+def breakdown_section(
+    found: dict[str, Any] | None, floor: dict[str, Any] | None
+) -> str:
+    """Where each W1 call's time goes at p = k (``bench.diagnose breakdown``)."""
+    if not found or not found.get("runs"):
+        return ""
+    runs_by_switch = found["runs"]
+    default = runs_by_switch.get("0.005") or next(iter(runs_by_switch.values()))
+    k = found["k"]
+
+    def med(runs: list[dict[str, Any]], key: str, i: int | None = None) -> float:
+        if i is None:
+            return float(statistics.median(r[key] for r in runs))
+        return float(statistics.median(r["positions"][i][key] for r in runs))
+
+    columns = [
+        ("hop out", "hop_out_ms"),
+        ("lease", "lease_ms"),
+        ("before, wall", "before_wall_ms"),
+        ("before, CPU", "before_cpu_ms"),
+        ("server", "server_ms"),
+        ("after, wall", "after_wall_ms"),
+        ("after, CPU", "after_cpu_ms"),
+        ("hop back", "hop_back_ms"),
+        ("query left at", "sent_at_ms"),
+        ("caller resumed at", "resumed_at_ms"),
+    ]
+    rows = [
+        [str(i)] + [f"{med(default, key, i):.2f}" for _, key in columns]
+        for i in range(k)
+    ]
+    latency = med(default, "latency_ms")
+    span = med(default, "last_resumed_ms")
+    made = med(default, "made_span_ms")
+    last_sent = med(default, "sent_at_ms", k - 1)
+    first_start = med(default, "hop_out_ms", 0)
+    lanes_cpu = statistics.median(med(default, "before_cpu_ms", i) for i in range(1, k))
+    lanes_wall = statistics.median(
+        med(default, "before_wall_ms", i) for i in range(1, k)
+    )
+    back = statistics.median(med(default, "hop_back_ms", i) for i in range(k))
+    before = float(floor["before_send_ms"]) if floor else None
+    floor_line = (
+        f" The floor's model puts the last query's departure at (k - 1) x "
+        f"{before:.3f} = {(k - 1) * before:.2f} ms after the first call;"
+        f" it left at {last_sent:.2f} ms."
+        if before is not None
+        else ""
+    )
+    switch_rows = [
+        [
+            f"{float(sw) * 1000:g} ms",
+            f"{med(runs, 'latency_ms'):.2f}",
+            f"{med(runs, 'last_resumed_ms'):.2f}",
+            f"{med(runs, 'sent_at_ms', k - 1):.2f}",
+        ]
+        for sw, runs in runs_by_switch.items()
+    ]
+    return (
+        f"**Where W1's time goes at p = k = {k}** (`python -m bench.diagnose "
+        f"breakdown`: the W1 view in-process, no HTTP, {found['requests']} requests x "
+        f"{found['rounds']} rounds, medians). Each call is timed where it is made on "
+        "the loop, where its function starts on its lane's thread (the lease of a new "
+        "lane shown apart), where its query leaves and its rows return, where the "
+        'function returns, and where its caller resumes. "before" and "after" are '
+        "the ORM's work around the query: wall time on the lane's thread, and that "
+        "thread's CPU time (the difference is waiting for the GIL). Times in ms; \"left "
+        'at" and "resumed at" count from the first call made.\n\n'
+        + table(["call"] + [name for name, _ in columns], rows)
+        + "\n\n"
+        f"The request took {latency:.2f} ms; from the first call made to the last "
+        f"caller resumed, {span:.2f} ms (the rest, {latency - span:.2f} ms, is the "
+        "request's own path: request_started, the view until it gathers, the response, "
+        f"request_finished). The loop makes the {k} calls in {made:.2f} ms, holding the "
+        f"GIL, and the first starts on the request's thread {first_start:.2f} ms after it "
+        f"was made. On the extra lanes the ORM's work before a query leaves takes "
+        f"{lanes_wall:.2f} ms of wall time for {lanes_cpu:.2f} ms of CPU (median); a "
+        f"caller resumes {back:.2f} ms after its function returns.{floor_line} What "
+        "the calls wait for, in order: the loop making all the calls before any runs, "
+        "then each other's ORM work under the GIL (the floor), then the server.\n\n"
+        "By switch interval (`sys.setswitchinterval`; a thread waiting for the GIL asks "
+        "the holder to let go after this long; Python's default is 5 ms):\n\n"
+        + table(
+            [
+                "switch interval",
+                "request, ms",
+                "first made to last resumed, ms",
+                "last query left at, ms",
+            ],
+            switch_rows,
         )
     )
 
@@ -1258,6 +1353,9 @@ def write(
                 for part in (
                     k_tables(f, "W1"),
                     w1_floor_table(f, results.get("w1_floor")),
+                    breakdown_section(
+                        results.get("w1_breakdown"), results.get("w1_floor")
+                    ),
                     features_table(results.get("features")),
                     pgbouncer_table(results.get("pgbouncer")),
                 )

@@ -1036,12 +1036,16 @@ def main(argv: list[str] | None = None) -> None:
         harness.saturation(series)
     w5_rtt = harness.w5(series, args.w5_delay_ms) if "W5" in workloads else None
     load_after = load_snapshot()
-    w1_floor = features = w1_pgbouncer = w6 = None
+    w1_floor = w1_breakdown = features = w1_pgbouncer = w6 = None
     if "W1" in workloads:
         say("measuring W1's floor (CPU per lookup before its query leaves)")
         from bench import diagnose
 
         w1_floor = diagnose.floor(100 if args.quick else 400)
+        say("where each W1 call's time goes at p = k = 8, by switch interval")
+        w1_breakdown = diagnose.breakdown(
+            8, 20 if args.quick else 60, list(diagnose.SWITCHES), 1 if args.quick else 3
+        )
         say("measuring what snapshot=True and asgi_dbset.atomic() cost W1")
         features = diagnose.features(1 if args.quick else 3, 1 if args.quick else 3)
         say("measuring W1 through PgBouncer (transaction pooling) beside direct")
@@ -1049,7 +1053,7 @@ def main(argv: list[str] | None = None) -> None:
             1 if args.quick else 3, 1 if args.quick else 3
         )
         say("W6: the client sweep on a pool of 20, and W1 as sync functions")
-        w6 = diagnose.sweep(2 if args.quick else 5, 1 if args.quick else 2)
+        w6 = diagnose.sweep(2 if args.quick else 5, 1 if args.quick else 3)
     # After the HTTP runs, which it would slow down; counts do not depend on time.
     instructions = None
     if workloads & {"W3", "W4"} and not (args.no_instructions or args.quick):
@@ -1081,6 +1085,7 @@ def main(argv: list[str] | None = None) -> None:
         "w5": {"one_way_delay_ms": args.w5_delay_ms, "round_trip": w5_rtt},
         "instructions": instructions,
         "w1_floor": w1_floor,
+        "w1_breakdown": w1_breakdown,
         "features": features,
         "pgbouncer": w1_pgbouncer,
         "w6": w6,
