@@ -122,6 +122,13 @@ def _asgirefs(
     func: Callable[..., Any] | None, thread_sensitive: bool, context: Any, executor: Any
 ) -> Any:
     """The form asgiref's ``sync_to_async`` returns, for the forms not routed."""
+    if context is None:
+        # (asgiref < 3.11 has no context=: pass it only when it was given.)
+        return stock_sync_to_async(
+            func,  # type: ignore[arg-type]
+            thread_sensitive=thread_sensitive,
+            executor=executor,
+        )
     return stock_sync_to_async(
         func,  # type: ignore[arg-type]
         thread_sensitive=thread_sensitive,
