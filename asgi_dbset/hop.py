@@ -24,12 +24,12 @@ Python 3.11).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import functools
 import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import CancelledError as FutureCancelledError
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -154,7 +154,7 @@ def _hand_back(
 ) -> None:
     """From the call's thread: settle *done* on its loop, unless the caller
     gave up (cancelled it) or the loop has closed."""
-    if exc is not None and type(exc) is concurrent.futures.CancelledError:
+    if exc is not None and type(exc) is FutureCancelledError:
         exc = asyncio.CancelledError(*exc.args)  # (as wrap_future converts it)
     try:
         loop.call_soon_threadsafe(_settle, done, result, exc)

@@ -59,7 +59,8 @@
         latency (stock's or asgi_dbset's) plus (k - 1) x "before". Prints JSON;
         ``make bench`` records it and the report sets W1 against it.
 
-    python -m bench.diagnose breakdown [--k 8] [--requests 60]
+    python -m bench.diagnose breakdown [--k 8] [--requests 60] [--rounds 3]
+                                       [--switch 0.005,0.001]
         Where each W1 call's time goes at p = k, in-process (no HTTP), on the
         dbset variant: per call, the hop out (from the call being made on the
         loop to its function starting on its lane's thread, the lease of a
@@ -916,12 +917,8 @@ def _breakdown_child(k: int, requests: int, switch: float) -> None:
             finally:
                 record["end"], record["end_cpu"] = perf(), cpu()
 
-        for name in ("__name__", "__qualname__", "__self__"):
-            if hasattr(func, name):
-                try:
-                    setattr(timed, name, getattr(func, name))
-                except AttributeError:
-                    pass
+        # (The target is passed on as found; the set's records read the name.)
+        timed.__name__ = getattr(func, "__name__", "?")
         token = current.set(record)
         try:
             result = await original_call(self, timed, args, kwargs, target)
