@@ -227,7 +227,7 @@ def targets(
         out.append(
             (
                 f"W4 p={p}: throughput >= stock, p99 <= stock, connections <= {pool_max}",
-                f"{row['rps'] / stock['rps']:.2f} x req/s, p99 {row['p99_ms']:.0f} vs "
+                f"{row['rps'] / stock['rps']:.3f} x req/s, p99 {row['p99_ms']:.0f} vs "
                 f"{stock['p99_ms']:.0f} ms, max {row.get('max_connections', '?')} connections",
                 "met"
                 if ok_rps and ok_p99 and ok_conn
@@ -701,6 +701,76 @@ def w6_targets(found: dict[str, Any] | None) -> list[tuple[str, str, str]]:
     return rows
 
 
+def all_targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Every (target, measured, verdict) row of one results file."""
+    f = Figures(results["summary"])
+    return targets(
+        f,
+        results["config"]["pool"]["max_size"],
+        _instruction_ratios(results, ("dbset-p1", "dbset-p4")),
+        results.get("w1_floor"),
+    ) + w6_targets(results.get("w6"))
+
+
+def previous_results(
+    path: Path | None, mode: str
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest results file of the same mode dated before *path*'s, beside it."""
+    if path is None:
+        return None
+    for earlier in sorted(path.parent.glob("*.json"), reverse=True):
+        if earlier.name >= path.name:
+            continue
+        try:
+            found = json.loads(earlier.read_text())
+        except (OSError, ValueError):
+            continue
+        if found.get("mode") == mode and "summary" in found:
+            return earlier, found
+    return None
+
+
+def previous_run_section(results: dict[str, Any], path: Path | None) -> list[str]:
+    """The targets of this run beside those of the previous run (another day,
+    another machine state): which verdicts held, and how far each figure moved."""
+    previous = previous_results(path, results.get("mode", ""))
+    if previous is None:
+        return []
+    earlier_path, earlier = previous
+    before = {
+        target: (measured, verdict)
+        for target, measured, verdict in all_targets(earlier)
+    }
+    rows, same, compared = [], 0, 0
+    for target, measured, verdict in all_targets(results):
+        if target not in before:
+            continue
+        old_measured, old_verdict = before[target]
+        compared += 1
+        same += old_verdict == verdict
+        rows.append(
+            [
+                target,
+                f"{old_measured} - {old_verdict}",
+                f"{measured} - {verdict}",
+                "same" if old_verdict == verdict else "**changed**",
+            ]
+        )
+    if not rows:
+        return []
+    name = os.path.relpath(earlier_path, REPO)
+    return [
+        f"### Against the previous run ({earlier['date']}, `{name}`)",
+        "",
+        f"{same} of {compared} verdicts are the same as in the previous full run; "
+        "each row gives both runs' figures, so how far a figure moved between the "
+        "two days is read off the row.",
+        "",
+        table(["target", f"{earlier['date']}", f"{results['date']}", "verdict"], rows),
+        "",
+    ]
+
+
 def w6_section(found: dict[str, Any] | None) -> str:
     """W6: the client sweep, stock against the decorated view; and W1 written
     as sync functions."""
@@ -1011,6 +1081,7 @@ def findings(results: dict[str, Any], f: Figures) -> list[str]:
             f"Django's server process alone used {busy:.2f} cores at its rate, so on "
             f"{cores} cores shared with PostgreSQL and wrk the run is CPU-bound as much "
             "as connection-bound, and per-request CPU shows up as lost throughput."
+            + _w4_spread(results)
         )
         leases = [
             (p, row["sets_per_request"])
@@ -1080,6 +1151,33 @@ def _instruction_ratios(
         for name in names
         if counted.get(name, {}).get("ratio") is not None
     ]
+
+
+def _w4_spread(results: dict[str, Any]) -> str:
+    """How far W4's figures moved from round to round within this run, for
+    stock and each asgi_dbset variant: the noise a ratio is read against."""
+    by_series: dict[str, list[dict[str, Any]]] = {}
+    for run in results.get("runs", []):
+        if run.get("workload") == "W4":
+            by_series.setdefault(run["series"], []).append(run)
+    parts = []
+    for series in ("stock", *PARALLELISM):
+        runs = by_series.get(series, [])
+        if len(runs) < 2:
+            continue
+        rps = [r["rps"] for r in runs]
+        p99 = [r["latency_us"]["p99"] / 1000 for r in runs]
+        parts.append(
+            f"{label(series)} {min(rps):.0f}-{max(rps):.0f} req/s, p99 "
+            f"{min(p99):.0f}-{max(p99):.0f} ms"
+        )
+    if not parts:
+        return ""
+    return (
+        f" Round to round ({len(by_series.get('stock', []))} rounds) the same "
+        "server's figures spanned: " + "; ".join(parts) + ". A ratio to stock "
+        "inside those spans is not a difference this run can tell apart."
+    )
 
 
 def _w4_rows(f: Figures) -> list[dict[str, Any]]:
@@ -1263,19 +1361,10 @@ def write(
         "## Targets",
         "",
         table(
-            ["target", "measured", "verdict"],
-            [
-                list(t)
-                for t in targets(
-                    f,
-                    pool_max,
-                    _instruction_ratios(results, ("dbset-p1", "dbset-p4")),
-                    results.get("w1_floor"),
-                )
-            ]
-            + [list(t) for t in w6_targets(results.get("w6"))],
+            ["target", "measured", "verdict"], [list(t) for t in all_targets(results)]
         ),
         "",
+        *previous_run_section(results, results_path),
         "## Findings",
         "",
         *[f"- {line}" for line in findings(results, f)],
