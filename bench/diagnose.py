@@ -721,10 +721,13 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
             for clients in SWEEP_CLIENTS:
                 for name in order:
                     server = servers[name]
-                    before = leased()
+                    before, cpu_before = leased(), server.cpu_seconds()
                     with _ActiveSampler() as sampler:
                         figures = wrk(f"{server.base}{paths[name]}", clients, seconds)
                     _quiet(f"bench_{name}")
+                    # (After the drain: the requests wrk left in flight are
+                    # counted in both, as in the lanes below.)
+                    cpu = server.cpu_seconds() - cpu_before
                     n = max(figures["requests"], 1)
                     runs.setdefault(f"{name} c={clients}", []).append(
                         {
@@ -736,6 +739,7 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
                             # (Leased by the dbset server; requests drained
                             # after wrk stopped are counted too.)
                             "lanes_per_request": (leased() - before) / n,
+                            "server_cpu_ms_per_request": cpu * 1000 / n,
                         }
                     )
             for label, name, path in SYNC_RUNS:
@@ -780,6 +784,8 @@ def print_sweep(seconds: int, rounds: int) -> None:
             f" {s['connections']:5.0f} | {d['rps']:11.1f} {d['p50_ms']:7.1f}"
             f" {d['p99_ms']:7.1f} {d['connections']:5.0f} | {d['rps'] / s['rps']:5.2f}"
             f" | lanes/request {d['lanes_per_request']:.2f}"
+            f" | CPU ms/request {s['server_cpu_ms_per_request']:.2f}"
+            f" / {d['server_cpu_ms_per_request']:.2f}"
         )
     print("W1 as sync functions, one client (mean latency, ms):")
     for label, ms in result["w1sync_mean_ms"].items():

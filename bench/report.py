@@ -777,6 +777,7 @@ def w6_section(found: dict[str, Any] | None) -> str:
     if not found:
         return ""
     w6 = found["w6"]
+    with_cpu = all("server_cpu_ms_per_request" in row for row in w6.values())
     rows = []
     for c in found["clients"]:
         s, d = w6[f"stock c={c}"], w6[f"dbset c={c}"]
@@ -791,6 +792,14 @@ def w6_section(found: dict[str, Any] | None) -> str:
                 f"{s['connections']:.0f} / {d['connections']:.0f}",
                 f"{s['errors']:.0f} / {d['errors']:.0f}",
             ]
+            # (Results files before 2026-12-06 have no CPU figures.)
+            + (
+                [
+                    f"{fmt(ratio(d['server_cpu_ms_per_request'], s['server_cpu_ms_per_request']), 2)}x"
+                ]
+                if with_cpu
+                else []
+            )
         )
     ms = found["w1sync_mean_ms"]
     sync_rows = [
@@ -809,7 +818,14 @@ def w6_section(found: dict[str, Any] | None) -> str:
         "the other at each count (their order alternating by round), median of "
         f"{found['rounds']} rounds of {found['seconds']} s "
         "(`python -m bench.diagnose sweep`). Connections: the most server connections "
-        "each process held (pg_stat_activity, sampled every 20 ms).\n\n"
+        "each process held (pg_stat_activity, sampled every 20 ms)."
+        + (
+            " CPU per request: the server process's user and system CPU over the "
+            "requests it served, asgi_dbset's over stock's."
+            if with_cpu
+            else ""
+        )
+        + "\n\n"
         + table(
             [
                 "clients",
@@ -820,7 +836,8 @@ def w6_section(found: dict[str, Any] | None) -> str:
                 "p99 ms (stock / lib)",
                 "connections",
                 "errors",
-            ],
+            ]
+            + (["CPU per request"] if with_cpu else []),
             rows,
         )
         + "\n\n**W1 as sync functions.** k sync functions of one 20 ms lookup each, "
