@@ -24,6 +24,7 @@ import types
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from asgiref.sync import iscoroutinefunction
 from asgiref.sync import sync_to_async as stock_sync_to_async
 
 from . import cursors
@@ -115,6 +116,15 @@ def request_path_sync_to_async(
         or current_set.get() is None
     ):
         return _asgirefs(func, thread_sensitive, context, executor)
+    # SyncToAsync's own check, kept: an async method given by mistake (an
+    # ``async def process_request`` on a MiddlewareMixin) fails here as it
+    # does on stock Django, instead of returning an unawaited coroutine.
+    if (
+        not callable(func)
+        or iscoroutinefunction(func)
+        or iscoroutinefunction(getattr(func, "__call__", func))  # noqa: B004
+    ):
+        raise TypeError("sync_to_async can only be applied to sync functions.")
     return functools.partial(run_as_stock, func)
 
 

@@ -18,6 +18,12 @@
         four-lookup request as a saturated server serves it. Needs valgrind
         (Debian: apt-get install valgrind).
 
+    python -m bench.diagnose hop [--calls 200]
+        Instructions per no-op call on a request's thread (valgrind, as
+        above: 100 and 100 + --calls calls, the difference divided out):
+        through asgi_dbset's hop (run_as_stock) and through asgiref's
+        SyncToAsync, the per-call figures docs/how-it-works.md quotes.
+
     python -m bench.diagnose saturation [--seconds 5] [--rounds 2]
         W4 (64 clients, pool of 16) on stock Django and at each parallelism,
         with what the sets did per request (lanes leased, refused, used; time
@@ -390,6 +396,51 @@ def instructions(requests: int, names: list[str], jobs: int) -> None:
     for name, row in counted.items():
         ratio = f"({row['ratio']:.3f} x {row['baseline']})" if row["ratio"] else ""
         print(f"  {name:9} {row['per_request'] / 1e6:7.3f} M  {ratio}")
+
+
+def _noop_calls(how: str, calls: int) -> None:
+    """Runs under valgrind: *calls* no-op calls on a request's thread."""
+    from asgiref.sync import SyncToAsync, ThreadSensitiveContext
+
+    from asgi_dbset.hop import run_as_stock
+
+    def noop() -> None:
+        return None
+
+    async def run() -> None:
+        async with ThreadSensitiveContext():
+            await SyncToAsync(noop)()  # the request's thread exists
+            for _ in range(calls):
+                if how == "hop":
+                    await run_as_stock(noop)
+                else:
+                    await SyncToAsync(noop)()
+
+    asyncio.run(run())
+
+
+def hop_instructions(calls: int) -> dict[str, int]:
+    """Instructions per no-op call through the hop and through SyncToAsync."""
+
+    def count(how: str, n: int) -> int:
+        out = _run_child(
+            ["_noop", how, str(n)],
+            "dbset",
+            "",
+            timeout=600,
+            extra={"PYTHONHASHSEED": "0"},
+            prefix=("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
+        )
+        for line in out.stderr.splitlines():
+            if "Collected :" in line:
+                return int(line.split(":")[-1].strip())
+        raise RuntimeError(f"valgrind printed no instruction count:\n{out.stderr}")
+
+    base = 100
+    return {
+        how: round((count(how, base + calls) - count(how, base)) / calls)
+        for how in ("hop", "SyncToAsync")
+    }
 
 
 # -- saturation -------------------------------------------------------------------
@@ -1107,6 +1158,11 @@ def main() -> None:
         help="comma-separated, of: " + ", ".join(INSTRUCTION_VARIANTS),
     )
     ins.add_argument("--jobs", type=int, default=2, help="valgrinds at once")
+    hp = sub.add_parser("hop")
+    hp.add_argument("--calls", type=int, default=200)
+    noop = sub.add_parser("_noop")
+    noop.add_argument("how", choices=["hop", "SyncToAsync"])
+    noop.add_argument("calls", type=int)
     sat = sub.add_parser("saturation")
     sat.add_argument("--seconds", type=int, default=5)
     sat.add_argument("--clients", type=int, default=64)
@@ -1160,6 +1216,13 @@ def main() -> None:
         instructions(args.requests, names, args.jobs)
     elif args.command == "_serve":
         _serve_requests(args.path, args.query, args.requests)
+    elif args.command == "hop":
+        if shutil.which("valgrind") is None:
+            raise SystemExit("valgrind is missing: apt-get install valgrind")
+        for how, per_call in hop_instructions(args.calls).items():
+            print(f"  {how:12} {per_call / 1000:7.1f} k instructions per no-op call")
+    elif args.command == "_noop":
+        _noop_calls(args.how, args.calls)
     elif args.command == "saturation":
         saturation(args.seconds, args.clients, args.rounds)
     elif args.command == "lanes":

@@ -165,6 +165,26 @@ async def test_which_hop_each_form_takes() -> None:
         )
 
 
+async def test_an_async_function_is_refused_inside_a_set_as_on_stock() -> None:
+    # An ``async def process_request`` on a MiddlewareMixin, say: stock's
+    # sync_to_async refuses it at once; inside a set the request path's hop
+    # must too, not run it and hand back an unawaited coroutine.
+    async def process_request(request: HttpRequest) -> None:
+        return None
+
+    class AsyncCallable:
+        async def __call__(self) -> None:
+            return None
+
+    for func in (process_request, AsyncCallable()):
+        with pytest.raises(TypeError) as stock:
+            sync_to_async(func)
+        async with connection_set(parallelism=4):
+            with pytest.raises(TypeError) as in_set:
+                request_path_sync_to_async(func)
+        assert str(in_set.value) == str(stock.value)
+
+
 @pytest.mark.usefixtures("authors")
 @pytest.mark.parametrize("path", ["/async/", "/sync/", "/parallel/"])
 async def test_middleware_views_and_signals_see_what_they_see_on_stock(

@@ -209,3 +209,40 @@ async def test_a_cancelled_call_running_async_to_sync_ends_as_under_sync_to_asyn
     else:
         assert expected[:2] == ["inner started", "inner cancelled"]
         assert "caller cancelled" in expected
+
+
+async def test_a_call_its_executor_cancels_before_it_runs_ends_as_under_sync_to_async() -> (
+    None
+):
+    # The executor drops a queued call without running it (shut down with
+    # cancel_futures): SyncToAsync's caller gets CancelledError, and so must
+    # the hop's - never a wait on an outcome nothing will hand back.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from asgi_dbset.hop import hop
+
+    async def outcome(run: Any) -> str:
+        executor = ThreadPoolExecutor(max_workers=1)
+        release = threading.Event()
+        executor.submit(release.wait, 10)  # the executor's one thread is busy
+        task = asyncio.ensure_future(run(executor, lambda: "ran"))
+        await asyncio.sleep(0.05)  # the call is queued behind it
+        executor.shutdown(wait=False, cancel_futures=True)
+        release.set()
+        try:
+            return str(await asyncio.wait_for(task, 5))
+        except asyncio.CancelledError:
+            return "cancelled"
+        except TimeoutError:
+            return "never ended"
+
+    async def stock(executor: Any, fn: Any) -> Any:
+        return await SyncToAsync(fn, thread_sensitive=False, executor=executor)()
+
+    async def lean(executor: Any, fn: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await hop(loop, executor, contextvars.copy_context(), fn)
+
+    expected = await outcome(stock)
+    assert expected == "cancelled"
+    assert await outcome(lean) == expected
