@@ -347,6 +347,11 @@ def _instructions(name: str, requests: int) -> int:
         extra={**extra, "PYTHONHASHSEED": "0"},
         prefix=("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
     )
+    return _collected(out)
+
+
+def _collected(out: subprocess.CompletedProcess[str]) -> int:
+    """The instruction count callgrind printed for a child run under it."""
     for line in out.stderr.splitlines():
         if "Collected :" in line:
             return int(line.split(":")[-1].strip())
@@ -431,10 +436,7 @@ def hop_instructions(calls: int) -> dict[str, int]:
             extra={"PYTHONHASHSEED": "0"},
             prefix=("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
         )
-        for line in out.stderr.splitlines():
-            if "Collected :" in line:
-                return int(line.split(":")[-1].strip())
-        raise RuntimeError(f"valgrind printed no instruction count:\n{out.stderr}")
+        return _collected(out)
 
     base = 100
     return {
