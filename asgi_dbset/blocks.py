@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 from asgiref.sync import async_to_sync, iscoroutinefunction
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
-from .aio import finish_shielded
+from .aio import finish_shielded, open_or_undo
 from .api import active_set, connection_set
 from .context import current_block
 from .dbset import ConnectionSet
@@ -203,12 +203,30 @@ class AsyncAtomic:
         outer = current_block.get()
         enclosing = None if outer is None else outer.of(dbset, alias)
         enter = functools.partial(_enter, alias, self.savepoint, self.durable)
-        try:
+
+        async def open_() -> tuple[Lane, Any]:
             if enclosing is not None:
                 lane = enclosing.lane
-                entered = await dbset.run_on_lane(lane, alias, enter, ())
-            else:
-                lane, entered = await dbset.open_block(alias, enter, ())
+                return lane, await dbset.run_on_lane(lane, alias, enter, ())
+            return await dbset.open_block(alias, enter, ())
+
+        async def undo(opened: tuple[Lane, Any]) -> None:
+            # Cancelled while Django's atomic was entered on the lane's thread:
+            # leave it as a block the exception left (a rollback, to the
+            # savepoint if nested), or the lane stays inside it and the
+            # enclosing block's exit would pop this one's savepoint instead of
+            # committing.
+            lane, entered = opened
+            cancelled = asyncio.CancelledError()
+            leave = functools.partial(_leave, entered, type(cancelled), cancelled, None)
+            try:
+                await dbset.run_on_lane(lane, alias, leave, ())
+            finally:
+                if enclosing is None:
+                    dbset.close_block(lane)
+
+        try:
+            lane, entered = await open_or_undo(open_(), undo)
         except BaseException as exc:
             if own is not None:
                 await own.__aexit__(type(exc), exc, exc.__traceback__)
@@ -274,21 +292,21 @@ async def on_commit(
     """Django's ``transaction.on_commit`` for async code: inside
     ``asgi_dbset.atomic()`` of that alias, *func* runs after the outermost
     commit, in order with the callbacks registered on the block's lane (by
-    signal receivers, say), and never if it rolls back. Outside one, it runs
-    now, as Django runs it in autocommit. *func* may be a coroutine function.
+    signal receivers, say), and never if it rolls back. Outside one, Django's
+    ``on_commit`` takes it on the request's own connection, exactly as
+    ``sync_to_async(transaction.on_commit)`` would: now in autocommit (a
+    *robust* callback's error logged, not raised), or at the commit of a
+    transaction that connection is in. *func* may be a coroutine function.
     """
     alias = using or DEFAULT_DB_ALIAS
     block = current_block.get()
     dbset = active_set()
     inside = None if block is None or dbset is None else block.of(dbset, alias)
     callback = async_to_sync(func) if iscoroutinefunction(func) else func
-    if inside is None:
-        if iscoroutinefunction(func):
-            await func()
-        else:
-            await run_as_stock(func)
-        return
     register = functools.partial(
         transaction.on_commit, callback, using=alias, robust=robust
     )
+    if inside is None:
+        await run_as_stock(register)
+        return
     await inside.dbset.run_on_lane(inside.lane, alias, register, ())

@@ -565,7 +565,17 @@ class Scheduler:
         with the call's result. The caller ends the block with
         :meth:`close_block`."""
         call = Call(next(self._seq), Target(alias), time.perf_counter(), reserve=True)
-        ran, result = await self._serve(call, func, args, {}, outer)
+        try:
+            ran, result = await self._serve(call, func, args, {}, outer)
+        except Exception:
+            # The BEGIN failed on its lane (a durable block inside another,
+            # say): no block holds the lane, which serves every call again.
+            # (A caller that gives up instead waits for the BEGIN and leaves
+            # the block itself: blocks.AsyncAtomic.__aenter__.)
+            if call.lane is not None and call.lane.reserved:
+                call.lane.reserved = False
+                self._assign()
+            raise
         if not ran or call.lane is None:
             raise CallNotRunError(
                 "asgi_dbset: the transaction block did not start: its connection "
@@ -898,6 +908,11 @@ class Scheduler:
                 not lane.busy
                 and (lane.leased or lane.broken)
                 and not self._pinning(lane)
+                # A transaction block's lane stays until the block ends, idle
+                # between its calls or not: its connection is inside the
+                # block's transaction (the app may send its response before
+                # it leaves the block).
+                and (lane.broken or not lane.reserved)
             ):
                 self._return_lane(lane)
 

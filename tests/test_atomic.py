@@ -117,6 +117,151 @@ async def test_rollback_on_cancellation_reaches_the_server() -> None:
     assert budget.total == 0
 
 
+@contextlib.contextmanager
+def slow_enter(seconds: float) -> Any:
+    """Each block's entry takes *seconds* more on its lane's thread, after
+    Django's atomic is entered there: the window in which a cancelled caller
+    has given up on an entry that went on (a slow SAVEPOINT round trip)."""
+    import time
+
+    from asgi_dbset import blocks
+
+    enter = blocks._enter
+
+    def slow(*args: Any) -> Any:
+        entered = enter(*args)
+        time.sleep(seconds)
+        return entered
+
+    blocks._enter = slow  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        blocks._enter = enter  # type: ignore[assignment]
+
+
+def stock_inner_gives_up(prefix: str) -> None:
+    # Stock Django: an inner block that fails as it starts leaves the outer
+    # one to commit.
+    with transaction.atomic():
+        Author.objects.create(name=f"{prefix}-outer")
+        with contextlib.suppress(TimeoutError):
+            with transaction.atomic():
+                raise TimeoutError
+        Author.objects.create(name=f"{prefix}-after")
+
+
+@pytest.mark.parametrize("parallelism", [1, 4])
+@pytest.mark.parametrize("nested", [True, False])
+async def test_a_block_cancelled_while_it_is_entered_is_left_as_django_leaves_it(
+    parallelism: int, nested: bool
+) -> None:
+    # The entry goes on on the lane's thread after its caller gave up: the
+    # block must be left (rolled back) there, or the lane stays inside it -
+    # and an enclosing block's exit pops the abandoned savepoint instead of
+    # committing, or later writes on the lane are lost with the set.
+    async def lib(prefix: str) -> None:
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name=f"{prefix}-outer")
+            with contextlib.suppress(TimeoutError), slow_enter(0.3):
+                async with asyncio.timeout(0.1), asgi_dbset.atomic():
+                    pass
+            await Author.objects.acreate(name=f"{prefix}-after")
+
+    async def lib_outermost(prefix: str) -> None:
+        with contextlib.suppress(TimeoutError), slow_enter(0.3):
+            async with asyncio.timeout(0.1), asgi_dbset.atomic():
+                pass
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name=f"{prefix}-outer")
+        await Author.objects.acreate(name=f"{prefix}-after")
+
+    async with request_like(parallelism):
+        await sync_to_async(stock_inner_gives_up)("stock")
+        await (lib if nested else lib_outermost)("lib")
+        lane0_in_block = await sync_to_async(
+            lambda: connections["default"].in_atomic_block
+        )()
+    stock = await anames("stock")
+    assert stock == ["stock-after", "stock-outer"]
+    assert [n.replace("lib", "stock") for n in await anames("lib")] == stock
+    assert not lane0_in_block
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
+def stock_send_inside_then_fail(prefix: str) -> None:
+    with contextlib.suppress(RollbackRequestedError), transaction.atomic():
+        Author.objects.create(name=f"{prefix}-before")
+        Author.objects.create(name=f"{prefix}-after")
+        raise RollbackRequestedError
+
+
+async def test_a_block_open_when_the_response_is_sent_keeps_its_lane() -> None:
+    # The middleware returns a set's idle extra lanes as the response's last
+    # body goes out; a block's lane is idle between its calls, but inside its
+    # transaction: it stays until the block ends, which here rolls back.
+    from asgi_dbset import DBSetMiddleware, db_parallelism
+    from tests.asgi import request
+    from tests.helpers import checked_out
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async with db_parallelism(4):
+            await asyncio.gather(*(sleeping(0.1).acount() for _ in range(3)))
+            with contextlib.suppress(RollbackRequestedError):
+                async with asgi_dbset.atomic():
+                    await Author.objects.acreate(name="lib-before")
+                    await send(
+                        {"type": "http.response.start", "status": 200, "headers": []}
+                    )
+                    await send({"type": "http.response.body", "body": b"sent"})
+                    await Author.objects.acreate(name="lib-after")
+                    raise RollbackRequestedError
+
+    async with ThreadSensitiveContext():
+        await sync_to_async(stock_send_inside_then_fail)("stock")
+        await sync_to_async(connections.close_all)()
+    before = checked_out()
+    response = await request(DBSetMiddleware(app), "/")
+    assert response.body == b"sent"
+    assert checked_out() == before
+    assert budget.total == 0
+    stock = await anames("stock")
+    assert stock == []
+    assert await anames("lib") == stock
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+
+
+async def test_a_block_that_fails_to_begin_leaves_its_lane_to_other_calls() -> None:
+    # A block's entry that fails on its extra lane (an error injected into
+    # the entry, after the lane was set aside for the block) raises; no block
+    # holds the lane then, and the request's next calls run on it again.
+    from asgi_dbset import blocks
+
+    class EntryFailedError(Exception):
+        pass
+
+    def failing(*args: Any) -> Any:
+        raise EntryFailedError
+
+    enter = blocks._enter
+    async with request_like(parallelism=2) as dbset:
+        blocks._enter = failing  # type: ignore[assignment]
+        try:
+            with pytest.raises(EntryFailedError):
+                async with asgi_dbset.atomic():
+                    pass
+        finally:
+            blocks._enter = enter  # type: ignore[assignment]
+        seen = len(dbset.records)
+        await asyncio.gather(sleeping(0.2).acount(), sleeping(0.2).acount())
+        lanes = sorted(record.lane for record in dbset.records[seen:])
+    # (Lane 1 still set aside for a block would leave both on lane 0.)
+    assert lanes == [0, 1]
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
 async def test_the_decorator_form() -> None:
     @asgi_dbset.atomic
     async def plain() -> None:
@@ -227,6 +372,49 @@ async def test_on_commit_callbacks_run_after_the_commit_in_order() -> None:
             assert ran == ["now"]
     finally:
         post_save.disconnect(on_save, sender=Author)
+
+
+async def test_on_commit_outside_a_block_is_djangos_on_the_requests_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Outside asgi_dbset.atomic(), the callback goes to Django's on_commit on
+    # the request's own connection, as through sync_to_async: a robust
+    # callback's error is logged, not raised; inside a transaction that
+    # connection is in (opened by sync code), it waits for that commit.
+    ran: list[str] = []
+
+    def fails() -> None:
+        raise RollbackRequestedError
+
+    def begin() -> Any:
+        # (Django's atomic, entered in one hop and left in another.)
+        block = transaction.atomic()
+        block.__enter__()
+        return block
+
+    def commit(block: Any) -> None:
+        block.__exit__(None, None, None)
+
+    async def callbacks(register: Any) -> list[str]:
+        ran.clear()
+        await register(fails, robust=True)
+        block = await sync_to_async(begin)()
+        await register(lambda: ran.append("after the commit"))
+        ran.append("before the commit")
+        await sync_to_async(commit)(block)
+        return list(ran)
+
+    async def stock(func: Any, robust: bool = False) -> None:
+        await sync_to_async(transaction.on_commit)(func, robust=robust)
+
+    async with request_like():
+        with caplog.at_level("ERROR", logger="django.db.backends.base"):
+            expected = await callbacks(stock)
+            stock_logged = len(caplog.records)
+            assert await callbacks(asgi_dbset.on_commit) == expected
+            lib_logged = len(caplog.records) - stock_logged
+    assert expected == ["before the commit", "after the commit"]
+    assert stock_logged == lib_logged == 1
 
 
 async def test_select_for_update_inside_a_block() -> None:
