@@ -219,6 +219,13 @@ class ConnectionSet:
         self._update_routing()
 
     @property
+    def routes_calls(self) -> bool:
+        """True when the set sends calls to lanes (more than one lane, a
+        statement timeout, a snapshot, a transaction block or an open cursor);
+        False when it runs them as stock Django, recorded or not."""
+        return self._routes()
+
+    @property
     def closed(self) -> bool:
         return self._closed
 

@@ -325,6 +325,37 @@ async def test_without_a_set_or_at_parallelism_1_it_is_sync_to_async(
     assert seen == "set in the function"
 
 
+def open_a_transaction() -> None:
+    transaction.set_autocommit(False)
+    Author.objects.create(name="inside")
+
+
+def transaction_left_open() -> bool:
+    left = not transaction.get_autocommit()
+    transaction.rollback()
+    transaction.set_autocommit(True)
+    return left
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_at_parallelism_1_recording_sets_it_is_still_sync_to_async() -> None:
+    # With SERVER_TIMING or HISTORY on, the set records the calls it runs as
+    # stock Django; sync_to_lane stays sync_to_async there: a transaction the
+    # function leaves open stays open on the request's connection, as on
+    # stock Django, and nothing raises.
+    async def body(run: Any) -> bool:
+        dbset = asgi_dbset.active_set()
+        if dbset is not None:
+            dbset.record_stock_calls = True
+        await run(open_a_transaction)()
+        return await sync_to_async(transaction_left_open)()
+
+    stock = await in_request(lambda: body(sync_to_async), None)
+    assert stock is True
+    assert await in_request(lambda: body(sync_to_lane), 1) == stock
+    assert await Author.objects.filter(name="inside").acount() == 0
+
+
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])
 async def test_decorator_forms() -> None:
     @sync_to_lane
