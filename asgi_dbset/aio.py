@@ -16,18 +16,11 @@ async def finish_shielded(coro: Coroutine[Any, Any, T]) -> T:
     for *coro*, then re-raises ``CancelledError`` to the caller.
     """
     task = asyncio.ensure_future(coro)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-            continue
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
+    cancelled = await _outlast_cancellation(task)
+    result = task.result()  # (its own exception, if it raised one)
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 async def open_or_undo(
@@ -43,25 +36,26 @@ async def open_or_undo(
     thread is left inside it.
     """
     task = asyncio.ensure_future(coro)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # The caller's cancellation (the task itself is the caller's
-            # alone: it is cancelled only if the loop cancels everything).
-            cancelled = cancelled or not task.cancelled()
-        except BaseException:
-            pass  # (the opening failed: read off the task below)
-    if task.cancelled():
-        raise asyncio.CancelledError
-    failed = task.exception()
-    if failed is not None:
-        if cancelled:
-            raise asyncio.CancelledError  # (nothing was opened)
-        raise failed
+    cancelled = await _outlast_cancellation(task)
+    if cancelled and (task.cancelled() or task.exception() is not None):
+        raise asyncio.CancelledError  # (nothing was opened)
     result = task.result()
     if cancelled:
         await finish_shielded(undo(result))
         raise asyncio.CancelledError
     return result
+
+
+async def _outlast_cancellation(task: asyncio.Future[Any]) -> bool:
+    """Wait until *task* is done, whatever happens to the caller meanwhile;
+    True if the caller was cancelled. (The task is the caller's alone: it is
+    cancelled itself only if the loop cancels everything.)"""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = cancelled or not task.cancelled()
+        except BaseException:
+            pass  # (the task failed: the caller reads it off the task)
+    return cancelled

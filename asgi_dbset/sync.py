@@ -89,13 +89,11 @@ def sync_to_lane(
         dbset = current_set.get()
         if dbset is None or dbset.passes_through:
             return await stock(*args, **kwargs)
-        if not dbset.routes_calls:
-            # At parallelism 1 with the set recording (SERVER_TIMING,
-            # HISTORY): sync_to_async's behaviour, on lane 0, recorded - a
-            # transaction left open stays open, as on stock Django.
-            stock_result: R = await dbset.call(func, args, kwargs, where)
-            return stock_result
-        result: R = await dbset.call(closing, args, kwargs, where)
+        # A set that only records (parallelism 1 with SERVER_TIMING or
+        # HISTORY) runs *func* as stock Django on lane 0: a transaction it
+        # leaves open stays open there, as under sync_to_async.
+        run = closing if dbset.routes_calls else func
+        result: R = await dbset.call(run, args, kwargs, where)
         return result
 
     return on_a_lane

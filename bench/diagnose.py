@@ -338,8 +338,16 @@ _BASELINES = {"w4-": "w4-stock", "": "stock"}
 
 def _instructions(name: str, requests: int) -> int:
     variant, path, query, wrap, extra = INSTRUCTION_VARIANTS[name]
+    return _counted(
+        ["_serve", path, str(requests), "--query", query], variant, wrap, extra
+    )
+
+
+def _counted(args: list[str], variant: str, wrap: str, extra: dict[str, str]) -> int:
+    """The instructions of ``python -m bench.diagnose *args`` in a child run
+    under callgrind."""
     out = _run_child(
-        ["_serve", path, str(requests), "--query", query],
+        args,
         variant,
         wrap,
         timeout=1800,
@@ -347,11 +355,6 @@ def _instructions(name: str, requests: int) -> int:
         extra={**extra, "PYTHONHASHSEED": "0"},
         prefix=("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
     )
-    return _collected(out)
-
-
-def _collected(out: subprocess.CompletedProcess[str]) -> int:
-    """The instruction count callgrind printed for a child run under it."""
     for line in out.stderr.splitlines():
         if "Collected :" in line:
             return int(line.split(":")[-1].strip())
@@ -428,15 +431,7 @@ def hop_instructions(calls: int) -> dict[str, int]:
     """Instructions per no-op call through the hop and through SyncToAsync."""
 
     def count(how: str, n: int) -> int:
-        out = _run_child(
-            ["_noop", how, str(n)],
-            "dbset",
-            "",
-            timeout=600,
-            extra={"PYTHONHASHSEED": "0"},
-            prefix=("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
-        )
-        return _collected(out)
+        return _counted(["_noop", how, str(n)], "dbset", "", {})
 
     base = 100
     return {
