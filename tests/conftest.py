@@ -4,6 +4,7 @@ pooled connection it took."""
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Iterable, Iterator
 
@@ -182,6 +183,37 @@ def _pgbouncer_lets_test_databases_go(
     yield
     for alias in settings.DATABASES:
         bouncer.close_server_connections(connections[alias].settings_dict["NAME"])
+
+
+class _ReturnsInTransaction(logging.Handler):
+    """Counts the connections a pool rolled back as they came back to it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("rolling back returned connection"):
+            self.count += 1
+
+
+@pytest.fixture(autouse=True)
+def no_connection_returned_in_a_transaction() -> Iterator[None]:
+    """Fail a test during which a pool had to roll back a connection given
+    back inside a transaction (psycopg_pool warns as it does so)."""
+    handler = _ReturnsInTransaction()
+    pool_logger = logging.getLogger("psycopg.pool")
+    pool_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        pool_logger.removeHandler(handler)
+    if handler.count:
+        pytest.fail(
+            f"{handler.count} connection(s) went back to their pool inside a "
+            "transaction during the test",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)

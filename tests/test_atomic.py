@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
 from django.conf import settings
 from django.db import connections, transaction
 from django.db.models.signals import post_save
@@ -415,6 +415,25 @@ async def test_on_commit_outside_a_block_is_djangos_on_the_requests_connection(
             lib_logged = len(caplog.records) - stock_logged
     assert expected == ["before the commit", "after the commit"]
     assert stock_logged == lib_logged == 1
+
+
+async def test_an_async_on_commit_callback_outside_a_block_runs_as_on_stock() -> None:
+    # A coroutine function outside a block: Django's on_commit runs it at
+    # once in autocommit (through async_to_sync, on this loop), as for stock
+    # code that registers async_to_sync(func) through sync_to_async.
+    loops: list[tuple[str, asyncio.AbstractEventLoop]] = []
+
+    def notify(name: str) -> Any:
+        async def callback() -> None:
+            loops.append((name, asyncio.get_running_loop()))
+
+        return callback
+
+    async with request_like():
+        await sync_to_async(transaction.on_commit)(async_to_sync(notify("stock")))
+        await asgi_dbset.on_commit(notify("lib"))
+    loop = asyncio.get_running_loop()
+    assert loops == [("stock", loop), ("lib", loop)]
 
 
 async def test_select_for_update_inside_a_block() -> None:
