@@ -19,6 +19,7 @@ before any connection returns to its pool.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -34,6 +35,18 @@ MARK = "_asgi_dbset_snapshot"
 _SAVEPOINT = "asgi_dbset_snapshot"
 # The longest a lane waits for the exporting lane to publish the snapshot.
 _EXPORT_WAIT = 30.0
+_SET_ISOLATION = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+
+class _Export:
+    """One alias's snapshot as its exporting lane publishes it."""
+
+    __slots__ = ("published", "snapshot_id")
+
+    def __init__(self) -> None:
+        self.published = threading.Event()
+        #: Set before ``published``; None once published means withdrawn.
+        self.snapshot_id: str | None = None
 
 
 class Snapshot:
@@ -43,8 +56,8 @@ class Snapshot:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # alias -> (published, snapshot id or the exporter's error)
-        self._exports: dict[str, tuple[threading.Event, list[Any]]] = {}
+        # alias -> its export, from the moment a lane claims it
+        self._exports: dict[str, _Export] = {}
 
     def __repr__(self) -> str:
         return f"<Snapshot of {sorted(self._exports) or 'no database yet'}>"
@@ -62,45 +75,67 @@ class Snapshot:
             # The request's thread holds a transaction of its own (under
             # TestCase, say): the call runs in it, as on stock Django.
             return
-        alias = wrapper.alias
-        with self._lock:
-            exporter = alias not in self._exports
-            if exporter:
-                self._exports[alias] = (threading.Event(), [])
-            published, found = self._exports[alias]
+        # Connected before it claims an export: a lane that cannot connect
+        # never keeps the others waiting for a snapshot it will not make.
         wrapper.ensure_connection()
         wrapper.set_autocommit(False)
         setattr(wrapper, MARK, self)
-        conn = wrapper.connection
         try:
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            if exporter:
-                try:
-                    row = conn.execute("SELECT pg_export_snapshot()").fetchone()
-                    found.append(row[0] if row else None)
-                except BaseException as exc:
-                    found.append(exc)
-                    raise
-                finally:
-                    published.set()
-            else:
-                if not published.wait(_EXPORT_WAIT) or not found:
-                    raise SnapshotError(
-                        f"asgi_dbset: the snapshot of database {alias!r} was not "
-                        f"exported within {_EXPORT_WAIT:.0f} s."
-                    )
-                if isinstance(found[0], BaseException) or found[0] is None:
-                    raise SnapshotError(
-                        f"asgi_dbset: the snapshot of database {alias!r} could not "
-                        f"be exported: {found[0]!r}"
-                    )
-                conn.execute(
-                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(found[0]))
-                )
-            conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+            self._join(wrapper.connection, wrapper.alias)
+            wrapper.connection.execute(f"SAVEPOINT {_SAVEPOINT}")
         except BaseException:
             leave(wrapper)
             raise
+
+    def _join(self, conn: psycopg.Connection[Any], alias: str) -> None:
+        """Begin *conn*'s transaction in the snapshot of *alias*: export it
+        if no lane has claimed that, else import it once it is published."""
+        deadline = time.monotonic() + _EXPORT_WAIT
+        while True:
+            with self._lock:
+                export = self._exports.get(alias)
+                exporting = export is None
+                if export is None:
+                    export = self._exports[alias] = _Export()
+            if exporting:
+                self._export(conn, alias, export)
+                return
+            if not export.published.wait(max(0.0, deadline - time.monotonic())):
+                raise SnapshotError(
+                    f"asgi_dbset: the snapshot of database {alias!r} was not "
+                    f"exported within {_EXPORT_WAIT:.0f} s."
+                )
+            if export.snapshot_id is not None:
+                conn.execute(_SET_ISOLATION)
+                conn.execute(
+                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                        sql.Literal(export.snapshot_id)
+                    )
+                )
+                return
+            # Withdrawn: its exporter's call failed before anyone read the
+            # snapshot, so a new one is still one instant for every read.
+
+    def _export(
+        self, conn: psycopg.Connection[Any], alias: str, export: _Export
+    ) -> None:
+        try:
+            conn.execute(_SET_ISOLATION)
+            row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+            export.snapshot_id = str(row[0]) if row else None
+            if export.snapshot_id is None:
+                raise SnapshotError(
+                    f"asgi_dbset: PostgreSQL exported no snapshot of database {alias!r}."
+                )
+        except BaseException:
+            # The failure is this call's alone: the next lane to need the
+            # snapshot exports it (waiting lanes retry at once).
+            with self._lock:
+                if self._exports.get(alias) is export:
+                    del self._exports[alias]
+            raise
+        finally:
+            export.published.set()
 
     @staticmethod
     def recover(wrapper: BaseDatabaseWrapper) -> None:

@@ -19,14 +19,14 @@ import psycopg
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
-from django.db import connections
+from django.db import OperationalError, connections
 from django.db.models import Sum
 from psycopg.conninfo import make_conninfo
 
 import asgi_dbset
 from asgi_dbset import SnapshotWriteError, connection_set, db_parallelism
 from asgi_dbset.budget import budget
-from tests.helpers import sleeping
+from tests.helpers import checked_out, sleeping, timed
 from tests.testapp.models import Author, Book
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
@@ -207,3 +207,52 @@ async def _snapshot_app(scope: Any, receive: Any, send: Any) -> None:
     assert not dbset.snapshot
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": str(distinct).encode()})
+
+
+async def first_call_without_a_connection(
+    **set_options: Any,
+) -> tuple[str, int, float]:
+    """The first call finds the pool empty (other requests hold every
+    connection) and fails; the pool then has room again and the next call
+    reads. Returns the first call's error, the second call's count and how
+    long the second call took."""
+    expected = await Author.objects.acount()
+    pool = connections["default"].pool  # type: ignore[attr-defined]
+    async with ThreadSensitiveContext():
+        async with contextlib.AsyncExitStack() as stack:
+            if set_options:
+                await stack.enter_async_context(connection_set(**set_options))
+            held = []
+            while checked_out() < pool.max_size:
+                held.append(await asyncio.to_thread(pool.getconn, 5))
+            timeout, pool.timeout = pool.timeout, 0.3
+            try:
+                with pytest.raises(
+                    OperationalError, match="couldn't get a connection"
+                ) as first:
+                    await Author.objects.acount()
+            finally:
+                pool.timeout = timeout
+                for conn in held:
+                    pool.putconn(conn)
+            count, seconds = await timed(Author.objects.acount())
+        await sync_to_async(connections.close_all)()
+    assert count == expected
+    return type(first.value).__name__, count, seconds
+
+
+async def test_a_snapshot_whose_export_found_no_connection_is_exported_by_the_next_call() -> (
+    None
+):
+    await Author.objects.acreate(name="one")
+    stock = await first_call_without_a_connection()
+    for parallelism in (1, 2):
+        error, count, seconds = await first_call_without_a_connection(
+            parallelism=parallelism, snapshot=True, lease_timeout=5.0
+        )
+        # As on stock Django: the first call fails for want of a connection,
+        # the next one reads - at once, not after waiting for an export that
+        # the failed call never made.
+        assert (error, count) == stock[:2]
+        assert seconds < 5.0
+    assert budget.total == 0
