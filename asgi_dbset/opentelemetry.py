@@ -33,6 +33,7 @@ per-request histograms when a set that recorded calls closes.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -43,6 +44,8 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from . import __version__, stats
+
+logger = logging.getLogger("asgi_dbset")
 
 __all__ = ["instrument", "instrumented", "uninstrument"]
 
@@ -285,15 +288,15 @@ def _time_pool(alias: str, pool: Any) -> None:
         now = time.perf_counter()
         recording = _active
         if recording is not None:
-            recording.wait_time.record(now - started, attributes)
             borrowed[id(conn)] = now
+            _record(recording.wait_time, now - started, attributes)
         return conn
 
     def timed_putconn(conn: Any) -> None:
         left = borrowed.pop(id(conn), None)
         recording = _active
         if left is not None and recording is not None:
-            recording.use_time.record(time.perf_counter() - left, attributes)
+            _record(recording.use_time, time.perf_counter() - left, attributes)
         putconn(conn)
 
     # (A lane's bounded getconn wraps whatever getconn the pool has; it must
@@ -324,5 +327,20 @@ def _record_set(dbset: Any) -> None:
     if recording is None or not dbset.calls:
         return
     figures = dbset.figures()
-    recording.request_wait.record(figures["wait_ms"] / 1000)
-    recording.request_gain.record(figures["gain"])
+    _record(recording.request_wait, figures["wait_ms"] / 1000)
+    _record(recording.request_gain, figures["gain"])
+
+
+def _record(
+    histogram: metrics.Histogram,
+    value: float,
+    attributes: dict[str, str] | None = None,
+) -> None:
+    """Record one value. A metrics pipeline that fails (an SDK extension
+    raising out of record(), say) costs the value, never the caller's query
+    or the pool its connection: this runs between getconn/putconn and their
+    callers."""
+    try:
+        histogram.record(value, attributes)
+    except Exception:
+        logger.debug("asgi_dbset: could not record a metric", exc_info=True)

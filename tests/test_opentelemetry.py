@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connections
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import ExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from asgi_dbset import connection_set, get_pool_stats, get_stats
@@ -173,3 +173,32 @@ async def test_uninstrument_stops_the_metrics() -> None:
         assert collect(found)["asgi_dbset.calls"].data.data_points
     finally:
         uninstrument()
+
+
+class FailingFilter(ExemplarFilter):
+    """An SDK extension that fails: the SDK lets its error out of record()."""
+
+    def should_sample(self, *args: Any) -> bool:
+        raise RuntimeError("the metrics pipeline failed")
+
+
+async def test_a_failing_metrics_pipeline_never_fails_a_request_or_keeps_a_connection() -> (
+    None
+):
+    provider = MeterProvider(
+        metric_readers=[InMemoryMetricReader()], exemplar_filter=FailingFilter()
+    )
+    instrument(meter_provider=provider)
+    try:
+        async with ThreadSensitiveContext():
+            async with connection_set(parallelism=3, lease_timeout=5.0) as dbset:
+                counts = await asyncio.gather(
+                    *(sleeping(0.05).acount() for _ in range(3))
+                )
+            await sync_to_async(connections.close_all)()
+    finally:
+        uninstrument()
+    assert counts == [0, 0, 0]
+    assert len({record.lane for record in dbset.records}) == 3
+    # (The suite's leak check then finds every connection back in its pool.)
+    assert budget.total == 0
