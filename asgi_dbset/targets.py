@@ -90,7 +90,14 @@ def target_of(
         if using:
             return Target(str(using))
         if name == "refresh_from_db":
-            alias = owner._state.db or router.db_for_read(type(owner), instance=owner)
+            # Where Django's refresh_from_db reads: from_queryset's database,
+            # else the routers' for the instance (which fall back to the
+            # database the instance came from).
+            from_queryset = kwargs.get("from_queryset")
+            if isinstance(from_queryset, QuerySet):
+                alias = from_queryset.db
+            else:
+                alias = router.db_for_read(type(owner), instance=owner)
         else:
             alias = router.db_for_write(type(owner), instance=owner)
         return Target(str(alias))

@@ -567,3 +567,35 @@ async def test_leaving_a_block_from_another_task_is_refused() -> None:
         await block.__aexit__(RollbackRequestedError, RollbackRequestedError(), None)
     assert await anames("orphan") == []
     assert await asyncio.to_thread(idle_in_transaction) == 0
+
+
+def refreshed_in_a_stock_block(pk: int) -> str:
+    author = Author.objects.get(pk=pk)
+    with transaction.atomic(using="other"):
+        Author.objects.using("other").filter(pk=pk).update(name="updated in the block")
+        author.refresh_from_db(from_queryset=Author.objects.using("other"))
+        transaction.set_rollback(True, using="other")
+    return author.name
+
+
+async def test_refresh_from_a_queryset_of_the_blocks_database_reads_in_the_block() -> (
+    None
+):
+    author = await Author.objects.acreate(name="as committed")
+    await Author.objects.using("other").acreate(pk=author.pk, name="as committed")
+    stock = await sync_to_async(refreshed_in_a_stock_block)(author.pk)
+    async with request_like():
+        with contextlib.suppress(RollbackRequestedError):
+            async with asgi_dbset.atomic(using="other"):
+                await (
+                    Author.objects.using("other")
+                    .filter(pk=author.pk)
+                    .aupdate(name="updated in the block")
+                )
+                # Django reads from from_queryset's database, not the instance's.
+                await author.arefresh_from_db(
+                    from_queryset=Author.objects.using("other")
+                )
+                raise RollbackRequestedError
+    assert stock == author.name == "updated in the block"
+    assert budget.total == 0
