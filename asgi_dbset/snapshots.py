@@ -81,8 +81,10 @@ class Snapshot:
         wrapper.set_autocommit(False)
         setattr(wrapper, MARK, self)
         try:
-            self._join(wrapper.connection, wrapper.alias)
-            wrapper.connection.execute(f"SAVEPOINT {_SAVEPOINT}")
+            # (Django's errors, as the call's own queries raise them.)
+            with wrapper.wrap_database_errors:
+                self._join(wrapper.connection, wrapper.alias)
+                wrapper.connection.execute(f"SAVEPOINT {_SAVEPOINT}")
         except BaseException:
             leave(wrapper)
             raise

@@ -256,3 +256,49 @@ async def test_a_snapshot_whose_export_found_no_connection_is_exported_by_the_ne
         assert (error, count) == stock[:2]
         assert seconds < 5.0
     assert budget.total == 0
+
+
+def request_connection_pid() -> int:
+    connections["default"].ensure_connection()
+    return int(connections["default"].connection.info.backend_pid)
+
+
+def terminate(pid: int) -> None:
+    with psycopg.connect(settings.DATABASE_URL, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+    time.sleep(0.2)  # (the backend is gone before the test goes on)
+
+
+async def three_reads_after_the_connection_died(**set_options: Any) -> list[Any]:
+    async with ThreadSensitiveContext():
+        await asyncio.to_thread(
+            terminate, await sync_to_async(request_connection_pid)()
+        )
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if set_options:
+                    await stack.enter_async_context(connection_set(**set_options))
+                return await asyncio.wait_for(
+                    asyncio.gather(
+                        sleeping(0.05).acount(),
+                        Author.objects.acount(),
+                        Author.objects.acount(),
+                        return_exceptions=True,
+                    ),
+                    10,
+                )
+        finally:
+            await sync_to_async(connections.close_all)()
+
+
+async def test_a_snapshot_on_a_dead_connection_raises_djangos_error_at_once() -> None:
+    stock = await three_reads_after_the_connection_died()
+    assert {type(result) for result in stock} == {OperationalError}
+    library = await three_reads_after_the_connection_died(
+        parallelism=3, snapshot=True, lease_timeout=5.0
+    )
+    # The call on the request's dead connection fails as on stock Django
+    # (Django's error, not psycopg's); calls on the other lanes' live
+    # connections may read instead - one of them exports the snapshot.
+    assert any(isinstance(result, OperationalError) for result in library), library
+    assert all(isinstance(result, OperationalError | int) for result in library)
