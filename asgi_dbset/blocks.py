@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -49,6 +50,10 @@ from .context import current_block
 from .dbset import ConnectionSet
 from .hop import run_as_stock
 from .lanes import Lane
+from .snapshots import in_snapshot
+
+# The logger Django's on_commit reports a robust callback's error to.
+django_logger = logging.getLogger("django.db.backends.base")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -303,10 +308,35 @@ async def on_commit(
     dbset = active_set()
     inside = None if block is None or dbset is None else block.of(dbset, alias)
     callback = async_to_sync(func) if iscoroutinefunction(func) else func
+    if inside is None:
+        await run_as_stock(_on_commit_outside_blocks, callback, alias, robust)
+        return
     register = functools.partial(
         transaction.on_commit, callback, using=alias, robust=robust
     )
-    if inside is None:
-        await run_as_stock(register)
-        return
     await inside.dbset.run_on_lane(inside.lane, alias, register, ())
+
+
+def _on_commit_outside_blocks(
+    callback: Callable[[], Any], alias: str, robust: bool
+) -> None:
+    """On the request's thread: Django's ``on_commit`` on its connection."""
+    wrapper = connections[alias]
+    if not in_snapshot(wrapper) or wrapper.in_atomic_block:
+        transaction.on_commit(callback, using=alias, robust=robust)
+        return
+    # The connection is in the set's snapshot, a transaction of the set's
+    # own (Django would refuse: "manual transaction management"). For the
+    # request it is in autocommit, where Django runs the callback now - so
+    # does this, logging a robust callback's error as Django does.
+    if not robust:
+        callback()
+        return
+    try:
+        callback()
+    except Exception as exc:
+        django_logger.error(
+            f"Error calling {callback.__qualname__} in on_commit() (%s).",
+            exc,
+            exc_info=True,
+        )

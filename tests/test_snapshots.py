@@ -302,3 +302,31 @@ async def test_a_snapshot_on_a_dead_connection_raises_djangos_error_at_once() ->
     # connections may read instead - one of them exports the snapshot.
     assert any(isinstance(result, OperationalError) for result in library), library
     assert all(isinstance(result, OperationalError | int) for result in library)
+
+
+async def on_commit_after_a_read(*, snapshot: bool, robust: bool) -> list[str]:
+    ran: list[str] = []
+
+    def callback() -> None:
+        ran.append("ran")
+        if robust:
+            raise RuntimeError("a robust callback's error is logged")
+
+    async with ThreadSensitiveContext():
+        async with db_parallelism(2, snapshot=snapshot):
+            await asyncio.gather(Author.objects.acount(), Author.objects.acount())
+            await asgi_dbset.on_commit(callback, robust=robust)
+            ran.append("returned")
+        await sync_to_async(connections.close_all)()
+    return ran
+
+
+@pytest.mark.parametrize("robust", [False, True])
+async def test_on_commit_in_a_snapshot_runs_at_once_as_in_autocommit(
+    robust: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    outside = await on_commit_after_a_read(snapshot=False, robust=robust)
+    inside = await on_commit_after_a_read(snapshot=True, robust=robust)
+    assert inside == outside == ["ran", "returned"]
+    errors = [r for r in caplog.records if "in on_commit()" in r.getMessage()]
+    assert len(errors) == (2 if robust else 0)
