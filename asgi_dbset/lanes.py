@@ -67,7 +67,16 @@ class Lane:
     owning set changes on its event loop only, and the thread side of a call
     (:meth:`run`)."""
 
-    __slots__ = ("alias", "broken", "calls", "index", "jobs", "leased", "reserved")
+    __slots__ = (
+        "alias",
+        "broken",
+        "calls",
+        "exported",
+        "index",
+        "jobs",
+        "leased",
+        "reserved",
+    )
 
     def __init__(self, index: int, alias: str | None = None) -> None:
         self.index = index
@@ -83,6 +92,9 @@ class Lane:
         self.broken = False
         #: Held by a transaction block (asgi_dbset.atomic): only its calls run here.
         self.reserved = False
+        #: The last snapshot this lane's connection exported (written on the
+        #: lane's thread before its call returns, read on the loop after).
+        self.exported: Snapshot | None = None
 
     @property
     def busy(self) -> bool:
@@ -180,7 +192,8 @@ class Lane:
                     wrapper, wrappers, job, timeout_ms, clearance, scope or alias
                 )
                 if snapshot is not None:
-                    snapshot.enter(wrapper)
+                    if snapshot.enter(wrapper):
+                        self.exported = snapshot
                 elif getattr(wrapper, snapshots.MARK, None) is not None:
                     leave_snapshot(wrapper)
                 # Django's execute_wrapper(), without its generator: every

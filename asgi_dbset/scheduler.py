@@ -221,7 +221,11 @@ def plan(
             # when lane 0 is known outside a transaction of the alias (the
             # block's transaction is then the lane's alone), else on lane 0.
             if parallelism > 1 and verdict(scope) == CLEAR:
-                lane = _idle_extra_lane(extra, alias, taken, closed)
+                # (Never a lane that must stay as it is: the block would end
+                # its snapshot export or run its cursor's chunks.)
+                lane = _idle_extra_lane(
+                    extra, alias, taken, closed.union(filter(pinning, extra))
+                )
                 if lane is not None:
                     decided.hand_outs.append((call, lane, "reserve"))
                     taken.add(lane)
@@ -281,17 +285,22 @@ def plan(
 
     # Lease extra lanes for the calls left, within the parallelism.
     if room > 0 and waiting:
-        demand: Counter[str] = Counter(
-            call.target.alias
-            for call in waiting
-            if call.pin is None
-            and pinned_to(call) is None
-            # (A call for every alias stays on lane 0 while it is inside any
-            # transaction: no lease for it then.)
-            and (call.target.scope is None or likely_clear(call.target.scope))
-        )
+        demand: Counter[str] = Counter()
+        blocks: Counter[str] = Counter()  # (transaction blocks' first calls)
+        for call in waiting:
+            if (
+                call.pin is None
+                and pinned_to(call) is None
+                # (A call for every alias stays on lane 0 while it is inside
+                # any transaction: no lease for it then.)
+                and (call.target.scope is None or likely_clear(call.target.scope))
+            ):
+                demand[call.target.alias] += 1
+                if call.reserve:
+                    blocks[call.target.alias] += 1
         for lane in extra:
-            # Idle lanes (leasing, or waiting for lane 0's report) serve first.
+            # Idle lanes (leasing, or waiting for lane 0's report) serve first
+            # - a block, only if the lane need not stay as it is.
             if (
                 lane not in closed
                 and not lane.jobs
@@ -299,8 +308,11 @@ def plan(
                 and lane not in taken
             ):
                 demand[lane.alias or ""] -= 1
-        for alias, wanted in demand.items():
-            if wanted <= 0 or room <= 0:
+                if not pinning(lane):
+                    blocks[lane.alias or ""] -= 1
+        # (The union keeps each alias's larger positive count.)
+        for alias, wanted in (demand | blocks).items():
+            if room <= 0:
                 continue
             if not likely_clear(alias) or not may_lease(alias):
                 continue  # (its calls stay on lane 0, or no connection now)
@@ -999,7 +1011,12 @@ class Scheduler:
         return None if cursor is None else self._cursors.get(cursor)
 
     def _pinning(self, lane: Lane) -> bool:
-        return any(pinned is lane for pinned in self._cursors.values())
+        """True while *lane* must stay in the set as it is: it holds an open
+        cursor, or the export of the snapshot on now (which other lanes can
+        import only while the exporting transaction is open)."""
+        return (self.snapshot is not None and lane.exported is self.snapshot) or any(
+            pinned is lane for pinned in self._cursors.values()
+        )
 
     def _pin(self, cursor: GeneratorT, lane: Lane) -> None:
         if not isinstance(self._cursors, weakref.WeakKeyDictionary):

@@ -62,11 +62,13 @@ class Snapshot:
     def __repr__(self) -> str:
         return f"<Snapshot of {sorted(self._exports) or 'no database yet'}>"
 
-    def enter(self, wrapper: BaseDatabaseWrapper) -> None:
+    def enter(self, wrapper: BaseDatabaseWrapper) -> bool:
         """On a lane's thread, before a call of ``wrapper.alias``: put the
-        connection inside this snapshot, if it is not already."""
+        connection inside this snapshot, if it is not already. True when
+        this connection exported the snapshot: it must stay in it (and in
+        the set) while the snapshot is on, for the lanes that import it."""
         if getattr(wrapper, MARK, None) is self:
-            return
+            return False
         if getattr(wrapper, MARK, None) is not None:
             leave(wrapper)  # an earlier snapshot's transaction
         if wrapper.in_atomic_block or (
@@ -74,7 +76,7 @@ class Snapshot:
         ):
             # The request's thread holds a transaction of its own (under
             # TestCase, say): the call runs in it, as on stock Django.
-            return
+            return False
         # Connected before it claims an export: a lane that cannot connect
         # never keeps the others waiting for a snapshot it will not make.
         wrapper.ensure_connection()
@@ -83,15 +85,17 @@ class Snapshot:
         try:
             # (Django's errors, as the call's own queries raise them.)
             with wrapper.wrap_database_errors:
-                self._join(wrapper.connection, wrapper.alias)
+                exported = self._join(wrapper.connection, wrapper.alias)
                 wrapper.connection.execute(f"SAVEPOINT {_SAVEPOINT}")
         except BaseException:
             leave(wrapper)
             raise
+        return exported
 
-    def _join(self, conn: psycopg.Connection[Any], alias: str) -> None:
+    def _join(self, conn: psycopg.Connection[Any], alias: str) -> bool:
         """Begin *conn*'s transaction in the snapshot of *alias*: export it
-        if no lane has claimed that, else import it once it is published."""
+        if no lane has claimed that (True), else import it once it is
+        published (False)."""
         deadline = time.monotonic() + _EXPORT_WAIT
         while True:
             with self._lock:
@@ -101,7 +105,7 @@ class Snapshot:
                     export = self._exports[alias] = _Export()
             if exporting:
                 self._export(conn, alias, export)
-                return
+                return True
             if not export.published.wait(max(0.0, deadline - time.monotonic())):
                 raise SnapshotError(
                     f"asgi_dbset: the snapshot of database {alias!r} was not "
@@ -114,7 +118,7 @@ class Snapshot:
                         sql.Literal(export.snapshot_id)
                     )
                 )
-                return
+                return False
             # Withdrawn: its exporter's call failed before anyone read the
             # snapshot, so a new one is still one instant for every read.
 

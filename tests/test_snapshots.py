@@ -330,3 +330,41 @@ async def test_on_commit_in_a_snapshot_runs_at_once_as_in_autocommit(
     assert inside == outside == ["ran", "returned"]
     errors = [r for r in caplog.records if "in on_commit()" in r.getMessage()]
     assert len(errors) == (2 if robust else 0)
+
+
+async def reads_after_the_exporting_lane_is_wanted_elsewhere(how: str) -> list[int]:
+    """An extra lane exports the snapshot of ``default`` (lane 0 is busy with
+    ``other``); then a transaction block, or a lower parallelism, wants that
+    lane; then three reads join the snapshot."""
+    async with ThreadSensitiveContext():
+        try:
+            async with connection_set(parallelism=3, lease_timeout=5.0):
+                async with db_parallelism(3, snapshot=True):
+                    await asyncio.gather(
+                        sleeping(0.3).using("other").acount(), Author.objects.acount()
+                    )
+                    if how == "block":
+                        async with asgi_dbset.atomic():
+                            await Author.objects.acreate(name="written in a block")
+                    else:
+                        async with db_parallelism(1):
+                            await Author.objects.acount()
+                    return list(
+                        await asyncio.gather(
+                            sleeping(0.2).acount(),
+                            Author.objects.acount(),
+                            Author.objects.acount(),
+                        )
+                    )
+        finally:
+            await sync_to_async(connections.close_all)()
+
+
+@pytest.mark.parametrize("how", ["block", "lower parallelism"])
+async def test_the_lane_that_exported_the_snapshot_stays_in_it(how: str) -> None:
+    await Author.objects.acreate(name="one")
+    counts = await reads_after_the_exporting_lane_is_wanted_elsewhere(how)
+    # One snapshot, taken before the block's write.
+    assert counts == [1, 1, 1]
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
