@@ -394,6 +394,23 @@ class ConnectionSet:
             and budget.saturated()
         )
 
+    def _behind_own_caller(self, outer: object) -> bool:
+        """True when a call comes from sync code under an ``async_to_sync``
+        (*outer*) other than the caller of the calls lane 0 still has: an
+        async signal receiver of a save in ``sync_to_async`` code, say.
+
+        Lane 0's thread for this call is *outer*'s, blocked in async_to_sync
+        until the call returns; lane 0's jobs went to another caller's thread,
+        which may be that very thread, queued behind the code that waits for
+        this call. Waiting for them, or for their reports, could then wait
+        forever. Stock Django runs the call on its caller's own thread at once
+        (inside the transaction that thread holds): so does the set."""
+        return (
+            outer is not None
+            and outer is not self._outer
+            and self._scheduler.lane0.jobs > 0
+        )
+
     async def call(
         self,
         func: Callable[..., Any],
@@ -413,11 +430,7 @@ class ConnectionSet:
                 self._fall_back("the set has ended or belongs to another event loop")
             elif where is None and self._steps_aside():
                 stats.incr("saturated_calls")
-                if self._record_stock_calls:
-                    return await self._run_stock_recorded(
-                        func, args, kwargs, run=self._scheduler.run_aside
-                    )
-                return await self._scheduler.run_aside(func, *args, **kwargs)
+                return await self._run_aside(func, args, kwargs)
             else:
                 target = where or target_of(func, args, kwargs)
         if target is None:
@@ -425,9 +438,17 @@ class ConnectionSet:
                 return await self._run_stock_recorded(func, args, kwargs)
             return await run_as_stock(func, *args, **kwargs)
 
+        pin, target = self._block_lane(target)
+        outer = getattr(AsyncToSync.executors, "current", None)
+        # A sync caller blocked until this call returns never waits for lane
+        # 0's calls of another caller (a call that must run on an extra lane
+        # waits for none of them).
+        if self._behind_own_caller(outer) and self._scheduler.on_lane0(
+            pin, target.cursor
+        ):
+            return await self._run_aside(func, args, kwargs)
         # Under async_to_sync, lane 0 is the sync caller's thread: a new caller
         # is another thread, whose transactions lane 0 has not reported.
-        outer = getattr(AsyncToSync.executors, "current", None)
         if outer is not self._outer:
             if self._outer is not _NO_CALLER:
                 self._scheduler.lane0_changed()
@@ -436,18 +457,6 @@ class ConnectionSet:
         if cursor is not None:
             self._scheduler.pin_opened_cursor(cursor)
             self.passes_through = False
-        # Inside a transaction block of this set and alias: on the block's lane
-        # (a call for any alias: on the lane of the set's blocks).
-        block = current_block.get()
-        if block is None:
-            pin = None
-        elif target.scope == EVERY_ALIAS:
-            pin = block.lane_for_any_alias(self)
-            if pin is not None and pin.alias not in (None, target.alias):
-                # The call runs with the connection that lane holds.
-                target = Target(pin.alias, scope=EVERY_ALIAS)
-        else:
-            pin = block.lane_for(self, target.alias)
         ran, result = await self._scheduler.run(
             target, func, args, kwargs, outer, pin=pin
         )
@@ -458,6 +467,21 @@ class ConnectionSet:
         self._fall_back("the set ended while the call waited for a lane")
         return await run_as_stock(func, *args, **kwargs)
 
+    def _block_lane(self, target: Target) -> tuple[Lane | None, Target]:
+        """Inside a transaction block of this set and the call's alias: the
+        block's lane (a call for any alias: the lane of the set's blocks, and
+        the target of the connection that lane holds)."""
+        block = current_block.get()
+        if block is None:
+            return None, target
+        if target.scope == EVERY_ALIAS:
+            pin = block.lane_for_any_alias(self)
+            if pin is not None and pin.alias not in (None, target.alias):
+                # The call runs with the connection that lane holds.
+                target = Target(pin.alias, scope=EVERY_ALIAS)
+            return pin, target
+        return block.lane_for(self, target.alias), target
+
     # -- transaction blocks (asgi_dbset.atomic) ------------------------------
 
     async def open_block(
@@ -465,10 +489,11 @@ class ConnectionSet:
     ) -> tuple[Lane, Any]:
         """Run *func* (a block's BEGIN) on the lane a new transaction block of
         *alias* will hold, and return that lane and its result: lane 0 when
-        the set runs calls as stock Django, or lane 0 is inside a transaction
-        of the alias; else an extra lane of the block's own, if one can be had."""
+        the set runs calls as stock Django (or this caller as stock:
+        :meth:`_behind_own_caller`), or lane 0 is inside a transaction of the
+        alias; else an extra lane of the block's own, if one can be had."""
         outer = getattr(AsyncToSync.executors, "current", None)
-        if not self._routes():
+        if not self._routes() or self._behind_own_caller(outer):
             return self._scheduler.lane0, await run_as_stock(func, *args)
         if outer is not self._outer:
             if self._outer is not _NO_CALLER:
@@ -490,7 +515,9 @@ class ConnectionSet:
         """Run *func* on *lane* (a transaction block's), after the calls
         already handed to it."""
         outer = getattr(AsyncToSync.executors, "current", None)
-        if lane is self._scheduler.lane0 and not self._routes():
+        if lane is self._scheduler.lane0 and (
+            not self._routes() or self._behind_own_caller(outer)
+        ):
             return await run_as_stock(func, *args)
         ran, result = await self._scheduler.run(
             Target(alias), func, args, {}, outer, pin=lane
@@ -532,6 +559,20 @@ class ConnectionSet:
             return await run(timed)
         finally:
             self.recorder.end(record, started)
+
+    async def _run_aside(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        # As stock Django, on the caller's thread (recorded if the set records
+        # stock calls); its query is still cancelled if its caller gives up.
+        if self._record_stock_calls:
+            return await self._run_stock_recorded(
+                func, args, kwargs, run=self._scheduler.run_aside
+            )
+        return await self._scheduler.run_aside(func, *args, **kwargs)
 
     def _fall_back(self, why: str) -> None:
         stats.incr("fallbacks")

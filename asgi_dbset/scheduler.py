@@ -515,6 +515,13 @@ class Scheduler:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._assign)
 
+    def on_lane0(self, pin: Lane | None, cursor: GeneratorT | None) -> bool:
+        """True unless a call pinned to *pin* with *cursor* must run on an
+        extra lane (its transaction block's, or its cursor's)."""
+        if pin is None and cursor is not None:
+            pin = self._cursors.get(cursor)
+        return pin is None or pin is self._lane0
+
     def lane0_changed(self) -> None:
         """The sync caller above changed: lane 0 is another thread now, which
         may be inside a transaction; nothing is known until it reports."""

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
 from django.db import transaction
+from django.db.models.signals import post_save
 from django.test import override_settings
 
+import asgi_dbset
 from asgi_dbset import active_set, connection_set
 from asgi_dbset.budget import budget
 from asgi_dbset.targets import target_of
 from tests.helpers import active_sleeps, sleeping, timed
-from tests.testapp.models import Author, Book
+from tests.testapp.models import Author, Book, Tally
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
@@ -190,6 +195,115 @@ async def test_calls_waiting_for_a_report_that_will_not_come_are_not_held() -> N
             assert elapsed < 3
             await busy
         await sync_to_async(_close_all)()
+    assert budget.total == 0
+
+
+# -- calls from sync code under async_to_sync, gathered with the view's calls --------
+#
+# A view gathers its own sync_to_async(service)() with ORM calls; service saves
+# an Author, and Django runs its async post_save receiver through async_to_sync
+# on the request's thread, which stays blocked until the receiver is done. The
+# receiver's ORM calls come from a new caller while lane 0's call (the view's)
+# is queued on that very thread, behind service. Before the fix they waited for
+# lane 0 (or for its report of that call) and hung (a block the receiver opens
+# for good: its BEGIN outlasts the cancellation); stock Django runs them at once
+# on the blocked thread, inside the transaction it holds.
+
+
+async def receiver_counts(seen: list[object]) -> None:
+    seen.append(await Book.objects.acount())
+
+
+async def receiver_reads_the_transactions_row(seen: list[object]) -> None:
+    mine = Author.objects.filter(name="saved in sync code")
+    seen.extend(await asyncio.gather(mine.acount(), mine.aexists()))
+
+
+async def receiver_opens_a_block(seen: list[object]) -> None:
+    async with asgi_dbset.atomic():
+        await Tally.objects.acreate(name="in the receiver's block")
+        seen.append(await Tally.objects.acount())
+
+
+def service_saves() -> None:
+    Author.objects.create(name="saved in sync code")
+
+
+def service_saves_and_rolls_back() -> None:
+    try:
+        with transaction.atomic():
+            Author.objects.create(name="saved in sync code")
+            raise RollbackRequestedError
+    except RollbackRequestedError:
+        pass
+
+
+async def gathered_with_a_receiver(
+    receiver: Callable[[list[object]], Awaitable[None]],
+    service: Callable[[], None],
+    parallel: bool,
+    leased: bool,
+) -> tuple[object, list[object], list[str], int]:
+    """What the view's gather returned, what the receiver saw, and the rows
+    left; on stock Django, or in a set (with its extra lanes leased first)."""
+    seen: list[object] = []
+
+    async def on_save(**kwargs: Any) -> None:
+        await receiver(seen)
+
+    post_save.connect(on_save, sender=Author, weak=False)
+    try:
+        async with ThreadSensitiveContext():
+            async with contextlib.AsyncExitStack() as stack:
+                if parallel:
+                    await stack.enter_async_context(
+                        connection_set(parallelism=4, lease_timeout=5.0)
+                    )
+                    if leased:
+                        await asyncio.gather(
+                            *(sleeping(0.2).acount() for _ in range(4))
+                        )
+                result: object
+                try:
+                    result = await asyncio.wait_for(
+                        asyncio.gather(
+                            sync_to_async(service)(),
+                            Author.objects.acount(),
+                            Book.objects.acount(),
+                        ),
+                        10,
+                    )
+                except TimeoutError:
+                    result = "hung"
+            await sync_to_async(_close_all)()
+    finally:
+        post_save.disconnect(on_save, sender=Author)
+    authors = [name async for name in Author.objects.values_list("name", flat=True)]
+    tallies = await Tally.objects.acount()
+    await Author.objects.all().adelete()
+    await Tally.objects.all().adelete()
+    return result, seen, authors, tallies
+
+
+@pytest.mark.parametrize("leased", [True, False], ids=["leased", "no-lanes-yet"])
+@pytest.mark.parametrize(
+    ("receiver", "service"),
+    [
+        (receiver_counts, service_saves),
+        (receiver_reads_the_transactions_row, service_saves_and_rolls_back),
+        (receiver_opens_a_block, service_saves),
+        (receiver_opens_a_block, service_saves_and_rolls_back),
+    ],
+    ids=["count", "in-the-transaction", "block", "block-in-the-transaction"],
+)
+async def test_an_async_receiver_of_sync_code_gathered_with_orm_calls_runs_as_stock(
+    receiver: Callable[[list[object]], Awaitable[None]],
+    service: Callable[[], None],
+    leased: bool,
+) -> None:
+    stock = await gathered_with_a_receiver(receiver, service, False, leased)
+    assert stock[0] != "hung"
+    assert await gathered_with_a_receiver(receiver, service, True, leased) == stock
     assert budget.total == 0
 
 
