@@ -46,8 +46,9 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
 from .aio import finish_shielded, open_or_undo
 from .api import active_set, connection_set
-from .context import current_block
+from .context import current_block, current_set
 from .dbset import ConnectionSet
+from .errors import CallNotRunError
 from .hop import run_as_stock
 from .lanes import Lane
 from .snapshots import in_snapshot
@@ -266,6 +267,12 @@ class AsyncAtomic:
             # The commit or rollback runs to its end on the server, and the
             # lane is free only afterwards, even if this task is cancelled.
             await finish_shielded(dbset.run_on_lane(block.lane, block.alias, leave, ()))
+        except CallNotRunError:
+            # The set closed first (a task that outlived its request) and
+            # rolled the block back: leaving on an exception goes on with it;
+            # leaving normally raises, as the block could not commit.
+            if exc is None or not dbset.closed:
+                raise
         finally:
             current_block.reset(token)
             if block.holds_lane:
@@ -306,6 +313,13 @@ async def on_commit(
     alias = using or DEFAULT_DB_ALIAS
     block = current_block.get()
     dbset = active_set()
+    if dbset is None and block is not None:
+        ended = current_set.get()
+        if ended is not None and ended.closed:
+            # A block of a set that has closed (its task outlived the
+            # request) was rolled back: its callback must never run, as it
+            # would at once outside the block (run_on_lane refuses).
+            dbset = ended
     inside = None if block is None or dbset is None else block.of(dbset, alias)
     callback = async_to_sync(func) if iscoroutinefunction(func) else func
     if inside is None:

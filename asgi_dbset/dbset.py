@@ -59,6 +59,13 @@ __all__ = ["CallRecord", "ConnectionSet"]
 # Marks "no call made yet" for the sync caller above (None is a caller: none).
 _NO_CALLER = object()
 
+_OUTLIVED = (
+    "asgi_dbset: this call did not run: it was made inside an asgi_dbset.atomic() "
+    "block that outlived its connection set (its request), and the block's "
+    "transaction was rolled back when the set closed. Await (or cancel) the "
+    "tasks that use a block before the view returns."
+)
+
 
 class ConnectionSet:
     """The lanes of one request or block; see the module docstring.
@@ -321,8 +328,10 @@ class ConnectionSet:
     async def aclose(self) -> None:
         """Return every extra lane; safe to call twice; shielded from cancellation.
 
-        Calls still queued fall back to stock Django. Calls running on a lane
-        finish first (abandoned ones were already cancelled on the server).
+        Calls still queued fall back to stock Django, except a transaction
+        block's, which raise :class:`CallNotRunError`. Calls running on a lane
+        finish first (abandoned ones were already cancelled on the server); a
+        block still holding its lane is then rolled back on it.
         """
         if self._close_at_once():
             return
@@ -425,6 +434,10 @@ class ConnectionSet:
         the call's target when the caller knows it (``sync_to_lane``), else it
         is read off the ORM call."""
         target = None
+        if self._closed and self._block_here():
+            # Run as stock Django, it would commit on its own, outside the
+            # block: a block never ends half committed.
+            raise CallNotRunError(_OUTLIVED)
         if self._routes():
             if self._closed or asyncio.get_running_loop() is not self._loop:
                 self._fall_back("the set has ended or belongs to another event loop")
@@ -462,6 +475,8 @@ class ConnectionSet:
         )
         if ran:
             return result
+        if pin is not None:
+            raise CallNotRunError(_OUTLIVED)  # (its block's; see above)
         if cursor is not None:
             check_cursor(cursor)
         self._fall_back("the set ended while the call waited for a lane")
@@ -513,21 +528,32 @@ class ConnectionSet:
         self, lane: Lane, alias: str, func: Callable[..., Any], args: tuple[Any, ...]
     ) -> Any:
         """Run *func* on *lane* (a transaction block's), after the calls
-        already handed to it."""
+        already handed to it; :class:`CallNotRunError` once the set has
+        closed (the block outlived it, and was rolled back)."""
         outer = getattr(AsyncToSync.executors, "current", None)
         if lane is self._scheduler.lane0 and (
             not self._routes() or self._behind_own_caller(outer)
         ):
             return await run_as_stock(func, *args)
+        if self._closed:
+            # The set returned the block's lane (rolled back), or stopped
+            # running lane 0's calls: nothing reaches the block's transaction.
+            raise CallNotRunError(_OUTLIVED)
         ran, result = await self._scheduler.run(
             Target(alias), func, args, {}, outer, pin=lane
         )
         if not ran:
-            raise CallNotRunError(
-                "asgi_dbset: a transaction block's call did not run: its connection "
-                "set has ended. Leave asgi_dbset.atomic() inside the request."
-            )
+            raise CallNotRunError(_OUTLIVED)
         return result
+
+    def _block_here(self) -> bool:
+        """True inside a transaction block of this set (of any alias)."""
+        block = current_block.get()
+        while block is not None:
+            if block.dbset is self:
+                return True
+            block = block.outer
+        return False
 
     def close_block(self, lane: Lane) -> None:
         """A block that held *lane* has ended."""

@@ -487,11 +487,16 @@ class PooledLane(Lane):
         return True
 
     async def return_on_worker(
-        self, cursors: Sequence[types.GeneratorType[Any, None, None]] = ()
+        self,
+        cursors: Sequence[types.GeneratorType[Any, None, None]] = (),
+        *,
+        block_open: bool = False,
     ) -> None:
         """Return every connection of the worker thread to its pool, after the
         calls already queued on it (closing *cursors*, ``aiterator()``
-        generators open on it, first), and give the worker back."""
+        generators open on it, first), and give the worker back. With
+        *block_open* (the set closes while a transaction block holds the
+        lane), the block's transaction is rolled back first."""
 
         def return_all() -> None:
             for gen in cursors:
@@ -499,6 +504,8 @@ class PooledLane(Lane):
                     gen.close()  # closes its server-side cursor
                 except Exception:
                     logger.debug("asgi_dbset: error closing an iterator", exc_info=True)
+            if block_open:
+                roll_back_open_blocks()
             return_thread_connections()
 
         try:
@@ -586,6 +593,30 @@ def return_thread_connections() -> None:
     wrapper is left clean for the thread's next lane.
     """
     _return_all(connections.all(initialized_only=True), _return_connection)
+
+
+def roll_back_open_blocks() -> None:
+    """On a lane's thread: roll back the transaction of an ``asgi_dbset.atomic()``
+    block still open on the thread's connections (its set closed first: a task
+    that outlived its request). Its ``on_commit`` callbacks never run; the
+    wrappers are cleared when the connections go back."""
+    for wrapper in connections.all(initialized_only=True):
+        conn = wrapper.connection
+        if not wrapper.in_atomic_block or conn is None or conn.closed or conn.broken:
+            continue
+        stats.incr("rollbacks")
+        logger.warning(
+            "asgi_dbset: an asgi_dbset.atomic() block of database %r was still "
+            "open when its connection set closed (a task that outlived its "
+            "request?); its transaction is rolled back",
+            wrapper.alias,
+        )
+        try:
+            # The block's whole transaction, savepoints included: the block
+            # can never commit now (its next call is refused).
+            conn.rollback()
+        except psycopg.Error:
+            logger.debug("asgi_dbset: could not roll back a block", exc_info=True)
 
 
 def _return_all(

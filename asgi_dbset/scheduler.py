@@ -547,8 +547,8 @@ class Scheduler:
         pin: Lane | None = None,
     ) -> tuple[bool, Any]:
         """Run one call on a lane (on *pin*, if given): ``(True, result)``; or
-        ``(False, None)`` when the set closed before a lane took it (the caller
-        runs it as stock)."""
+        ``(False, None)`` when the set closed before a lane took it, or had
+        closed when it was made (the caller runs it as stock, or refuses it)."""
         call = Call(next(self._seq), target, time.perf_counter(), pin=pin)
         return await self._serve(call, func, args, kwargs, outer)
 
@@ -649,6 +649,12 @@ class Scheduler:
         kwargs: dict[str, Any],
         outer: object,
     ) -> tuple[bool, Any]:
+        if self._closed:
+            # Made after the set closed (by a task that outlived its request):
+            # no lane will take it - _assign() decides nothing any more - so
+            # it is dropped now, never left waiting for ever.
+            call.dropped = True
+            return False, None
         self._queue.append(call)
         self._assign()
         while True:
@@ -973,7 +979,15 @@ class Scheduler:
         extra = [lane for lane in self._lanes if isinstance(lane, PooledLane)]
         self._lanes = [self._lane0]
         results = await asyncio.gather(
-            *(_return_on_worker(lane, self._cursors_on(lane)) for lane in extra),
+            *(
+                # A block still holding its lane (its task outlived the
+                # request) is rolled back on it: never a half-committed block,
+                # never a connection returned inside its transaction.
+                _return_on_worker(
+                    lane, self._cursors_on(lane), block_open=lane.reserved
+                )
+                for lane in extra
+            ),
             return_exceptions=True,
         )
         for result in results:
@@ -1053,9 +1067,11 @@ class Scheduler:
             )
 
 
-async def _return_on_worker(lane: PooledLane, cursors: list[GeneratorT]) -> None:
+async def _return_on_worker(
+    lane: PooledLane, cursors: list[GeneratorT], *, block_open: bool = False
+) -> None:
     try:
-        await lane.return_on_worker(cursors)
+        await lane.return_on_worker(cursors, block_open=block_open)
     finally:
         _lane_returned(lane)
 

@@ -232,6 +232,67 @@ async def test_a_block_open_when_the_response_is_sent_keeps_its_lane() -> None:
     assert await asyncio.to_thread(idle_in_transaction) == 0
 
 
+@pytest.mark.parametrize("then", ["writes", "registers_on_commit", "leaves"])
+async def test_a_block_that_outlives_its_request_is_refused_and_rolled_back(
+    then: str,
+) -> None:
+    # A view gathers a writer and a task that fails: gather does not cancel
+    # the writer, the view answers 500 and the request's set closes while the
+    # writer's block is still open. The block must not end half committed
+    # (its first write rolled back with its lane, its next one autocommitted
+    # as stock Django outside it), nor hang in its exit, nor give its lane
+    # back inside its transaction: the set rolls it back on its lane as it
+    # closes, and what the block does next raises CallNotRunError - its next
+    # call, an on_commit (whose callback never runs), or its normal exit.
+    from asgi_dbset import CallNotRunError, DBSetMiddleware, db_parallelism
+    from tests.asgi import request
+    from tests.helpers import checked_out
+
+    writers: list[asyncio.Task[None]] = []
+    callbacks: list[str] = []
+
+    async def writer() -> None:
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="outlived-1")
+            await sleeping(0.4).acount()  # the set closes meanwhile
+            if then == "writes":
+                await Author.objects.acreate(name="outlived-2")
+            elif then == "registers_on_commit":
+                await asgi_dbset.on_commit(lambda: callbacks.append("ran"))
+
+    async def boom() -> None:
+        await asyncio.sleep(0.2)
+        raise RollbackRequestedError
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async with db_parallelism(4):
+            await asyncio.gather(*(sleeping(0.05).acount() for _ in range(4)))
+            task = asyncio.ensure_future(writer())
+            writers.append(task)
+            status = 200
+            try:
+                await asyncio.gather(task, boom())
+            except RollbackRequestedError:
+                status = 500  # (as Django's handler answers a view's exception)
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    before = checked_out()
+    response = await request(DBSetMiddleware(app), "/")
+    assert response.status == 500
+    _, pending = await asyncio.wait(writers, timeout=5)
+    for task in pending:
+        task.cancel()
+    assert not pending, "the block's exit hung"
+    with pytest.raises(CallNotRunError, match="outlived its connection set"):
+        writers[0].result()
+    assert checked_out() == before
+    assert budget.total == 0
+    assert await anames("outlived") == []
+    assert callbacks == []
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+
+
 async def test_a_block_that_fails_to_begin_leaves_its_lane_to_other_calls() -> None:
     # A block's entry that fails on its extra lane (an error injected into
     # the entry, after the lane was set aside for the block) raises; no block
