@@ -563,6 +563,10 @@ def set_statement_timeout(wrapper: BaseDatabaseWrapper, timeout_ms: int) -> None
     conn = wrapper.connection
     if getattr(wrapper, _TIMEOUT_ATTR, None) == (conn, timeout_ms):
         return
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        # A failed transaction refuses the SET with psycopg's own error; the
+        # call's query fails there anyway, with Django's error as on stock.
+        return
     conn.execute(
         "SELECT set_config('statement_timeout', %s, false)", [f"{timeout_ms}ms"]
     )

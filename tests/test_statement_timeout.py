@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import psycopg
 import pytest
-from django.db import OperationalError, connections
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    OperationalError,
+    connections,
+    transaction,
+)
 from django.test import override_settings
 
 from asgi_dbset import connection_set, db_parallelism
 from asgi_dbset.checks import check_settings
 from tests.helpers import sleeping, timed
+from tests.testapp.models import Author, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -84,3 +93,40 @@ def test_bad_values_are_refused(bad: object) -> None:
         db_parallelism(2, statement_timeout=bad)  # type: ignore[arg-type]
     with override_settings(ASGI_DBSET={"STATEMENT_TIMEOUT": bad}):
         assert [m.id for m in check_settings()] == ["asgi_dbset.E011"]
+
+
+async def _aborted_then_query() -> str:
+    """A query in lane 0's aborted user transaction: the error type it raises."""
+    await Tag.objects.acreate(name="dup")
+    await sync_to_async(transaction.set_autocommit)(False)
+    try:
+        with contextlib.suppress(IntegrityError):
+            await Tag.objects.acreate(name="dup")
+        try:
+            await Author.objects.acount()
+        except DatabaseError as exc:
+            return f"{type(exc).__module__}.{type(exc).__name__}"
+        return "no error"
+    finally:
+        await sync_to_async(transaction.rollback)()
+        await sync_to_async(transaction.set_autocommit)(True)
+
+
+@pytest.mark.parametrize("timeout", ["stock", None, 5.0])
+async def test_a_query_in_an_aborted_transaction_raises_djangos_error(
+    timeout: str | float | None,
+) -> None:
+    # The timeout is not set on a connection whose transaction has failed
+    # (the SET would fail with psycopg's own error, not Django's): the ORM
+    # query raises Django's InternalError, as on stock Django.
+    async with ThreadSensitiveContext():
+        try:
+            if timeout == "stock":
+                got = await _aborted_then_query()
+            else:
+                assert not isinstance(timeout, str)
+                async with connection_set(parallelism=1, statement_timeout=timeout):
+                    got = await _aborted_then_query()
+        finally:
+            await sync_to_async(connections.close_all)()
+    assert got == "django.db.utils.InternalError"
