@@ -263,6 +263,13 @@ class AsyncAtomic:
             del self._entered[task]
         dbset = block.dbset
         leave = functools.partial(_leave, block.entered, exc_type, exc, tb)
+        if exc_type is not None and (self.savepoint or block.lane.index != 0):
+            # Left on an exception, the block rolls back its transaction (an
+            # extra lane's is its own) or its savepoint, and everything run in
+            # it since: a query still running there for a caller that gave up
+            # (not cancelled then: that would have aborted the transaction) is
+            # cancelled now, and the rollback does not wait for it.
+            dbset.cancel_abandoned(block.lane, block.alias)
         try:
             # The commit or rollback runs to its end on the server, and the
             # lane is free only afterwards, even if this task is cancelled.

@@ -5,6 +5,18 @@ A :class:`Job` is one ORM call on a lane's thread. Its caller may give up
 while the call runs, or the set may close on an error: then the query the job
 is running is cancelled on the server, and the job sends no other.
 
+A query that runs inside a transaction (the request's own, or a block's) is
+the exception: a cancel would abort the whole transaction, and the program's
+next statements in it would fail where stock Django's would not (its
+``sync_to_async`` cannot interrupt the thread: the abandoned query finishes
+and the transaction goes on). So when its caller gives up, such a query runs
+on to its end and the job may send its next queries in that transaction, as
+on stock; it is cancelled only when the transaction is ended anyway - the set
+closing on an error (:meth:`Job.stop`) or a block left on an exception
+(:meth:`Job.stop_abandoned`). A stopped job may still roll back to a
+savepoint (Django's ``atomic`` recovering from the cancelled query), never
+cancelled itself.
+
 Rules:
 
 - A cancel is a network round trip (``cancel_safe``), sent from a helper
@@ -15,10 +27,11 @@ Rules:
   registered, and a query whose cancel is on its way is not unregistered
   until that cancel has been sent - so its connection cannot move on to
   another query meanwhile.
-- One cancel loop per job (:meth:`Job.claim_cancel`), however many reasons to
-  cancel it come up. The loop sends again, with growing pauses, while the same
-  query still runs: a cancel that reaches the server before the query does is
-  ignored by it.
+- One cancel loop per job at a time (:meth:`Job.claim_cancel`), however many
+  reasons to cancel it come up; a loop that ends with nothing to cancel while
+  the job may still send queries lets a later reason start another. The loop
+  sends again, with growing pauses, while the same query still runs: a cancel
+  that reaches the server before the query does is ignored by it.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ from typing import Any
 
 import psycopg
 
-from . import stats
+from . import snapshots, stats
 from .errors import QueryRefusedError
 
 logger = logging.getLogger("asgi_dbset")
@@ -40,6 +53,7 @@ logger = logging.getLogger("asgi_dbset")
 RETRY_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 # The longest one cancel request may take (cancel_safe's own timeout).
 CANCEL_TIMEOUT = 5.0
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 class Job:
@@ -55,7 +69,9 @@ class Job:
     __slots__ = (
         "_cancel_claimed",
         "_ended",
+        "_in_transaction",
         "_lock",
+        "_query_alias",
         "_query_conn",
         "_sending",
         "abandoned",
@@ -81,6 +97,9 @@ class Job:
         self._cancel_claimed = False
         # The psycopg connection running this job's query now, if any.
         self._query_conn: psycopg.Connection[Any] | None = None
+        # Its alias, and whether it runs inside a transaction.
+        self._query_alias = ""
+        self._in_transaction = False
         # Set once the cancel being sent for that query has been sent.
         self._sending: threading.Event | None = None
         # Called on the thread when the job ends (see when_ended).
@@ -126,14 +145,32 @@ class Job:
     ) -> Any:
         """A Django execute wrapper around every query the job sends, on any
         of its thread's connections."""
-        conn = context["connection"].connection
+        wrapper = context["connection"]
+        conn = wrapper.connection
+        # Inside a transaction (a set's snapshot is not one: it recovers from a
+        # cancel by itself) a cancel would abort the transaction: see above.
+        # (Without autocommit, psycopg begins one with this very query.)
+        in_transaction = (
+            not conn.autocommit or conn.pgconn.transaction_status != _IDLE
+        ) and getattr(wrapper, snapshots.MARK, None) is None
         with self._lock:
-            if self.abandoned or self.stopped:
-                raise QueryRefusedError(
-                    "asgi_dbset: query not sent: the caller of this ORM call was "
-                    "cancelled, or its connection set closed on an error."
-                )
-            self._query_conn = conn
+            if self.stopped or (self.abandoned and not in_transaction):
+                if isinstance(sql, str) and sql.startswith("ROLLBACK TO SAVEPOINT "):
+                    # Django's atomic recovering from a cancelled query: it ends
+                    # work, starts none. Not registered, so no cancel reaches it.
+                    registered = False
+                else:
+                    raise QueryRefusedError(
+                        "asgi_dbset: query not sent: the caller of this ORM call "
+                        "was cancelled, or its connection set closed on an error."
+                    )
+            else:
+                registered = True
+                self._query_conn = conn
+                self._query_alias = wrapper.alias
+                self._in_transaction = in_transaction
+        if not registered:
+            return execute(sql, params, many, context)
         try:
             return execute(sql, params, many, context)
         finally:
@@ -168,8 +205,23 @@ class Job:
             self.stopped = True
             return True
 
+    def stop_abandoned(self, alias: str) -> bool:
+        """A block of *alias* is left on an exception: refuse the job's next
+        queries, and True (cancel it), if its caller has given up and it runs
+        a query of that alias now - inside the transaction being rolled back."""
+        with self._lock:
+            if (
+                self.state != Job.RUNNING
+                or not self.abandoned
+                or self._query_conn is None
+                or self._query_alias != alias
+            ):
+                return False
+            self.stopped = True
+            return True
+
     def claim_cancel(self) -> bool:
-        """True the first time only: the caller starts the job's one cancel loop."""
+        """True unless a cancel loop of the job runs: the caller starts one."""
         with self._lock:
             claimed, self._cancel_claimed = self._cancel_claimed, True
             return not claimed
@@ -199,7 +251,17 @@ class Job:
         """
         with self._lock:
             conn = self._query_conn
-            if conn is None or conn.closed:
+            if (
+                conn is None
+                or conn.closed
+                or (self._in_transaction and not self.stopped)
+            ):
+                # No query to cancel, or its caller gave up on one inside a
+                # transaction that goes on: it runs to its end, as on stock.
+                # The loop ends; a later stop (the set's, or a block's exit)
+                # may start another, since this job may yet send queries.
+                if not self.stopped:
+                    self._cancel_claimed = False
                 return False
             sending = self._sending = threading.Event()
         try:
@@ -237,7 +299,7 @@ async def cancel_until_ended(job: Job, first: asyncio.Future[bool]) -> None:
         sent = await first
         for wait in RETRY_WAITS:
             if not sent:
-                return  # no query was running: none will start
+                return  # nothing to cancel (Job.cancel_in_flight)
             try:
                 await asyncio.wait_for(asyncio.shield(ended), wait)
                 return

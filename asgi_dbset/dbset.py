@@ -555,6 +555,11 @@ class ConnectionSet:
             block = block.outer
         return False
 
+    def cancel_abandoned(self, lane: Lane, alias: str) -> None:
+        """A block of *alias* on *lane* is left on an exception: cancel the
+        queries run there for callers that gave up."""
+        self._scheduler.cancel_abandoned(lane, alias)
+
     def close_block(self, lane: Lane) -> None:
         """A block that held *lane* has ended."""
         self._scheduler.close_block(lane)

@@ -393,8 +393,8 @@ class Scheduler:
         self._seq = itertools.count()
         # The lane each open aiterator() cursor runs on; made on the first pin.
         self._cursors: Mapping[GeneratorT, Lane] = _NO_CURSORS
-        # Jobs started on a lane and not ended (for stop_running()).
-        self._running: set[Job] = set()
+        # Jobs started and not ended, and their lanes (for stop_running()).
+        self._running: dict[Job, Lane] = {}
         self._background: set[asyncio.Future[Any]] = set()
         #: Transaction blocks holding an extra lane of their own now.
         self.blocks = 0
@@ -561,15 +561,17 @@ class Scheduler:
         has its query cancelled on the server, and so does a set that closes
         on an error (see ``ConnectionSet._steps_aside``)."""
         job = Job()
-        self._running.add(job)
+        self._running[job] = self._lane0  # (the request's thread: lane 0's)
         try:
             return await run_as_stock(guarded(job, func, args, kwargs))
         except asyncio.CancelledError:
             if job.give_up():
-                self._cancel(job)  # (it runs on; its query is cancelled)
+                # It runs on; its query is cancelled, unless inside a
+                # transaction (Job.cancel_in_flight).
+                self._cancel(job)
             raise
         finally:
-            self._running.discard(job)
+            self._running.pop(job, None)
 
     async def open_block(
         self,
@@ -782,7 +784,7 @@ class Scheduler:
         alias = call.target.alias
         record = self.recorder.begin(lane.index, alias, func, call.queued)
         lane.calls += 1
-        self._running.add(job)
+        self._running[job] = lane
         try:
             # (No await before lane.run() hands the call to its thread: the
             # next call's turn above comes after this one's.)
@@ -808,13 +810,15 @@ class Scheduler:
             self._unpin_unopened(call)
             # (No decision here: the call queues again first, in its place.)
             lane.jobs -= 1
-            self._running.discard(job)
+            self._running.pop(job, None)
             raise
         except asyncio.CancelledError:
             self.recorder.end(record, job.started)
             if job.give_up():
                 # It runs on: its thread frees the lane when it ends, and the
-                # query it runs is cancelled on the server meanwhile.
+                # query it runs is cancelled on the server meanwhile - unless
+                # inside a transaction, which a cancel would abort: that one
+                # ends as on stock (Job.cancel_in_flight).
                 self._cancel(job)
             else:
                 if job.state == Job.SKIPPED:
@@ -839,7 +843,7 @@ class Scheduler:
         """A job handed to *lane* is over: decide again."""
         lane.jobs -= 1
         if job is not None:
-            self._running.discard(job)
+            self._running.pop(job, None)
         self._assign()
 
     def _abandoned_end(self, lane: Lane, job: Job) -> None:
@@ -852,6 +856,15 @@ class Scheduler:
         """Start *job*'s one cancel loop (if none runs yet)."""
         if job.claim_cancel():
             self._spawn(cancel_until_ended(job, send_cancel(job)))
+
+    def cancel_abandoned(self, lane: Lane, alias: str) -> None:
+        """A transaction block of *alias* on *lane* is left on an exception:
+        the queries its lane still runs for callers that gave up are cancelled
+        on the server (the rollback undoes them anyway), so that the rollback
+        need not wait for them."""
+        for job, on in list(self._running.items()):
+            if on is lane and job.stop_abandoned(alias):
+                self._cancel(job)
 
     def stop_running(self) -> None:
         """The set closes on an error: nobody needs the calls still running;

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.db import connections, transaction
+from django.db.models.signals import post_save
 
+import asgi_dbset
 from asgi_dbset import connection_set, get_stats
 from asgi_dbset.budget import budget
 from tests.helpers import active_sleeps, sleeping, timed
+from tests.testapp.models import Author
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -133,3 +141,152 @@ async def test_a_query_error_leaves_the_lane_usable() -> None:
             sleeping(0.05).acount(), sleeping(0.05).acount()
         ) == [0, 0]
         assert len(dbset.lanes) == 2
+
+
+# -- a query inside a transaction is not cancelled when its caller gives up -----
+#
+# Stock Django (sync_to_async) cannot interrupt its thread: the abandoned query
+# finishes and the transaction goes on. A server-side cancel would abort the
+# whole transaction instead, so the program could not commit.
+
+
+async def in_request(
+    p: int | None, fn: Callable[[], Awaitable[Any]], timeout: float | None = None
+) -> Any:
+    """*fn* in a request-like context: stock Django (*p* None) or a set of
+    parallelism *p* (whose extra lanes are leased first)."""
+    async with ThreadSensitiveContext():
+        try:
+            if p is None:
+                return await fn()
+            async with connection_set(
+                parallelism=p, lease_timeout=5.0, statement_timeout=timeout
+            ):
+                if p > 1:
+                    await asyncio.gather(*(sleeping(0.1).acount() for _ in range(3)))
+                return await fn()
+        finally:
+            await sync_to_async(connections.close_all)()
+
+
+def names(prefix: str) -> list[str]:
+    return sorted(
+        Author.objects.filter(name__startswith=prefix).values_list("name", flat=True)
+    )
+
+
+async def user_transaction(prefix: str) -> str:
+    await sync_to_async(transaction.set_autocommit)(False)
+    try:
+        await Author.objects.acreate(name=f"{prefix}-a")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await sleeping(0.6).acount()
+        await Author.objects.acreate(name=f"{prefix}-b")
+        await sync_to_async(transaction.commit)()
+        return "committed"
+    except Exception as exc:
+        await sync_to_async(transaction.rollback)()
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        await sync_to_async(transaction.set_autocommit)(True)
+
+
+async def atomic_block(prefix: str) -> str:
+    try:
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name=f"{prefix}-a")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await sleeping(0.6).acount()
+            await Author.objects.acreate(name=f"{prefix}-b")
+        return "committed"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize(
+    ("p", "timeout"), [(None, None), (1, None), (1, 5.0), (4, None)]
+)
+async def test_giving_up_on_a_query_in_a_user_transaction_keeps_it(
+    p: int | None, timeout: float | None
+) -> None:
+    out = await in_request(p, lambda: user_transaction("ut"), timeout)
+    assert (out, await sync_to_async(names)("ut")) == ("committed", ["ut-a", "ut-b"])
+
+
+@pytest.mark.parametrize(("p", "timeout"), [(1, None), (1, 5.0), (4, None)])
+async def test_giving_up_on_a_query_in_a_block_keeps_the_block(
+    p: int, timeout: float | None
+) -> None:
+    out = await in_request(p, lambda: atomic_block("ab"), timeout)
+    assert (out, await sync_to_async(names)("ab")) == ("committed", ["ab-a", "ab-b"])
+
+
+@pytest.mark.parametrize("p", [1, 4])
+async def test_giving_up_on_a_get_or_create_in_a_block_keeps_the_block(p: int) -> None:
+    # The abandoned call runs on to its end, as on stock: its row is created
+    # inside its savepoint and the block commits it.
+    def slow_save(sender: Any, instance: Author, **kwargs: Any) -> None:
+        if instance.name.startswith("go-"):
+            sleeping(0.6).count()
+
+    async def body() -> str:
+        try:
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="goc-a")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await Author.objects.aget_or_create(name="go-x")
+                await Author.objects.acreate(name="goc-b")
+            return "committed"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    post_save.connect(slow_save, sender=Author)
+    try:
+        out = await in_request(p, body, 5.0 if p == 1 else None)
+    finally:
+        post_save.disconnect(slow_save, sender=Author)
+    assert (out, await sync_to_async(names)("go")) == (
+        "committed",
+        ["go-x", "goc-a", "goc-b"],
+    )
+
+
+@pytest.mark.parametrize("p", [1, 4])
+async def test_a_block_left_on_an_exception_cancels_the_query_its_caller_gave_up(
+    p: int,
+) -> None:
+    # The nested block rolls back to its savepoint anyway: the abandoned
+    # get_or_create in it is cancelled then (its own savepoint rollback goes
+    # through), the block's exit does not wait for it, and the outer block
+    # goes on and commits.
+    def slow_save(sender: Any, instance: Author, **kwargs: Any) -> None:
+        if instance.name.startswith("nb-"):
+            sleeping(30).count()
+
+    async def body() -> tuple[str, float]:
+        try:
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="nbo-a")
+                _, took = await timed(nested())
+                await Author.objects.acreate(name="nbo-b")
+            return "committed", took
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}", 0.0
+
+    async def nested() -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asgi_dbset.atomic():
+                async with asyncio.timeout(0.3):
+                    await Author.objects.aget_or_create(name="nb-x")
+
+    post_save.connect(slow_save, sender=Author)
+    try:
+        (out, took) = await in_request(p, body, 5.0 if p == 1 else None)
+    finally:
+        post_save.disconnect(slow_save, sender=Author)
+    assert (out, await sync_to_async(names)("nb")) == ("committed", ["nbo-a", "nbo-b"])
+    assert took < 5, took
+    assert await asyncio.to_thread(active_sleeps) == 0

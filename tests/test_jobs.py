@@ -57,22 +57,56 @@ def test_one_cancel_loop_per_job() -> None:
     assert not job.claim_cancel()  # ...but the job's cancel loop runs already
 
 
+def wrapper_of(conn: psycopg.Connection[Any]) -> Any:
+    """What Job.guard reads of a Django connection: its alias and psycopg's."""
+    return type("Wrapper", (), {"alias": "default", "connection": conn})()
+
+
 def test_an_abandoned_or_stopped_job_sends_no_query() -> None:
     sent: list[str] = []
 
     def execute(sql: str, params: Any, many: bool, context: Any) -> None:
         sent.append(sql)
 
-    context = {"connection": type("Wrapper", (), {"connection": None})()}
-    for give_up in (Job.give_up, Job.stop):
-        job = Job()
-        job.begin(1.0)
-        job.guard(execute, "SELECT 1", None, False, context)
-        give_up(job)
-        with pytest.raises(QueryRefusedError) as refused:
-            job.guard(execute, "SELECT 2", None, False, context)
-        assert isinstance(refused.value, OperationalError)
+    with psycopg.connect(settings.DATABASE_URL, autocommit=True) as conn:
+        context = {"connection": wrapper_of(conn)}
+        for give_up in (Job.give_up, Job.stop):
+            job = Job()
+            job.begin(1.0)
+            job.guard(execute, "SELECT 1", None, False, context)
+            give_up(job)
+            with pytest.raises(QueryRefusedError) as refused:
+                job.guard(execute, "SELECT 2", None, False, context)
+            assert isinstance(refused.value, OperationalError)
     assert sent == ["SELECT 1", "SELECT 1"]
+
+
+def test_an_abandoned_job_inside_a_transaction_goes_on_as_stock() -> None:
+    # A cancel would abort the transaction (stock's thread cannot be
+    # interrupted): the job's queries in it run, none is cancelled, until the
+    # job is stopped - then it may only roll back to a savepoint.
+    sent: list[str] = []
+    cancelled: list[bool] = []
+    job = Job()
+
+    def execute(sql: str, params: Any, many: bool, context: Any) -> None:
+        sent.append(sql)
+        if sql == "SELECT 1":  # (while it is in flight)
+            cancelled.append(job.cancel_in_flight())
+
+    with psycopg.connect(settings.DATABASE_URL, autocommit=False) as conn:
+        context = {"connection": wrapper_of(conn)}
+        job.begin(1.0)
+        assert job.give_up()
+        assert job.claim_cancel()
+        job.guard(execute, "SELECT 1", None, False, context)
+        assert cancelled == [False]  # declined...
+        assert job.claim_cancel()  # ...and a later reason may start a loop
+        assert job.stop()
+        with pytest.raises(QueryRefusedError):
+            job.guard(execute, "SELECT 2", None, False, context)
+        job.guard(execute, 'ROLLBACK TO SAVEPOINT "s1"', None, False, context)
+    assert sent == ["SELECT 1", 'ROLLBACK TO SAVEPOINT "s1"']
 
 
 def test_no_cancel_is_sent_without_a_query_in_flight() -> None:
@@ -93,7 +127,7 @@ def test_the_callers_side_never_waits_for_a_cancel_in_flight() -> None:
         with psycopg.connect(slow, autocommit=True) as conn:
             job = Job()
             job.begin(time.perf_counter())
-            context = {"connection": type("Wrapper", (), {"connection": conn})()}
+            context = {"connection": wrapper_of(conn)}
             ran = threading.Event()
 
             def execute(sql: str, params: Any, many: bool, context: Any) -> None:
