@@ -148,6 +148,7 @@ class Lane:
         snapshot: Snapshot | None = None,
         local_timeout: bool = False,
         scope: str | None = None,
+        cursor_call: bool = False,
     ) -> Any:
         """Run ``func(*args, **kwargs)`` as *job* on this lane's thread.
 
@@ -163,7 +164,8 @@ class Lane:
         leaves it first. With *local_timeout* (the alias is behind a
         transaction pooler), the statement timeout holds for the call's own
         transaction only (:func:`run_with_local_timeout`). *scope*: what the
-        clearance must clear, if not *alias* (see ``Target.scope``).
+        clearance must clear, if not *alias* (see ``Target.scope``);
+        *cursor_call*: the call runs a chunk of an open cursor.
         """
         if local_timeout and timeout_ms is not None:
             # (No session setting at all. A call of any alias - sync_to_lane -
@@ -226,7 +228,7 @@ class Lane:
                 try:
                     if wrapper is not None:
                         if snapshot is not None:
-                            Snapshot.recover(wrapper)
+                            Snapshot.after_call(wrapper, cursor_call)
                         self._after(wrapper, wrappers, timeout_ms)
                 finally:
                     if job.end():

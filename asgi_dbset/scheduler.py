@@ -803,6 +803,7 @@ class Scheduler:
                 snapshot=None if lane.reserved else self.snapshot,
                 local_timeout=alias in self.transaction_pooled,
                 scope=call.target.scope,
+                cursor_call=call.target.cursor is not None,
             )
         except NotRunError:
             self.recorder.forget(record)

@@ -9,7 +9,7 @@ SNAPSHOT``) before its first call of that alias. Each alias has a snapshot
 of its own: two databases are never read at one instant together.
 
 All of it runs on the lanes' threads (:meth:`Snapshot.enter` before a call,
-:meth:`Snapshot.recover` after one, :func:`leave` when the snapshot ends or
+:meth:`Snapshot.after_call` after one, :func:`leave` when the snapshot ends or
 the connection goes back to its pool), so a lane's connection only ever does
 one thing at a time. The transactions are the library's own: lane 0 does not
 report them as the request's (see :mod:`.transactions`), and they all end
@@ -144,14 +144,18 @@ class Snapshot:
             export.published.set()
 
     @staticmethod
-    def recover(wrapper: BaseDatabaseWrapper) -> None:
+    def after_call(wrapper: BaseDatabaseWrapper, cursor_call: bool) -> None:
         """On a lane's thread, after a call: undo a failed statement of the
-        call, so the connection stays in the snapshot for the next one."""
+        call, so the connection stays in the snapshot for the next one. After
+        a chunk of an open cursor, move the savepoint past it: a rollback to
+        a savepoint closes every cursor declared after it."""
         conn = wrapper.connection
         if getattr(wrapper, MARK, None) is None or conn is None or conn.closed:
             return
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+        elif cursor_call:
+            conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}; SAVEPOINT {_SAVEPOINT}")
 
 
 def leave(wrapper: BaseDatabaseWrapper) -> None:

@@ -368,3 +368,43 @@ async def test_the_lane_that_exported_the_snapshot_stays_in_it(how: str) -> None
     assert counts == [1, 1, 1]
     assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
+
+
+async def iterate_with_a_failed_call_midway(how: str) -> list[str]:
+    """Iterate ten books two at a time; after the third, one call of the set
+    fails on the server: a read given up on, or a refused write."""
+    titles: list[str] = []
+    async for book in Book.objects.order_by("title").aiterator(chunk_size=2):
+        titles.append(book.title)
+        if len(titles) == 3:
+            if how == "given up":
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await sleeping(1).acount()
+            else:
+                with contextlib.suppress(SnapshotWriteError):
+                    await Author.objects.acreate(name="refused")
+    return titles
+
+
+@pytest.mark.parametrize("parallelism", [1, 4])
+@pytest.mark.parametrize("how", ["given up", "refused write"])
+async def test_an_open_cursor_outlives_a_failed_call_in_the_snapshot(
+    how: str, parallelism: int
+) -> None:
+    author = await Author.objects.acreate(name="a")
+    await Book.objects.abulk_create(
+        [Book(title=f"b{i:02}", author=author, pages=1) for i in range(10)]
+    )
+    results = []
+    for snapshot in (False, True):
+        async with ThreadSensitiveContext():
+            try:
+                async with connection_set(
+                    parallelism=parallelism, snapshot=snapshot, lease_timeout=5.0
+                ):
+                    results.append(await iterate_with_a_failed_call_midway(how))
+            finally:
+                await sync_to_async(connections.close_all)()
+    assert results[1] == results[0] == [f"b{i:02}" for i in range(10)]
+    assert budget.total == 0
