@@ -23,7 +23,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 import psycopg
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import snapshots, stats
@@ -532,13 +532,22 @@ def run_with_local_timeout(
 
     Behind a transaction pooler, a session setting could be sent to one server
     session and the query to another, and outlive the call on a session other
-    clients then use. So: outside a transaction the call runs in one of its
-    own (its writes commit together, or none does); inside the caller's
-    transaction the setting is put back as it was when the call ends.
+    clients then use. So: inside the caller's transaction the setting is put
+    back as it was when the call ends; outside one, each statement the call
+    sends in autocommit runs in a transaction of its own with the setting
+    (so the call keeps autocommit's semantics: Django still refuses
+    select_for_update, a failed statement ends only itself), and a
+    transaction the call's code begins gets the setting with its first
+    statement.
     """
     value = f"{timeout_ms}ms"
     if wrapper.in_atomic_block or not wrapper.get_autocommit():
         conn = wrapper.connection
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            # (The transaction has failed: so will the call's first query,
+            # with Django's error - a setting sent now would fail first,
+            # with psycopg's.)
+            return func(*args, **kwargs)
         row = conn.execute("SELECT current_setting('statement_timeout')").fetchone()
         conn.execute("SELECT set_config('statement_timeout', %s, true)", [value])
         try:
@@ -552,11 +561,30 @@ def run_with_local_timeout(
                 conn.execute(
                     "SELECT set_config('statement_timeout', %s, true)", [row[0]]
                 )
-    with transaction.atomic(using=wrapper.alias):
-        wrapper.connection.execute(
-            "SELECT set_config('statement_timeout', %s, true)", [value]
-        )
+
+    def each_statement(
+        execute: Callable[..., Any],
+        sql: str,
+        params: Any,
+        many: bool,
+        context: dict[str, Any],
+    ) -> Any:
+        conn = context["connection"].connection
+        if conn.autocommit:
+            with conn.transaction():
+                conn.execute(_SET_LOCAL_TIMEOUT, [value])
+                return execute(sql, params, many, context)
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            # (Without autocommit psycopg begins the transaction with this,
+            # and the setting holds until that transaction ends.)
+            conn.execute(_SET_LOCAL_TIMEOUT, [value])
+        return execute(sql, params, many, context)
+
+    with wrapper.execute_wrapper(each_statement):
         return func(*args, **kwargs)
+
+
+_SET_LOCAL_TIMEOUT = "SELECT set_config('statement_timeout', %s, true)"
 
 
 def set_statement_timeout(wrapper: BaseDatabaseWrapper, timeout_ms: int) -> None:

@@ -292,16 +292,19 @@ async def three_reads_after_the_connection_died(**set_options: Any) -> list[Any]
 
 
 async def test_a_snapshot_on_a_dead_connection_raises_djangos_error_at_once() -> None:
+    def errors(results: list[Any]) -> set[type]:
+        return {type(result) for result in results if not isinstance(result, int)}
+
     stock = await three_reads_after_the_connection_died()
-    assert {type(result) for result in stock} == {OperationalError}
     library = await three_reads_after_the_connection_died(
         parallelism=3, snapshot=True, lease_timeout=5.0
     )
-    # The call on the request's dead connection fails as on stock Django
-    # (Django's error, not psycopg's); calls on the other lanes' live
-    # connections may read instead - one of them exports the snapshot.
-    assert any(isinstance(result, OperationalError) for result in library), library
-    assert all(isinstance(result, OperationalError | int) for result in library)
+    # On a direct connection, the call on the request's dead connection fails
+    # as on stock Django (Django's error, not psycopg's); calls on the other
+    # lanes' live connections may read instead - one of them exports the
+    # snapshot. (Through PgBouncer the client's connection outlives the
+    # server's: every read succeeds, on stock and here.)
+    assert errors(library) == errors(stock) <= {OperationalError}, library
 
 
 async def on_commit_after_a_read(*, snapshot: bool, robust: bool) -> list[str]:

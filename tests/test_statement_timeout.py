@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -15,12 +17,14 @@ from django.db import (
     connections,
     transaction,
 )
+from django.db.models import F
+from django.db.models.signals import post_save
 from django.test import override_settings
 
-from asgi_dbset import connection_set, db_parallelism
+from asgi_dbset import ConnectionSet, connection_set, db_parallelism
 from asgi_dbset.checks import check_settings
 from tests.helpers import sleeping, timed
-from tests.testapp.models import Author, Tag
+from tests.testapp.models import Author, Tag, Tally
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -130,3 +134,67 @@ async def test_a_query_in_an_aborted_transaction_raises_djangos_error(
         finally:
             await sync_to_async(connections.close_all)()
     assert got == "django.db.utils.InternalError"
+
+
+# -- behind a transaction pooler: the timeout holds for each statement's own
+# transaction, and the call keeps autocommit's semantics ----------------------
+
+
+@contextlib.asynccontextmanager
+async def stock_or_pooled(parallelism: int | None) -> AsyncIterator[None]:
+    """Stock Django (None), or a set whose alias is transaction-pooled with a
+    statement timeout."""
+    async with ThreadSensitiveContext():
+        try:
+            if parallelism is None:
+                yield
+            else:
+                async with ConnectionSet(
+                    parallelism=parallelism,
+                    lease_timeout=5.0,
+                    statement_timeout=5.0,
+                    transaction_pooled=frozenset({"default"}),
+                ):
+                    yield
+        finally:
+            await sync_to_async(connections.close_all)()
+
+
+async def lock_outside_a_transaction() -> str:
+    author = await Author.objects.acreate(name="locked")
+    try:
+        await Author.objects.select_for_update().aget(pk=author.pk)
+    except transaction.TransactionManagementError as exc:
+        return str(exc)
+    return "locked outside a transaction"
+
+
+@pytest.mark.parametrize("parallelism", [None, 1, 2])
+async def test_pooled_select_for_update_outside_a_transaction_is_refused_as_on_stock(
+    parallelism: int | None,
+) -> None:
+    async with stock_or_pooled(parallelism):
+        got = await lock_outside_a_transaction()
+    assert got == "select_for_update cannot be used outside of a transaction."
+
+
+def tally_despite_a_duplicate(sender: Any, instance: Any, **kwargs: Any) -> None:
+    """A receiver that recovers from an error in autocommit, as stock allows."""
+    with contextlib.suppress(IntegrityError):
+        Tally.objects.create(name="duplicate")
+    Tally.objects.filter(name="duplicate").update(value=F("value") + 1)
+
+
+@pytest.mark.parametrize("parallelism", [None, 1, 2])
+async def test_pooled_calls_keep_autocommits_error_recovery(
+    parallelism: int | None,
+) -> None:
+    await Tally.objects.acreate(name="duplicate")
+    post_save.connect(tally_despite_a_duplicate, sender=Author)
+    try:
+        async with stock_or_pooled(parallelism):
+            await Author.objects.acreate(name="saved")
+    finally:
+        post_save.disconnect(tally_despite_a_duplicate, sender=Author)
+    assert await Author.objects.filter(name="saved").acount() == 1
+    assert (await Tally.objects.aget(name="duplicate")).value == 1
