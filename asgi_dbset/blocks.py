@@ -59,6 +59,17 @@ django_logger = logging.getLogger("django.db.backends.base")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+@dataclass(slots=True, frozen=True)
+class Entered:
+    """Django's Atomic, entered on a lane's thread."""
+
+    atomic: Any
+    #: Left on an exception, it rolls back at once: the transaction it began,
+    #: or its savepoint (a nested block without one only marks the enclosing
+    #: block for rollback).
+    rolls_back: bool
+
+
 @dataclass(slots=True, eq=False)
 class Block:
     """One entered ``asgi_dbset.atomic()``: where its calls run."""
@@ -66,8 +77,8 @@ class Block:
     dbset: ConnectionSet
     alias: str
     lane: Lane
-    #: Django's Atomic, entered on the lane's thread.
-    entered: Any
+    #: Django's Atomic, as entered on the lane's thread.
+    entered: Entered
     #: The task that entered it: only that task may leave it.
     owner: asyncio.Task[Any] | None
     #: The block around this one, if any (of any alias).
@@ -263,12 +274,12 @@ class AsyncAtomic:
             del self._entered[task]
         dbset = block.dbset
         leave = functools.partial(_leave, block.entered, exc_type, exc, tb)
-        if exc_type is not None and (self.savepoint or block.lane.index != 0):
-            # Left on an exception, the block rolls back its transaction (an
-            # extra lane's is its own) or its savepoint, and everything run in
-            # it since: a query still running there for a caller that gave up
-            # (not cancelled then: that would have aborted the transaction) is
-            # cancelled now, and the rollback does not wait for it.
+        if exc_type is not None and block.entered.rolls_back:
+            # Left on an exception, the block rolls back its transaction or its
+            # savepoint, and everything run in it since: a call still running
+            # there for a caller that gave up (its query not cancelled then:
+            # that would have aborted the transaction) is stopped now, its
+            # query cancelled, and the rollback does not wait for it.
             dbset.cancel_abandoned(block.lane, block.alias)
         try:
             # The commit or rollback runs to its end on the server, and the
@@ -288,21 +299,24 @@ class AsyncAtomic:
                 await own.__aexit__(exc_type, exc, tb)
 
 
-def _enter(alias: str, savepoint: bool, durable: bool) -> Any:
+def _enter(alias: str, savepoint: bool, durable: bool) -> Entered:
     """On the block's lane: Django's atomic, entered on this thread."""
-    entered = transaction.atomic(using=alias, savepoint=savepoint, durable=durable)
-    entered.__enter__()
-    return entered
+    connection = transaction.get_connection(alias)
+    outermost = not connection.in_atomic_block
+    atomic = transaction.atomic(using=alias, savepoint=savepoint, durable=durable)
+    atomic.__enter__()
+    # (A nested block pushes its savepoint's id, or None without one.)
+    return Entered(atomic, outermost or connection.savepoint_ids[-1] is not None)
 
 
 def _leave(
-    entered: Any,
+    entered: Entered,
     exc_type: type[BaseException] | None,
     exc: BaseException | None,
     tb: TracebackType | None,
 ) -> None:
     """On the block's lane: commit (and run the on_commit callbacks) or roll back."""
-    entered.__exit__(exc_type, exc, tb)
+    entered.atomic.__exit__(exc_type, exc, tb)
 
 
 async def on_commit(

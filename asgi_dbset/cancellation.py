@@ -206,19 +206,18 @@ class Job:
             return True
 
     def stop_abandoned(self, alias: str) -> bool:
-        """A block of *alias* is left on an exception: refuse the job's next
-        queries, and True (cancel it), if its caller has given up and it runs
-        a query of that alias now - inside the transaction being rolled back."""
+        """A block of *alias* on the job's lane is left on an exception: if
+        the job's caller has given up, refuse its next queries (it runs in
+        the transaction being rolled back), and True (cancel it) if it runs a
+        query of that alias now. A query on another database's connection is
+        outside that transaction: the job goes on."""
         with self._lock:
-            if (
-                self.state != Job.RUNNING
-                or not self.abandoned
-                or self._query_conn is None
-                or self._query_alias != alias
-            ):
+            if self.state != Job.RUNNING or not self.abandoned:
+                return False
+            if self._query_conn is not None and self._query_alias != alias:
                 return False
             self.stopped = True
-            return True
+            return self._query_conn is not None
 
     def claim_cancel(self) -> bool:
         """True unless a cancel loop of the job runs: the caller starts one."""

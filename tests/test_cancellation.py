@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -290,3 +291,53 @@ async def test_a_block_left_on_an_exception_cancels_the_query_its_caller_gave_up
     assert (out, await sync_to_async(names)("nb")) == ("committed", ["nbo-a", "nbo-b"])
     assert took < 5, took
     assert await asyncio.to_thread(active_sleeps) == 0
+
+
+@pytest.mark.parametrize("p", [1, 4])
+async def test_a_block_left_while_its_abandoned_call_is_between_queries_does_not_wait(
+    p: int,
+) -> None:
+    # The abandoned call is in Python code (an HTTP call in a receiver, say)
+    # when the block is left: its next query is refused, so the rollback does
+    # not wait for it.
+    def slow_receiver(sender: Any, instance: Author, **kwargs: Any) -> None:
+        if instance.name.startswith("bq-"):
+            time.sleep(0.5)
+            sleeping(3).count()
+
+    async def body() -> float:
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asgi_dbset.atomic():
+                async with asyncio.timeout(0.2):
+                    await Author.objects.acreate(name="bq-x")
+        return time.monotonic() - started
+
+    post_save.connect(slow_receiver, sender=Author)
+    try:
+        took = await in_request(p, body, 30.0 if p == 1 else None)
+    finally:
+        post_save.disconnect(slow_receiver, sender=Author)
+    assert await sync_to_async(names)("bq") == []
+    assert took < 1.5, f"the block's exit waited {took:.2f} s for the abandoned call"
+
+
+@pytest.mark.parametrize("savepoint", [True, False])
+async def test_an_outermost_block_on_lane_0_left_on_an_exception_does_not_wait(
+    savepoint: bool,
+) -> None:
+    # At parallelism 1 (with a statement timeout, so calls are routed) the
+    # block is on lane 0 and is a whole transaction, whatever `savepoint`
+    # says: its rollback cancels the query its caller gave up on.
+    async def body() -> float:
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asgi_dbset.atomic(savepoint=savepoint):
+                await Author.objects.acreate(name="sp-a")
+                async with asyncio.timeout(0.2):
+                    await sleeping(3).acount()
+        return time.monotonic() - started
+
+    took = await in_request(1, body, 30.0)
+    assert await sync_to_async(names)("sp") == []
+    assert took < 1.5, f"the block's exit waited {took:.2f} s for the abandoned query"
