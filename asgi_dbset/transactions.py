@@ -61,8 +61,12 @@ EVERY_ALIAS: Final = "*"
 
 
 def _inside(aliases: frozenset[str], alias: str) -> bool:
-    """Is a call for *alias* inside one of lane 0's transactions (*aliases*)?"""
-    return bool(aliases) if alias == EVERY_ALIAS else alias in aliases
+    """Must a call for *alias* stay on lane 0, behind its transactions
+    (*aliases*)? Yes while lane 0 is inside a transaction of any alias: a
+    call for one database may touch another - a signal receiver writing
+    elsewhere, a router - and on stock Django those queries run inside the
+    transaction lane 0 holds there."""
+    return bool(aliases)
 
 
 class TransactionReports:

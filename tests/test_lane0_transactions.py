@@ -16,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connections, transaction
+from django.db.models.signals import post_save
 
 from asgi_dbset import connection_set
 from asgi_dbset.budget import budget
 from tests.helpers import sleeping
-from tests.testapp.models import Author
+from tests.testapp.models import Author, Tally
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -119,4 +121,43 @@ async def test_calls_leave_lane_zero_again_once_the_transaction_ends() -> None:
         await sync_to_async(connections.close_all)()
     assert inside == {0}
     assert len(after) == 3
+    assert budget.total == 0
+
+
+def tally_elsewhere(sender: Any, instance: Author, **kwargs: Any) -> None:
+    """A receiver that writes to another database than its model's."""
+    Tally.objects.using("other").create(name=f"saved {instance.name}")
+
+
+async def save_while_another_database_is_in_a_transaction(
+    parallel: bool, tag: str
+) -> int:
+    """Lane 0 holds a transaction on ``other`` (entered through sync_to_async)
+    and rolls it back; meanwhile an author is saved on ``default``, whose
+    receiver writes to ``other``: on stock Django that write is inside lane 0's
+    transaction and rolls back with it."""
+    post_save.connect(tally_elsewhere, sender=Author)
+    try:
+        async with request_like(parallel):
+            block = transaction.atomic(using="other")
+            await sync_to_async(block.__enter__)()
+            try:
+                await asyncio.gather(
+                    sleeping(0.3).acount(), Author.objects.acreate(name=tag)
+                )
+            finally:
+                error = RollbackRequestedError()
+                await sync_to_async(block.__exit__)(type(error), error, None)
+    finally:
+        post_save.disconnect(tally_elsewhere, sender=Author)
+    return await Tally.objects.using("other").filter(name=f"saved {tag}").acount()
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+async def test_a_call_for_one_database_stays_behind_lane_0s_transaction_on_another() -> (
+    None
+):
+    stock = await save_while_another_database_is_in_a_transaction(False, "stock")
+    library = await save_while_another_database_is_in_a_transaction(True, "library")
+    assert library == stock == 0
     assert budget.total == 0

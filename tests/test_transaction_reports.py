@@ -38,12 +38,14 @@ def test_the_report_of_lane_0s_latest_call_decides() -> None:
     assert reports.verdict("default") == CREDIT
     reports.post(g, frozenset({"default"}))
     assert reports.verdict("default") == LANE0
-    assert reports.verdict("other") == CLEAR
+    # (A call for another database may touch this one - a receiver, a
+    # router - where stock runs it inside lane 0's transaction.)
+    assert reports.verdict("other") == LANE0
     # Last seen inside one: the next report is waited for on the loop.
     reports.next_generation()
     assert not reports.likely_clear("default")
     assert reports.verdict("default") == REPORT
-    assert reports.verdict("other") == CREDIT
+    assert reports.verdict("other") == REPORT
 
 
 def test_a_withdrawn_call_keeps_its_calls_on_lane_0() -> None:
@@ -105,12 +107,17 @@ def test_an_extra_lane_runs_its_call_on_credit_only_if_the_report_clears_it() ->
     reports = TransactionReports()
     g = reports.next_generation()
     cleared, answer_a, _ = wait_on_a_thread(reports, g, "other")
-    kept, answer_b, _ = wait_on_a_thread(reports, g, "default")
-    reports.post(g, frozenset({"default"}))
+    reports.post(g, NONE)
     cleared.join(30)
-    kept.join(30)
     assert answer_a == [True]
-    assert answer_b == [False]
+    # Lane 0 inside a transaction of any database keeps every call.
+    g = reports.next_generation()
+    kept_a, answer_b, _ = wait_on_a_thread(reports, g, "other")
+    kept_b, answer_c, _ = wait_on_a_thread(reports, g, "default")
+    reports.post(g, frozenset({"default"}))
+    kept_a.join(30)
+    kept_b.join(30)
+    assert answer_b == answer_c == [False]
 
 
 def test_an_extra_lane_stops_waiting_when_the_report_will_not_come() -> None:
@@ -138,7 +145,7 @@ def test_a_call_for_every_alias_is_clear_only_outside_every_transaction() -> Non
     reports = TransactionReports()
     g = reports.next_generation()
     reports.post(g, frozenset({"other"}))
-    assert reports.verdict("default") == CLEAR
+    assert reports.verdict("default") == LANE0
     assert reports.verdict(EVERY_ALIAS) == LANE0
     g = reports.next_generation()
     assert not reports.likely_clear(EVERY_ALIAS)
