@@ -15,15 +15,15 @@ from asgiref.sync import iscoroutinefunction
 
 from .conf import conf
 from .context import current_set
-from .dbset import ConnectionSet
+from .dbset import BlockSettings, ConnectionSet
 from .validation import validate_parallelism, validate_statement_timeout
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-# What a block form changed in the set it entered: parallelism, statement
-# timeout, and whether a snapshot was on.
-_Previous = tuple[int, float | None, bool]
+# What a block form changed in the set it entered: the settings to restore
+# (its entry in the set's open blocks), and whether it holds the snapshot.
+_Previous = tuple[BlockSettings, bool]
 
 
 class Unset:
@@ -137,8 +137,14 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
 
     With ``snapshot=True``, every call of the view (or block), on every lane,
     reads one consistent snapshot of its database (see
-    ``docs/transactions.md``); a snapshot already on stays. The decorator's
-    snapshot ends when the view returns.
+    ``docs/transactions.md``); a snapshot already on is shared. The snapshot
+    ends when the last view or block of the set that asked for it has
+    returned (the decorator's: when the view returns); a block without
+    ``snapshot=True`` never ends one.
+
+    Blocks open at once in one set (gathered helpers) share its parallelism
+    and statement timeout: the last one entered sets them, and when every
+    block has left the set has the settings it had before the first.
     """
 
     def __init__(
@@ -188,10 +194,12 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
                 dbset.parallelism = min(self.n, conf.MAX_PARALLELISM)
                 if not isinstance(self.statement_timeout, Unset):
                     dbset.statement_timeout = self.statement_timeout
-                if self.snapshot and not dbset.snapshot:
-                    # For the view's own calls: its transactions end when the
-                    # view returns, before Django returns the request's own
-                    # connection (a streaming body's calls come after).
+                if self.snapshot:
+                    # For the view's own calls: the view holds the snapshot
+                    # (one already on is shared) until it returns, so its
+                    # transactions end then, before Django returns the
+                    # request's own connection (a streaming body's calls come
+                    # after) - unless another holder is still in it.
                     dbset.begin_snapshot()
                     try:
                         return await view(*args, **kwargs)
@@ -209,7 +217,9 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
         dbset = active_set()
         previous: _Previous | None = None
         if dbset is not None:
-            previous = (dbset.parallelism, dbset.statement_timeout, dbset.snapshot)
+            found = BlockSettings(dbset.parallelism, dbset.statement_timeout)
+            dbset.open_blocks.append(found)
+            previous = (found, self.snapshot)
             dbset.parallelism = n
             if not isinstance(self.statement_timeout, Unset):
                 dbset.statement_timeout = self.statement_timeout
@@ -231,12 +241,23 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
         if previous is None:
             await dbset.__aexit__(*exc_info)
         elif not dbset.closed:
-            parallelism, statement_timeout, had_snapshot = previous
+            found, holds_snapshot = previous
             try:
-                if not had_snapshot:
-                    await dbset.end_snapshot()  # (before its lanes may go back)
+                # Only a block that asked for the snapshot lets go of it; the
+                # last holder ends it (before its lanes may go back).
+                if holds_snapshot:
+                    await dbset.end_snapshot()
             finally:
-                dbset.parallelism, dbset.statement_timeout = (
-                    parallelism,
-                    statement_timeout,
-                )
+                blocks = dbset.open_blocks
+                at = next(i for i, block in enumerate(blocks) if block is found)
+                del blocks[at]
+                if at < len(blocks):
+                    # A block entered after this one is still open (a
+                    # concurrent task's): the settings it set stay, and it
+                    # restores what this block found when it exits in turn.
+                    later = blocks[at]
+                    later.parallelism = found.parallelism
+                    later.statement_timeout = found.statement_timeout
+                else:
+                    dbset.parallelism = found.parallelism
+                    dbset.statement_timeout = found.statement_timeout

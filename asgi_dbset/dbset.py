@@ -67,6 +67,17 @@ _OUTLIVED = (
 )
 
 
+class BlockSettings:
+    """What a block form (``db_parallelism``) open in a set restores at its
+    exit: the parallelism and statement timeout it found at its entry."""
+
+    __slots__ = ("parallelism", "statement_timeout")
+
+    def __init__(self, parallelism: int, statement_timeout: float | None) -> None:
+        self.parallelism = parallelism
+        self.statement_timeout = statement_timeout
+
+
 class ConnectionSet:
     """The lanes of one request or block; see the module docstring.
 
@@ -83,10 +94,12 @@ class ConnectionSet:
         "_outer",
         "_record_stock_calls",
         "_scheduler",
+        "_snapshot_holders",
         "_statement_timeout",
         "_token",
         "_warned_fallback",
         "closed_at",
+        "open_blocks",
         "opened_at",
         "passes_through",
         "peak_parallelism",
@@ -140,6 +153,12 @@ class ConnectionSet:
                     f"{snapshot!r}."
                 )
             self._scheduler.snapshot = Snapshot()
+        #: Who holds the snapshot (see begin_snapshot): a set made with one
+        #: holds it for its whole life.
+        self._snapshot_holders = int(snapshot)
+        #: The block forms open in the set, in the order they were entered
+        #: (kept by asgi_dbset.api.db_parallelism).
+        self.open_blocks: list[BlockSettings] = []
         if transaction_pooled:
             self._scheduler.transaction_pooled = frozenset(transaction_pooled)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -197,16 +216,23 @@ class ConnectionSet:
         return self._scheduler.snapshot is not None
 
     def begin_snapshot(self) -> None:
-        """From now on every call reads one snapshot per database, taken by
-        the first call of each (a snapshot already on stays)."""
+        """Hold the snapshot: from now on every call reads one snapshot per
+        database, taken by the first call of each (a snapshot already on is
+        shared). It lasts until every holder has called :meth:`end_snapshot`
+        (a set made with ``snapshot=True`` holds it until it closes)."""
+        self._snapshot_holders += 1
         if self._scheduler.snapshot is None:
             self._scheduler.snapshot = Snapshot()
             self._update_routing()
 
     async def end_snapshot(self) -> None:
-        """End the snapshot: its transactions end on every lane, even if the
-        caller is cancelled meanwhile."""
-        if self._scheduler.snapshot is None:
+        """Let go of the snapshot held by :meth:`begin_snapshot`; the last
+        holder's call ends it: its transactions end on every lane, even if
+        the caller is cancelled meanwhile."""
+        self._snapshot_holders = max(self._snapshot_holders - 1, 0)
+        # A holder still in it (a concurrent block or view of the set, or the
+        # set itself) reads on in the same snapshot.
+        if self._snapshot_holders or self._scheduler.snapshot is None:
             return
         outer = getattr(AsyncToSync.executors, "current", None)
         try:

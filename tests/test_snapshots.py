@@ -411,3 +411,131 @@ async def test_an_open_cursor_outlives_a_failed_call_in_the_snapshot(
                 await sync_to_async(connections.close_all)()
     assert results[1] == results[0] == [f"b{i:02}" for i in range(10)]
     assert budget.total == 0
+
+
+def insert_author(alias: str = "default") -> None:
+    """A concurrent writer's committed row."""
+    with psycopg.connect(dsn_of(alias), autocommit=True) as conn:
+        conn.execute("INSERT INTO testapp_author (name) VALUES ('concurrent')")
+
+
+async def two_counts() -> int:
+    count, _ = await asyncio.gather(Author.objects.acount(), Book.objects.acount())
+    return count
+
+
+def block_a(how: str) -> Any:
+    """The sibling entered first, which leaves first."""
+    if how == "decorated":
+        return db_parallelism(2, snapshot=True)(two_counts)
+
+    async def block() -> int:
+        async with db_parallelism(
+            2, statement_timeout=30.0, snapshot=how == "block with a snapshot"
+        ):
+            return await two_counts()
+
+    return block
+
+
+@db_parallelism(2, snapshot=True)
+async def _decorated_b(a_done: asyncio.Event) -> tuple[int, int]:
+    return await _reads_b(a_done)
+
+
+async def _reads_b(a_done: asyncio.Event) -> tuple[int, int]:
+    before = await two_counts()
+    await a_done.wait()
+    await asyncio.to_thread(insert_author)
+    return before, await two_counts()
+
+
+async def siblings(how: str) -> tuple[tuple[int, int], list[Any]]:
+    """Two helpers gathered in one request: A (entered first, a block or a
+    decorated coroutine) leaves while B, with a snapshot, still reads in it;
+    a writer commits a row in between. Returns B's two counts and the set's
+    (snapshot, parallelism, statement timeout, transactions left open) at A's
+    exit, at B's exit and at the end."""
+    a_done = asyncio.Event()
+    seen: list[Any] = []
+
+    async def part_a() -> None:
+        await block_a(how)()
+        seen.append((dbset.snapshot, dbset.parallelism, dbset.statement_timeout))
+        a_done.set()
+
+    async def part_b() -> tuple[int, int]:
+        if how == "decorated":
+            result = await _decorated_b(a_done)
+        else:
+            async with db_parallelism(3, snapshot=True):
+                result = await _reads_b(a_done)
+        seen.append((dbset.snapshot, dbset.parallelism, dbset.statement_timeout))
+        return result
+
+    async with ThreadSensitiveContext():
+        try:
+            async with connection_set(parallelism=1, lease_timeout=5.0) as dbset:
+                await asyncio.sleep(0)
+                _, counts = await asyncio.wait_for(
+                    asyncio.gather(part_a(), part_b()), 30
+                )
+                seen.append(await asyncio.to_thread(idle_in_transaction))
+        finally:
+            await sync_to_async(connections.close_all)()
+    return counts, seen
+
+
+@pytest.mark.parametrize(
+    "how", ["block without a snapshot", "block with a snapshot", "decorated"]
+)
+async def test_a_sibling_leaving_first_does_not_end_the_others_snapshot(
+    how: str,
+) -> None:
+    await Author.objects.acreate(name="first")
+    counts, seen = await siblings(how)
+    # B's reads are of one snapshot, taken before the concurrent write.
+    assert counts == (1, 1)
+    a_left, b_left, left_open = seen
+    assert a_left[0]  # the snapshot outlived A, for B
+    # B's snapshot ended with B, before its lanes could go back.
+    assert not b_left[0]
+    assert left_open == 0
+    if how != "decorated":
+        # B, entered last, keeps its parallelism (3) until it leaves; when both
+        # have left, the set has its own settings again, whatever the order.
+        assert a_left[1:] == (3, 30.0)
+        assert b_left[1:] == (1, None)
+    assert budget.total == 0
+
+
+async def test_nested_blocks_keep_the_snapshot_they_found() -> None:
+    """Plain nesting as before: an inner block, with or without a snapshot of
+    its own, leaves on the snapshot it found; the outer block's ends with it;
+    a set's own snapshot lasts until the set closes."""
+    await Author.objects.acreate(name="first")
+    on: list[bool] = []
+    async with ThreadSensitiveContext():
+        try:
+            async with connection_set(snapshot=True, lease_timeout=5.0) as dbset:
+                await two_counts()
+                for snapshot in (True, False):
+                    async with db_parallelism(2, snapshot=snapshot):
+                        await two_counts()
+                    on.append(dbset.snapshot)
+            async with connection_set(lease_timeout=5.0) as dbset:
+                async with db_parallelism(2, snapshot=True):
+                    before = await two_counts()
+                    for snapshot in (True, False):
+                        async with db_parallelism(1, snapshot=snapshot):
+                            await two_counts()
+                        on.append(dbset.snapshot)
+                    await asyncio.to_thread(insert_author)
+                    after = await two_counts()
+                on.append(dbset.snapshot)
+        finally:
+            await sync_to_async(connections.close_all)()
+    assert on == [True, True, True, True, False]
+    assert (before, after) == (1, 1)
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
