@@ -7,11 +7,14 @@ keyword arguments of :class:`~.dbset.ConnectionSet`.
 from __future__ import annotations
 
 import functools
+import inspect
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from asgiref.sync import iscoroutinefunction
+from django.core.exceptions import ImproperlyConfigured
 
 from .conf import conf
 from .context import current_set
@@ -112,17 +115,63 @@ def set_from_settings(
 
 
 def _is_method_decorator_dummy(func: Callable[..., Any]) -> bool:
-    # method_decorator() applies the decorator once to a synchronous dummy, only
-    # to copy its attributes (Django 5.2); the real method is checked on the
-    # class, where the decorated coroutine is wrapped.
+    # method_decorator() applies the decorator once to a synchronous dummy when
+    # the class is defined, only to copy its attributes (Django 5.2, 6.1).
     return getattr(func, "__module__", None) == "django.utils.decorators"
+
+
+def _decorated_by_method_decorator() -> tuple[Callable[..., Any], object] | None:
+    """When method_decorator() applies the decorator to its dummy: the method it
+    decorates, and what it was given - the class when it decorates a method by
+    name, else the method itself. None if Django's frames are not those of
+    Django 5.2 and 6.1 (the call's own check then refuses a sync view)."""
+    # The nearest _multi_decorate: past db_parallelism's own frames and
+    # _update_method_wrapper's, which applies the decorator to the dummy.
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if (
+            frame.f_code.co_name == "_multi_decorate"
+            and frame.f_globals.get("__name__") == "django.utils.decorators"
+        ):
+            break
+        if frame.f_back is None:
+            return None
+        frame = frame.f_back
+    else:
+        return None
+    method = frame.f_locals.get("method")
+    caller = frame.f_back
+    if not callable(method) or caller is None or caller.f_code.co_name != "_dec":
+        return None
+    return method, caller.f_locals.get("obj")
+
+
+def _bound_view(func: Callable[..., Any]) -> object | None:
+    """The instance whose method method_decorator() hands the decorator on each
+    call (a partial of the bound method, maybe under the decorators applied
+    before this one), or None."""
+    wrapped: object = func
+    for _ in range(16):
+        if isinstance(wrapped, functools.partial):
+            return getattr(wrapped.func, "__self__", None)
+        wrapped = getattr(wrapped, "__wrapped__", None)  # (from functools.wraps)
+    return None
+
+
+def _is_async_view(cls: object) -> bool | None:
+    """Whether ``cls`` is an async class-based view (False if it is no view);
+    None if Django refuses its mix of sync and async handlers itself."""
+    try:
+        return getattr(cls, "view_is_async", False) is True
+    except ImproperlyConfigured:
+        return None
 
 
 class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
     """Run a view's (or a block's) ORM calls on up to ``n`` connections.
 
     As a decorator on an async view (function, ``View.as_view()`` result, or
-    through ``method_decorator``)::
+    through ``method_decorator`` on a handler or on ``dispatch``)::
 
         @db_parallelism(3)
         async def dashboard(request): ...
@@ -177,40 +226,94 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
                 f"@db_parallelism({self.n}) decorates an async view; got {view!r}. "
                 f"Write @db_parallelism({self.n}) directly above `async def`."
             )
-        if not iscoroutinefunction(view) and not _is_method_decorator_dummy(view):
-            name = getattr(view, "__qualname__", repr(view))
-            raise TypeError(
-                f"@db_parallelism({self.n}) needs an async view, but {name} is "
-                f"synchronous. Write it as `async def` and use the async ORM "
-                f"(aget, acount, async for ...), or remove the decorator: a sync "
-                f"view runs its queries on one connection."
-            )
+        if iscoroutinefunction(view):
+            pass
+        elif _is_method_decorator_dummy(view):
+            self._check_method()
+        elif _bound_view(view) is not None:
+            return self._wrap_sync_method(view)  # type: ignore[return-value]
+        else:
+            self._refuse(getattr(view, "__qualname__", repr(view)))
 
         @functools.wraps(view)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            dbset = active_set()
-            if dbset is not None:
-                # The request's settings from here on, streaming body included.
-                dbset.parallelism = min(self.n, conf.MAX_PARALLELISM)
-                if not isinstance(self.statement_timeout, Unset):
-                    dbset.statement_timeout = self.statement_timeout
-                if self.snapshot:
-                    # For the view's own calls: the view holds the snapshot
-                    # (one already on is shared) until it returns, so its
-                    # transactions end then, before Django returns the
-                    # request's own connection (a streaming body's calls come
-                    # after) - unless another holder is still in it.
-                    dbset.begin_snapshot()
-                    try:
-                        return await view(*args, **kwargs)
-                    finally:
-                        await dbset.end_snapshot()
-                return await view(*args, **kwargs)
-            async with self:
-                return await view(*args, **kwargs)
+            return await self._run(view, args, kwargs)
 
         wrapper.db_parallelism = self.n  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
+
+    def _refuse(self, name: str) -> NoReturn:
+        raise TypeError(
+            f"@db_parallelism({self.n}) needs an async view, but {name} is "
+            f"synchronous. Write it as `async def` and use the async ORM "
+            f"(aget, acount, async for ...), or remove the decorator: a sync "
+            f"view runs its queries on one connection."
+        )
+
+    def _check_method(self) -> None:
+        """method_decorator(), as the class is defined: refuse a sync view now,
+        where it can be told, rather than on each request."""
+        decorated = _decorated_by_method_decorator()
+        if decorated is None:
+            return  # (checked on each call, below)
+        method, owner = decorated
+        if iscoroutinefunction(method):
+            return
+        if isinstance(owner, type):
+            # By name on the class (name="dispatch"): the class is complete.
+            if _is_async_view(owner) is False:
+                self._refuse(owner.__qualname__)
+        elif getattr(method, "__name__", None) != "dispatch":
+            # A sync handler makes its view sync (Django wants all of one kind);
+            # only dispatch, sync in async views too, waits for its class.
+            self._refuse(getattr(method, "__qualname__", repr(method)))
+
+    def _wrap_sync_method(self, bound: Callable[..., Any]) -> Callable[..., Any]:
+        """method_decorator(), on a call: a sync method (``dispatch``) of an
+        async class-based view, which returns the handler's coroutine."""
+        instance = _bound_view(bound)
+
+        @functools.wraps(bound)
+        def wrapper(*args: Any, **kwargs: Any) -> Awaitable[Any]:
+            # Before the view runs: a sync view's response would not be awaited.
+            if not _is_async_view(type(instance)):
+                self._refuse(type(instance).__qualname__)
+            return self._run(bound, args, kwargs)
+
+        wrapper.db_parallelism = self.n  # type: ignore[attr-defined]
+        return wrapper
+
+    async def _run(
+        self, view: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        async def call() -> Any:
+            result = view(*args, **kwargs)
+            # A sync dispatch returns the handler's coroutine: the parallelism
+            # holds until it has run.
+            if inspect.isawaitable(result):
+                return await result
+            return result
+
+        dbset = active_set()
+        if dbset is not None:
+            # The request's settings from here on, streaming body included.
+            dbset.parallelism = min(self.n, conf.MAX_PARALLELISM)
+            if not isinstance(self.statement_timeout, Unset):
+                dbset.statement_timeout = self.statement_timeout
+            if self.snapshot:
+                # For the view's own calls: the view holds the snapshot (one
+                # already on is shared) until it returns, so its transactions
+                # end then, before Django returns the request's own connection
+                # (a streaming body's calls come after) - unless another holder
+                # is still in it.
+                dbset.begin_snapshot()
+                try:
+                    return await call()
+                finally:
+                    await dbset.end_snapshot()
+            return await call()
+        async with self:
+            return await call()
 
     async def __aenter__(self) -> ConnectionSet:
         n = min(self.n, conf.MAX_PARALLELISM)

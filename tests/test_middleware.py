@@ -44,7 +44,9 @@ def _counts(data: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.usefixtures("rows")
-@pytest.mark.parametrize("path", ["/dashboard/", "/cbv/", "/cbv-as-view/"])
+@pytest.mark.parametrize(
+    "path", ["/dashboard/", "/cbv/", "/cbv-dispatch/", "/cbv-as-view/"]
+)
 async def test_django_views_run_in_parallel(
     django_app: DBSetMiddleware, path: str
 ) -> None:

@@ -8,6 +8,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("dashboard/", views.dashboard),
     path("plain/", views.plain),
     path("cbv/", views.DashboardView.as_view()),
+    path("cbv-dispatch/", views.DispatchView.as_view()),
     path("cbv-as-view/", views.db_parallelism(3)(views.PlainView.as_view())),
     path("stream/", views.stream),
     path("fail/", views.fail),
