@@ -80,29 +80,35 @@ class DBSetMiddleware:
         # on a cancelled request (server shutdown) Django's handler unwinds at
         # once, leaving its view running, and only the set can cancel the
         # queries on the server.
-        async with ThreadSensitiveContext() as request_thread:
-            async with set_from_settings(values) as dbset:
-                scope["asgi_dbset"] = dbset
-                if server_timing or history > 0:
-                    dbset.record_stock_calls = True
-                send = _returning_lanes_when_complete(send, dbset)
-                if server_timing:
-                    send = _with_server_timing(send, dbset)
-                try:
-                    await self.app(scope, receive, send)
-                finally:
-                    if (
-                        self._returns_connections
-                        and request_thread in SyncToAsync.context_to_thread_executor
-                    ):
-                        # The app used the request's thread: return its
-                        # connections while the set is open (the lifespan
-                        # shutdown waits for open sets).
-                        await finish_shielded(
-                            stock_sync_to_async(close_old_connections)()
-                        )
-        if history > 0:
-            remember(scope.get("path", ""), dbset, history)
+        dbset: ConnectionSet | None = None
+        try:
+            async with ThreadSensitiveContext() as request_thread:
+                async with set_from_settings(values) as opened:
+                    dbset = opened
+                    scope["asgi_dbset"] = dbset
+                    if server_timing or history > 0:
+                        dbset.record_stock_calls = True
+                    send = _returning_lanes_when_complete(send, dbset)
+                    if server_timing:
+                        send = _with_server_timing(send, dbset)
+                    try:
+                        await self.app(scope, receive, send)
+                    finally:
+                        if (
+                            self._returns_connections
+                            and request_thread in SyncToAsync.context_to_thread_executor
+                        ):
+                            # The app used the request's thread: return its
+                            # connections while the set is open (the lifespan
+                            # shutdown waits for open sets).
+                            await finish_shielded(
+                                stock_sync_to_async(close_old_connections)()
+                            )
+        finally:
+            # (Failed and cancelled requests too: a timeline that showed only
+            # the requests that succeeded would hide the slow ones that failed.)
+            if history > 0 and dbset is not None:
+                remember(scope.get("path", ""), dbset, history)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         app_received = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 from django.core.asgi import get_asgi_application
@@ -108,3 +109,26 @@ async def test_pool_stats_are_readable_from_code() -> None:
     pools = get_pool_stats()
     assert "default" in pools
     assert pools["default"]["pool_max"] == 8
+
+
+class AppFailedError(Exception):
+    pass
+
+
+async def _failing_app(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app (as Starlette's error middleware does) that answers 500 and
+    re-raises its view's error, after one query."""
+    await sleeping(0).acount()
+    await send({"type": "http.response.start", "status": 500, "headers": []})
+    await send({"type": "http.response.body", "body": b"failed"})
+    raise AppFailedError
+
+
+@override_settings(ASGI_DBSET={"HISTORY": 3})
+async def test_history_keeps_a_request_whose_app_raised() -> None:
+    path = "/failed/"
+    with pytest.raises(AppFailedError):
+        await request(DBSetMiddleware(_failing_app), path)
+    summary = recent_requests()[-1]
+    assert summary.path == path
+    assert summary.figures["calls"] == 1
