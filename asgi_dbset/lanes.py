@@ -215,10 +215,7 @@ class Lane:
                         exc.__cause__, psycopg.errors.ReadOnlySqlTransaction
                     ):
                         raise SnapshotWriteError(
-                            f"{exc} - asgi_dbset: this call ran inside a consistent "
-                            "snapshot (db_parallelism(..., snapshot=True)), whose "
-                            "transactions are read only. Move the write out of the "
-                            "snapshot block, or into `async with asgi_dbset.atomic():`."
+                            _snapshot_write_refused(exc, wrapper.in_atomic_block)
                         ) from exc
                     raise
                 finally:
@@ -238,6 +235,27 @@ class Lane:
                             pass
 
         return await hop(loop, self._executor(outer), context, call)
+
+
+def _snapshot_write_refused(exc: BaseException, in_block: bool) -> str:
+    said = (
+        f"{exc} - asgi_dbset: this call ran inside a consistent snapshot "
+        "(db_parallelism(..., snapshot=True)), whose transactions are read only."
+    )
+    if in_block:
+        # (A block runs in the snapshot only on lane 0, when it could not have
+        # a lane of its own.)
+        return (
+            f"{said} Its asgi_dbset.atomic() block runs on the request's own "
+            "connection, which is in the snapshot, because it could not have a "
+            "lane of its own (parallelism 1, or no connection to spare). Enter "
+            "the block outside the snapshot block, or give the set a parallelism "
+            "above the lanes the snapshot uses."
+        )
+    return (
+        f"{said} Move the write out of the snapshot block, or into "
+        "`async with asgi_dbset.atomic():`."
+    )
 
 
 def thread_wrappers(

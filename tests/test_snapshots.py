@@ -539,3 +539,21 @@ async def test_nested_blocks_keep_the_snapshot_they_found() -> None:
     assert (before, after) == (1, 1)
     assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
+
+
+async def test_a_block_that_has_to_share_the_snapshots_lane_says_so() -> None:
+    # At parallelism 1 the block can only run on lane 0, which is in the
+    # snapshot: its write is refused, and the error says why and what to do.
+    async with ThreadSensitiveContext():
+        try:
+            async with connection_set(parallelism=1, snapshot=True):
+                await Author.objects.acount()
+                with pytest.raises(SnapshotWriteError) as raised:
+                    async with asgi_dbset.atomic():
+                        await Author.objects.acreate(name="refused")
+        finally:
+            await sync_to_async(connections.close_all)()
+    message = str(raised.value)
+    assert "lane of its own" in message
+    assert "into `async with asgi_dbset.atomic():`" not in message
+    assert await Author.objects.filter(name="refused").acount() == 0
