@@ -230,8 +230,8 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
             pass
         elif _is_method_decorator_dummy(view):
             self._check_method()
-        elif _bound_view(view) is not None:
-            return self._wrap_sync_method(view)  # type: ignore[return-value]
+        elif (instance := _bound_view(view)) is not None:
+            return self._wrap_sync_method(view, instance)  # type: ignore[return-value]
         else:
             self._refuse(getattr(view, "__qualname__", repr(view)))
 
@@ -268,10 +268,12 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
             # only dispatch, sync in async views too, waits for its class.
             self._refuse(getattr(method, "__qualname__", repr(method)))
 
-    def _wrap_sync_method(self, bound: Callable[..., Any]) -> Callable[..., Any]:
-        """method_decorator(), on a call: a sync method (``dispatch``) of an
-        async class-based view, which returns the handler's coroutine."""
-        instance = _bound_view(bound)
+    def _wrap_sync_method(
+        self, bound: Callable[..., Any], instance: object
+    ) -> Callable[..., Any]:
+        """method_decorator(), on a call: a sync method (``dispatch``) of
+        *instance*, an async class-based view, which returns the handler's
+        coroutine."""
 
         @functools.wraps(bound)
         def wrapper(*args: Any, **kwargs: Any) -> Awaitable[Any]:

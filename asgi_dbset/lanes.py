@@ -507,16 +507,13 @@ class PooledLane(Lane):
         return True
 
     async def return_on_worker(
-        self,
-        cursors: Sequence[types.GeneratorType[Any, None, None]] = (),
-        *,
-        block_open: bool = False,
+        self, cursors: Sequence[types.GeneratorType[Any, None, None]] = ()
     ) -> None:
         """Return every connection of the worker thread to its pool, after the
         calls already queued on it (closing *cursors*, ``aiterator()``
-        generators open on it, first), and give the worker back. With
-        *block_open* (the set closes while a transaction block holds the
-        lane), the block's transaction is rolled back first."""
+        generators open on it, first), and give the worker back. A
+        transaction still open there (a block that outlived its set) is
+        rolled back."""
 
         def return_all() -> None:
             for gen in cursors:
@@ -524,8 +521,6 @@ class PooledLane(Lane):
                     gen.close()  # closes its server-side cursor
                 except Exception:
                     logger.debug("asgi_dbset: error closing an iterator", exc_info=True)
-            if block_open:
-                roll_back_open_blocks()
             return_thread_connections()
 
         try:
@@ -536,6 +531,9 @@ class PooledLane(Lane):
 
 
 _TIMEOUT_ATTR = "_asgi_dbset_statement_timeout"
+
+
+_SET_LOCAL_TIMEOUT = "SELECT set_config('statement_timeout', %s, true)"
 
 
 def run_with_local_timeout(
@@ -567,7 +565,7 @@ def run_with_local_timeout(
             # with psycopg's.)
             return func(*args, **kwargs)
         row = conn.execute("SELECT current_setting('statement_timeout')").fetchone()
-        conn.execute("SELECT set_config('statement_timeout', %s, true)", [value])
+        conn.execute(_SET_LOCAL_TIMEOUT, [value])
         try:
             return func(*args, **kwargs)
         finally:
@@ -576,9 +574,7 @@ def run_with_local_timeout(
                 and not conn.closed
                 and conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
             ):
-                conn.execute(
-                    "SELECT set_config('statement_timeout', %s, true)", [row[0]]
-                )
+                conn.execute(_SET_LOCAL_TIMEOUT, [row[0]])
 
     def each_statement(
         execute: Callable[..., Any],
@@ -600,9 +596,6 @@ def run_with_local_timeout(
 
     with wrapper.execute_wrapper(each_statement):
         return func(*args, **kwargs)
-
-
-_SET_LOCAL_TIMEOUT = "SELECT set_config('statement_timeout', %s, true)"
 
 
 def set_statement_timeout(wrapper: BaseDatabaseWrapper, timeout_ms: int) -> None:
@@ -641,34 +634,10 @@ def return_thread_connections() -> None:
     """Return the calling thread's Django connections to their pools.
 
     Runs on the thread that owns them. A connection left inside a transaction
-    is rolled back by the pool; one that is broken is discarded by it. Every
+    is rolled back first; one that is broken is discarded by the pool. Every
     wrapper is left clean for the thread's next lane.
     """
     _return_all(connections.all(initialized_only=True), _return_connection)
-
-
-def roll_back_open_blocks() -> None:
-    """On a lane's thread: roll back the transaction of an ``asgi_dbset.atomic()``
-    block still open on the thread's connections (its set closed first: a task
-    that outlived its request). Its ``on_commit`` callbacks never run; the
-    wrappers are cleared when the connections go back."""
-    for wrapper in connections.all(initialized_only=True):
-        conn = wrapper.connection
-        if not wrapper.in_atomic_block or conn is None or conn.closed or conn.broken:
-            continue
-        stats.incr("rollbacks")
-        logger.warning(
-            "asgi_dbset: an asgi_dbset.atomic() block of database %r was still "
-            "open when its connection set closed (a task that outlived its "
-            "request?); its transaction is rolled back",
-            wrapper.alias,
-        )
-        try:
-            # The block's whole transaction, savepoints included: the block
-            # can never commit now (its next call is refused).
-            conn.rollback()
-        except psycopg.Error:
-            logger.debug("asgi_dbset: could not roll back a block", exc_info=True)
 
 
 def _return_all(
@@ -732,17 +701,25 @@ def _return_connection(wrapper: BaseDatabaseWrapper) -> None:
         leave_snapshot(wrapper)  # the set's own transaction: not a rollback
     except psycopg.Error:
         logger.debug("asgi_dbset: could not end a snapshot", exc_info=True)
-    reset_statement_timeout(wrapper)
     if conn.broken or conn.closed:
         stats.incr("connections_discarded")
         logger.warning(
             "asgi_dbset: discarding a broken connection of database %r", wrapper.alias
         )
     elif conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        # (An asgi_dbset.atomic() block whose task outlived its request, say.)
+        # Rolled back here, before the statement timeout is reset (a reset
+        # inside the transaction would be undone with it): a connection never
+        # goes back to its pool inside a transaction.
         stats.incr("rollbacks")
         logger.warning(
             "asgi_dbset: a connection of database %r was returned inside a "
             "transaction; it is rolled back",
             wrapper.alias,
         )
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            logger.debug("asgi_dbset: could not roll back", exc_info=True)
+    reset_statement_timeout(wrapper)
     wrapper.close()

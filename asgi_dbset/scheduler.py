@@ -993,15 +993,9 @@ class Scheduler:
         extra = [lane for lane in self._lanes if isinstance(lane, PooledLane)]
         self._lanes = [self._lane0]
         results = await asyncio.gather(
-            *(
-                # A block still holding its lane (its task outlived the
-                # request) is rolled back on it: never a half-committed block,
-                # never a connection returned inside its transaction.
-                _return_on_worker(
-                    lane, self._cursors_on(lane), block_open=lane.reserved
-                )
-                for lane in extra
-            ),
+            # (A block still holding its lane - its task outlived the request -
+            # is rolled back as its connection goes back: never half committed.)
+            *(_return_on_worker(lane, self._cursors_on(lane)) for lane in extra),
             return_exceptions=True,
         )
         for result in results:
@@ -1081,11 +1075,9 @@ class Scheduler:
             )
 
 
-async def _return_on_worker(
-    lane: PooledLane, cursors: list[GeneratorT], *, block_open: bool = False
-) -> None:
+async def _return_on_worker(lane: PooledLane, cursors: list[GeneratorT]) -> None:
     try:
-        await lane.return_on_worker(cursors, block_open=block_open)
+        await lane.return_on_worker(cursors)
     finally:
         _lane_returned(lane)
 
