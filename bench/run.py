@@ -1016,6 +1016,11 @@ def main(argv: list[str] | None = None) -> None:
         out = WORK / "results" / f"{date}-quick.json"
     else:
         out = BENCH / "results" / f"{date}.json"
+        if out.exists():
+            # A second full run on one day keeps the first: its file sorts
+            # after the day's first and before the next day's (the report
+            # compares each run with the newest file sorted before it).
+            out = out.with_name(f"{date}T{time.strftime('%H%M')}.json")
 
     say("preparing the database")
     pg = prepare_database()
