@@ -30,6 +30,7 @@ from contextvars import Token
 from typing import Any
 
 from asgiref.sync import AsyncToSync
+from django.db import transaction
 
 from . import routing, stats
 from .aio import finish_shielded
@@ -521,7 +522,24 @@ class ConnectionSet:
                 # The call runs with the connection that lane holds.
                 target = Target(pin.alias, scope=EVERY_ALIAS)
             return pin, target
-        return block.lane_for(self, target.alias), target
+        pin = block.lane_for(self, target.alias)
+        if target.also is None:
+            return pin, target
+        # A call that writes a second database (a many-to-many create whose
+        # links live elsewhere) is inside the block of either one, as on stock
+        # Django - which it can be only while they hold the same lane.
+        also = block.lane_for(self, target.also)
+        if also is None or also is pin:
+            return pin, target
+        if pin is not None:
+            raise transaction.TransactionManagementError(
+                f"asgi_dbset: this call writes databases {target.alias!r} and "
+                f"{target.also!r}, whose asgi_dbset.atomic() blocks run on "
+                "different connections: one call cannot run inside both. Make "
+                "the call outside the inner block, or write each database in "
+                "its own call."
+            )
+        return also, Target(target.also)
 
     # -- transaction blocks (asgi_dbset.atomic) ------------------------------
 

@@ -42,11 +42,14 @@ class Target:
     ``aiterator()`` whose chunks must all run on the connection that opened it.
     ``scope``, when set: what lane 0 must be outside a transaction of before
     the call may run elsewhere, in place of ``alias`` - ``EVERY_ALIAS`` for a
-    call that may touch any database (``sync_to_lane``)."""
+    call that may touch any database (``sync_to_lane``). ``also``: a second
+    database the call writes, when Django routes part of it elsewhere (a
+    many-to-many ``acreate`` whose link table lives apart from its model)."""
 
     alias: str
     cursor: types.GeneratorType[Any, None, None] | None = None
     scope: str | None = None
+    also: str | None = None
 
 
 def _queryset_alias(qs: QuerySet[Any] | Manager[Any], write: bool) -> str:
@@ -61,6 +64,31 @@ def _queryset_alias(qs: QuerySet[Any] | Manager[Any], write: bool) -> str:
     if write or getattr(qs, "_for_write", False):
         return str(router.db_for_write(qs.model, **hints))
     return str(router.db_for_read(qs.model, **hints))
+
+
+# Methods a many-to-many related manager runs on its link table's database.
+_LINK_WRITES = frozenset({"add", "remove", "clear", "set"})
+
+
+def _related_manager_target(
+    manager: Manager[Any], instance: Model, name: str
+) -> Target:
+    """Where Django's related manager method *name* writes: each of them asks
+    the routers itself, with only the manager's instance as hint - never the
+    manager's own ``_db`` or hints (``db_manager()``)."""
+    through = getattr(manager, "through", None)
+    if through is None:
+        # Reverse foreign key and generic relation managers: the related model.
+        return Target(str(router.db_for_write(manager.model, instance=instance)))
+    # Many-to-many: the links are written where the routers send the through
+    # model, which need not be where they send either end of the relation.
+    links = str(router.db_for_write(through, instance=instance))
+    if name in _LINK_WRITES:
+        return Target(links)
+    # create(), get_or_create(), update_or_create(): the object is written
+    # where the routers send the *instance's* model, then linked (add()).
+    alias = str(router.db_for_write(type(instance), instance=instance))
+    return Target(alias, also=None if links == alias else links)
 
 
 def _generator_alias(gen: types.GeneratorType[Any, None, None]) -> str:
@@ -102,6 +130,10 @@ def target_of(
             alias = router.db_for_write(type(owner), instance=owner)
         return Target(str(alias))
     if isinstance(owner, Manager):
+        # (Only related managers hand their own methods to sync_to_async.)
+        instance = getattr(owner, "instance", None)
+        if isinstance(instance, Model) and name in _WRITES:
+            return _related_manager_target(owner, instance, name)
         return Target(_queryset_alias(owner, name in _WRITES))
     if func is prefetch_related_objects:
         instances = args[0] if args else kwargs.get("model_instances")

@@ -9,26 +9,35 @@ library cannot keep such a router's semantics, and says so at startup
 variable (the recipe in docs/deployment.md) works on lanes exactly as on
 stock Django. Whatever alias Django picks on a lane, the call's queries there
 can be cancelled.
+
+A call runs on a lane of the database Django will send it to, as Django
+decides it: a related manager's writes go where the routers send the through
+model (many-to-many links) or the related model, whatever the manager's own
+alias - so a call inside ``asgi_dbset.atomic()`` of that database runs inside
+the block, as it does on stock Django.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
-from django.db import connections
+from django.db import connections, transaction
 from django.db.models.signals import post_save
 from django.test import override_settings
 
+import asgi_dbset
 from asgi_dbset import connection_set
 from asgi_dbset.budget import budget
 from asgi_dbset.checks import check_routers
-from tests.helpers import active_sleeps, sleeping
-from tests.testapp.models import Author, Book
+from tests.helpers import active_sleeps, checked_out, sleeping
+from tests.testapp.models import Author, Book, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
@@ -198,4 +207,208 @@ async def test_a_query_a_lane_runs_on_another_alias_is_cancelled_too() -> None:
             await sync_to_async(connections.close_all)()
     finally:
         post_save.disconnect(slow_audit, sender=Author)
+    assert budget.total == 0
+
+
+# -- related managers: the database Django writes, not the manager's model's -------
+
+Links = Tag.books.through
+
+
+class LinksElsewhereRouter:
+    """Tag.books' link table lives on "other"; every model on its instance's."""
+
+    def db_for_read(self, model: Any, **hints: Any) -> str | None:
+        return "other" if model is Links else None
+
+    def db_for_write(self, model: Any, **hints: Any) -> str | None:
+        return "other" if model is Links else None
+
+    def allow_relation(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+
+class RollbackRequestedError(Exception):
+    pass
+
+
+def seed_tags(count: int) -> tuple[list[Tag], Book]:
+    """Tags and a book on "default", copied to "other" under the same keys (the
+    link table's foreign keys are checked there)."""
+    author = Author.objects.create(name="linked")
+    book = Book.objects.create(title="linked", author=author)
+    tags = [Tag.objects.create(name=f"tag{i}") for i in range(count)]
+    Author.objects.using("other").create(pk=author.pk, name=author.name)
+    Book.objects.using("other").create(
+        pk=book.pk, title=book.title, author_id=author.pk
+    )
+    for tag in tags:
+        Tag.objects.using("other").create(pk=tag.pk, name=tag.name)
+    return tags, book
+
+
+def links(alias: str) -> list[tuple[int, int]]:
+    return sorted(Links.objects.using(alias).values_list("tag_id", "book_id"))
+
+
+def forget_links() -> None:
+    for alias in ("default", "other"):
+        Links.objects.using(alias).all().delete()
+
+
+@contextlib.asynccontextmanager
+async def request_with(parallelism: int) -> AsyncIterator[Any]:
+    """A request's thread and set; its connections closed even on a failure."""
+    async with ThreadSensitiveContext():
+        try:
+            async with connection_set(
+                parallelism=parallelism, lease_timeout=5.0
+            ) as dbset:
+                yield dbset
+        finally:
+            await sync_to_async(connections.close_all)()
+
+
+async def link_in_steps(tags: list[Tag], book: Book) -> list[list[tuple[int, int]]]:
+    """Gathered aadd, then aremove and aset, then aclear: the links after each."""
+    seen = []
+    await asyncio.gather(*(tag.books.aadd(book) for tag in tags))
+    seen.append(await sync_to_async(links)("other"))
+    await asyncio.gather(tags[0].books.aremove(book), tags[1].books.aset([]))
+    seen.append(await sync_to_async(links)("other"))
+    await asyncio.gather(*(tag.books.aclear() for tag in tags))
+    seen.append(await sync_to_async(links)("other"))
+    return seen
+
+
+@override_settings(DATABASE_ROUTERS=[LinksElsewhereRouter()])
+async def test_many_to_many_links_run_on_lanes_of_the_through_models_database() -> None:
+    tags, book = await sync_to_async(seed_tags)(4)
+    async with ThreadSensitiveContext():
+        stock = await link_in_steps(tags, book)
+        await sync_to_async(connections.close_all)()
+    before = checked_out("other")
+    async with request_with(4) as dbset:
+        await asyncio.gather(*(sleeping(0.1).acount() for _ in range(3)))
+        await asyncio.gather(*(tag.books.aadd(book) for tag in tags))
+        # Every connection to "other" the set holds is one of its lanes -
+        # lane 0's, or an extra lane of the budget's - and no lane of
+        # "default" opened one of its own, outside the budget, to write there.
+        assert checked_out("other") - before <= 1 + budget.held("other")
+        await sync_to_async(forget_links)()
+        library = await link_in_steps(tags, book)
+        names = {"add", "remove", "set", "clear"}
+        assert {r.alias for r in dbset.records if r.name in names} == {"other"}
+    everything = [(tag.pk, book.pk) for tag in tags]
+    assert stock[0] == everything
+    assert library == stock
+    assert await sync_to_async(links)("default") == []
+    assert budget.total == 0
+
+
+def stock_links_in_a_block(tag: Tag, book: Book) -> None:
+    with transaction.atomic(using="other"):
+        tag.books.add(book)
+        book.tags.create(name="stock-new")
+        raise RollbackRequestedError
+
+
+async def links_in_a_block(tag: Tag, book: Book) -> None:
+    async with asgi_dbset.atomic(using="other"):
+        await tag.books.aadd(book)
+        # (The tag is written on "default", where the book is; its link on
+        # "other": the call is inside the block of either database.)
+        await book.tags.acreate(name="lib-new")
+        raise RollbackRequestedError
+
+
+@override_settings(DATABASE_ROUTERS=[LinksElsewhereRouter()])
+async def test_links_made_inside_a_block_of_their_database_roll_back_with_it() -> None:
+    tags, book = await sync_to_async(seed_tags)(2)
+    async with ThreadSensitiveContext():
+        with contextlib.suppress(RollbackRequestedError):
+            await sync_to_async(stock_links_in_a_block)(tags[0], book)
+        await sync_to_async(connections.close_all)()
+    assert await sync_to_async(links)("other") == []
+    # Parallelism 3: the block holds an extra lane of "other", lane 0 is free.
+    async with request_with(3):
+        with contextlib.suppress(RollbackRequestedError):
+            await links_in_a_block(tags[1], book)
+    assert await sync_to_async(links)("other") == []
+    # The new tags were written on "default", in autocommit, both ways.
+    made = Tag.objects.filter(name__endswith="-new").order_by("name")
+    assert [t.name async for t in made] == ["lib-new", "stock-new"]
+    assert budget.total == 0
+
+
+async def relink_inside_a_block(tag: Tag, book: Book) -> list[tuple[int, int]]:
+    async with asgi_dbset.atomic(using="other"):
+        await Links.objects.acreate(tag=tag, book=book)
+        # Outside the block, this insert would wait for the block's own
+        # uncommitted link to commit or roll back: forever.
+        async with asyncio.timeout(10):
+            await tag.books.aadd(book)
+    return await sync_to_async(links)("other")
+
+
+def stock_relink(tag: Tag, book: Book) -> list[tuple[int, int]]:
+    with transaction.atomic(using="other"):
+        Links.objects.create(tag=tag, book=book)
+        tag.books.add(book)
+    return links("other")
+
+
+@override_settings(DATABASE_ROUTERS=[LinksElsewhereRouter()])
+async def test_a_link_the_block_already_made_is_seen_not_waited_for() -> None:
+    tags, book = await sync_to_async(seed_tags)(2)
+    async with ThreadSensitiveContext():
+        stock = await sync_to_async(stock_relink)(tags[0], book)
+        await sync_to_async(connections.close_all)()
+    async with request_with(3):
+        library = await relink_inside_a_block(tags[1], book)
+    assert stock == [(tags[0].pk, book.pk)]
+    assert library == [(tags[0].pk, book.pk), (tags[1].pk, book.pk)]
+    assert budget.total == 0
+
+
+def stock_create_by_a_db_manager(author: Author) -> None:
+    with transaction.atomic(using="default"):
+        # Django's related managers write where the routers send them, with
+        # the instance as hint: db_manager()'s alias is not asked.
+        author.books.db_manager("other").create(title="stock")
+        raise RollbackRequestedError
+
+
+async def test_a_related_managers_writes_ignore_its_db_manager_alias_as_in_django() -> (
+    None
+):
+    author = await Author.objects.acreate(name="the author")
+    async with ThreadSensitiveContext():
+        with contextlib.suppress(RollbackRequestedError):
+            await sync_to_async(stock_create_by_a_db_manager)(author)
+        await sync_to_async(connections.close_all)()
+    async with request_with(3):
+        with contextlib.suppress(RollbackRequestedError):
+            async with asgi_dbset.atomic(using="default"):
+                await author.books.db_manager("other").acreate(title="lib")
+                raise RollbackRequestedError
+    for alias in ("default", "other"):
+        assert [b.title async for b in Book.objects.using(alias)] == []
+    assert budget.total == 0
+
+
+@override_settings(DATABASE_ROUTERS=[LinksElsewhereRouter()])
+async def test_a_call_that_writes_two_blocks_on_two_lanes_is_refused() -> None:
+    _, book = await sync_to_async(seed_tags)(1)
+    async with request_with(4):
+        with contextlib.suppress(RollbackRequestedError):
+            async with asgi_dbset.atomic(using="default"):
+                async with asgi_dbset.atomic(using="other"):
+                    with pytest.raises(
+                        transaction.TransactionManagementError,
+                        match="different connections",
+                    ):
+                        await book.tags.acreate(name="refused")
+                    raise RollbackRequestedError
+    assert [t.name async for t in Tag.objects.filter(name="refused")] == []
     assert budget.total == 0
