@@ -23,12 +23,12 @@ from concurrent.futures import Executor
 from typing import Any
 
 import psycopg
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import snapshots, stats
 from .cancellation import Job
-from .context import current_set
+from .context import current_block, current_set
 from .errors import SnapshotWriteError
 from .hop import hop, request_thread_executor
 from .snapshots import Snapshot
@@ -111,6 +111,21 @@ class Lane:
         """The executor of the lane's thread; None when asgiref must make it."""
         raise NotImplementedError
 
+    def _blocks_elsewhere(self, alias: str) -> frozenset[str]:
+        """The databases, other than *alias*, whose ``asgi_dbset.atomic()``
+        blocks around the caller run on another lane (read on the loop, in the
+        caller's context): this lane's connections of them are outside those
+        blocks' transactions."""
+        block = current_block.get()
+        if block is None:
+            return _NO_ALIASES
+        found: set[str] = set()
+        while block is not None:
+            if block.lane is not self and block.alias != alias:
+                found.add(block.alias)
+            block = block.outer
+        return frozenset(found)
+
     def _before(
         self,
         wrapper: BaseDatabaseWrapper,
@@ -182,6 +197,7 @@ class Lane:
         # nothing set on the lane leaks into the caller, even on cancellation.
         context = contextvars.copy_context()
         context.run(current_set.set, None)
+        elsewhere = self._blocks_elsewhere(alias)
 
         def call() -> Any:
             if not job.begin(time.perf_counter()):
@@ -204,6 +220,13 @@ class Lane:
                 # those queries.
                 for each in wrappers:
                     each.execute_wrappers.append(job.guard)
+                # A database whose transaction block runs on another lane: a
+                # query on this thread's own connection of it would run outside
+                # that transaction, where Django runs it inside (a receiver
+                # writing there, say). It is refused, never sent.
+                refused = [each for each in wrappers if each.alias in elsewhere]
+                for each in refused:
+                    each.execute_wrappers.append(_outside_block(alias, each.alias))
                 try:
                     if local_ms is not None:
                         return run_with_local_timeout(
@@ -219,6 +242,8 @@ class Lane:
                         ) from exc
                     raise
                 finally:
+                    for each in refused:
+                        each.execute_wrappers.pop()
                     for each in wrappers:
                         each.execute_wrappers.pop()
             finally:
@@ -235,6 +260,23 @@ class Lane:
                             pass
 
         return await hop(loop, self._executor(outer), context, call)
+
+
+def _outside_block(call_alias: str, alias: str) -> Callable[..., Any]:
+    """An execute wrapper refusing every query: see ``Lane._blocks_elsewhere``."""
+
+    def refuse(*ignored: Any) -> Any:
+        raise transaction.TransactionManagementError(
+            f"asgi_dbset: a call for database {call_alias!r} made inside "
+            f"asgi_dbset.atomic(using={alias!r}) queried {alias!r} (from code it "
+            "runs: a signal receiver, a router, a method), on a connection "
+            "outside that block's transaction; Django would have run the query "
+            "inside it. Run that code on the block's connection - "
+            "`await asgi_dbset.sync_to_lane(fn)()` inside the block - or make "
+            "the call outside the block."
+        )
+
+    return refuse
 
 
 def _snapshot_write_refused(exc: BaseException, in_block: bool) -> str:

@@ -23,7 +23,7 @@ import asgi_dbset
 from asgi_dbset import connection_set
 from asgi_dbset.budget import budget
 from tests.helpers import active_sleeps, sleeping, timed
-from tests.testapp.models import Author
+from tests.testapp.models import Author, Tally
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
@@ -594,6 +594,56 @@ async def test_a_call_for_another_database_runs_outside_the_block_as_in_django()
     assert await anames("stock", "other") == ["stock-other"]
     assert await anames("lib") == []
     assert await anames("lib", "other") == ["lib-other"]
+
+
+def tally_on_other(sender: Any, instance: Author, **kwargs: Any) -> None:
+    """A receiver that writes to another database than its model's."""
+    Tally.objects.using("other").create(name=f"saved {instance.name}")
+
+
+async def test_a_query_of_the_blocks_database_from_another_connection_is_refused() -> (
+    None
+):
+    """A call for ``default`` inside a block of ``other``, whose receiver writes
+    ``other``: on stock Django (``transaction.atomic(using="other")`` around the
+    save) that write is inside the transaction and rolls back with it. The
+    call runs on a lane that is not the block's, where it could only write
+    outside the transaction: the query is refused, never sent. Run on the
+    block's lane (``sync_to_lane``), the write rolls back as on stock."""
+
+    def stock() -> None:
+        with transaction.atomic(using="other"):
+            Author.objects.create(name="stock")
+            raise RollbackRequestedError
+
+    post_save.connect(tally_on_other, sender=Author)
+    try:
+        async with request_like():
+            with contextlib.suppress(RollbackRequestedError):
+                await sync_to_async(stock)()
+            with contextlib.suppress(RollbackRequestedError):
+                async with asgi_dbset.atomic(using="other"):
+                    with pytest.raises(
+                        transaction.TransactionManagementError,
+                        match=r"made inside asgi_dbset\.atomic\(using='other'\) "
+                        r"queried 'other'.*sync_to_lane",
+                    ):
+                        await asyncio.gather(
+                            sleeping(0.05).acount(), Author.objects.acreate(name="lib")
+                        )
+                    await asgi_dbset.sync_to_lane(Author.objects.create)(
+                        name="lib on the block's lane"
+                    )
+                    raise RollbackRequestedError
+    finally:
+        post_save.disconnect(tally_on_other, sender=Author)
+    tallies = Tally.objects.using("other").values_list("name", flat=True)
+    assert [name async for name in tallies] == []  # both ways
+    # (The authors were written in autocommit, outside the block, both ways:
+    # the refused query was the receiver's, after the insert.)
+    assert await anames("stock") == ["stock"]
+    assert await anames("lib") == ["lib", "lib on the block's lane"]
+    assert budget.total == 0
 
 
 # -- bad use -----------------------------------------------------------------------------
