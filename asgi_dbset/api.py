@@ -203,6 +203,13 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
         statement_timeout: float | Unset | None = UNSET,
         snapshot: bool = False,
     ) -> None:
+        if callable(n):
+            # A bare @db_parallelism hands the view itself over as n.
+            raise TypeError(
+                "db_parallelism takes the number of connections first: write "
+                "@db_parallelism(3) above `async def`, not a bare @db_parallelism "
+                f"(it was given {getattr(n, '__qualname__', n)!r})."
+            )
         self.n = validate_parallelism(n, what="db_parallelism(n)")
         _validate_snapshot(snapshot, "db_parallelism(snapshot=...)")
         self.snapshot = snapshot

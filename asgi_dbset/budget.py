@@ -38,7 +38,7 @@ from . import stats
 from .conf import conf
 
 # psycopg_pool.ConnectionPool's own defaults.
-_POOL_MIN_SIZE = 4
+POOL_MIN_SIZE = 4
 
 
 def pool_options(alias: str) -> dict[str, Any] | None:
@@ -54,7 +54,7 @@ def pool_max_size(alias: str) -> int | None:
     options = pool_options(alias)
     if options is None:
         return None
-    min_size = int(options.get("min_size", _POOL_MIN_SIZE))
+    min_size = int(options.get("min_size", POOL_MIN_SIZE))
     max_size = options.get("max_size")
     return min_size if max_size is None else int(max_size)
 

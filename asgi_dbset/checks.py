@@ -15,9 +15,11 @@ from typing import Any
 from django.apps import AppConfig
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
+from django.core.exceptions import ImproperlyConfigured
+from django.db.utils import load_backend
 from django.utils.module_loading import import_string
 
-from .budget import pool_max_size, pool_options
+from .budget import POOL_MIN_SIZE, pool_max_size, pool_options
 from .conf import DEFAULTS
 from .history import MAX_HISTORY
 from .routing import install
@@ -147,7 +149,10 @@ def check_settings(
     parallel = _is_positive_int(maximum) and maximum > 1
     for alias, db in settings.DATABASES.items():
         engine = db.get("ENGINE", "")
-        if engine != _POSTGRES:
+        postgresql = _is_postgresql(engine)
+        if postgresql is None:
+            continue  # Django reports a backend it cannot load when it first uses it
+        if not postgresql:
             if parallel:
                 errors.append(
                     Warning(
@@ -158,8 +163,12 @@ def check_settings(
                     )
                 )
             continue
-        options = pool_options(alias)
-        if options is None:
+        pool = db.get("OPTIONS", {}).get("pool")
+        pool_error = _check_pool(alias, pool) if pool else None
+        if pool_error is not None:
+            errors.append(pool_error)
+            continue
+        if pool_options(alias) is None:
             if parallel:
                 errors.append(
                     Error(
@@ -188,12 +197,83 @@ def check_settings(
                     f"ASGI_DBSET['BUDGET'] ({budget}) does not fit the pool of database "
                     f"{alias!r} (max_size {max_size}): extra lanes must leave at least one "
                     "connection for requests' own connections.",
-                    hint=f"Set BUDGET to at most {max_size - 1}, or raise "
-                    f'DATABASES[{alias!r}]["OPTIONS"]["pool"]["max_size"] above {budget}.',
+                    # (BUDGET is at least 1: a pool of 1 can only grow.)
+                    hint=(
+                        f"Set BUDGET to at most {max_size - 1}, or raise "
+                        if max_size > 1
+                        else "Raise "
+                    )
+                    + f'DATABASES[{alias!r}]["OPTIONS"]["pool"]["max_size"] above {budget}.',
                     id="asgi_dbset.E010",
                 )
             )
+        elif parallel and budget is None and max_size is not None and max_size < 2:
+            # Without BUDGET an alias lends max_size // 2 extra lanes: none here.
+            errors.append(
+                Warning(
+                    f"The pool of database {alias!r} has max_size {max_size}, so it "
+                    "lends no extra lane: its calls run one at a time.",
+                    hint=f'Raise DATABASES[{alias!r}]["OPTIONS"]["pool"]["max_size"] '
+                    "(extra lanes take at most half of it), or set "
+                    'ASGI_DBSET["MAX_PARALLELISM"] = 1.',
+                    id="asgi_dbset.W004",
+                )
+            )
     return errors
+
+
+def _is_postgresql(engine: str) -> bool | None:
+    """Whether *engine* is Django's PostgreSQL backend or one built on it
+    (PostGIS, django-prometheus', django-tenants'...): the lanes lease from
+    the pool those backends share. None when the backend cannot be loaded."""
+    if engine == _POSTGRES:
+        return True
+    from django.db.backends.postgresql.base import DatabaseWrapper
+
+    try:
+        backend = load_backend(engine)
+    except ImproperlyConfigured:
+        return None
+    wrapper = getattr(backend, "DatabaseWrapper", None)
+    return isinstance(wrapper, type) and issubclass(wrapper, DatabaseWrapper)
+
+
+def _check_pool(alias: str, pool: object) -> CheckMessage | None:
+    """E017: pool options psycopg_pool would refuse when Django makes the
+    pool, at the first query - checked here, so they fail at startup."""
+    where = f'DATABASES[{alias!r}]["OPTIONS"]["pool"]'
+    example = '{"min_size": 4, "max_size": 20}'
+    if pool is True:
+        return None
+    if not isinstance(pool, dict):
+        problem = f"must be True or a dict of psycopg_pool.ConnectionPool arguments, not {pool!r}"
+    else:
+        min_size = pool.get("min_size", POOL_MIN_SIZE)
+        max_size = pool.get("max_size")
+        sizes = (min_size,) if max_size is None else (min_size, max_size)
+        if not all(_is_whole(size) for size in sizes):
+            problem = (
+                "needs whole numbers for min_size and max_size, not "
+                f"min_size={min_size!r}, max_size={max_size!r}"
+            )
+        elif min_size < 0:
+            problem = f"has min_size {min_size}; it cannot be negative"
+        elif max_size is not None and max_size < min_size:
+            problem = f"has max_size {max_size} below its min_size {min_size}"
+        elif (min_size if max_size is None else max_size) == 0:
+            problem = "has max_size 0: it would have no connection"
+        else:
+            return None
+    return Error(
+        f"{where} {problem}; psycopg_pool refuses it at the first query.",
+        hint=f"For example {where} = {example} (max_size at least min_size, "
+        "which defaults to 4), or True for psycopg_pool's defaults.",
+        id="asgi_dbset.E017",
+    )
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_transaction_pooled(pooled: Any) -> list[CheckMessage]:

@@ -16,6 +16,7 @@ through without a set: no connection is held for the life of a socket.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 
@@ -48,6 +49,7 @@ class DBSetMiddleware:
     """Wrap an ASGI app: ``application = DBSetMiddleware(get_asgi_application())``."""
 
     def __init__(self, app: ASGIApp) -> None:
+        _check_asgi_app(app)
         self.app = app
         # Django's handler returns the request thread's connections itself
         # (request_finished); other apps need the middleware to.
@@ -136,6 +138,30 @@ class DBSetMiddleware:
             if app_received:
                 return
         await _serve_lifespan(receive, send)
+
+
+def _check_asgi_app(app: object) -> None:
+    """Refuse, at startup, an app that every request would fail to call: the
+    lifespan lets a failing app through (as one that does not handle it)."""
+    try:
+        signature = inspect.signature(app)  # type: ignore[arg-type]
+    except TypeError:
+        signature = None  # not callable
+    except ValueError:
+        return  # a callable without a signature to read: let it be called
+    if signature is not None:
+        try:
+            signature.bind(object(), object(), object())
+        except TypeError:
+            pass
+        else:
+            return
+    name = getattr(app, "__qualname__", None) or repr(app)
+    raise TypeError(
+        f"DBSetMiddleware wraps an ASGI application, called with (scope, receive, "
+        f"send); {name} cannot be. Write DBSetMiddleware(get_asgi_application()) "
+        f"- with the parentheses - or wrap your Starlette/FastAPI app object."
+    )
 
 
 def _returning_lanes_when_complete(send: Send, dbset: ConnectionSet) -> Send:

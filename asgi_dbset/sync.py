@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -71,6 +72,11 @@ def sync_to_lane(
             f"sync_to_lane(using=...) takes a database alias, not {using!r}: "
             'write sync_to_lane(f, using="default").'
         )
+    if using is not None and settings.configured:
+        # At decoration time where it can be told (and on each call below):
+        # at parallelism 1 the set would run ``f`` as sync_to_async, on any
+        # alias; above it, a lane would fail to hold the missing one.
+        _check_alias(using)
     if func is None:
         return functools.partial(sync_to_lane, using=using)
     if not callable(func):
@@ -86,6 +92,8 @@ def sync_to_lane(
 
     @functools.wraps(func)
     async def on_a_lane(*args: P.args, **kwargs: P.kwargs) -> R:
+        if using is not None:
+            _check_alias(using)
         dbset = current_set.get()
         if dbset is None or dbset.passes_through:
             return await stock(*args, **kwargs)
@@ -97,6 +105,15 @@ def sync_to_lane(
         return result
 
     return on_a_lane
+
+
+def _check_alias(using: str) -> None:
+    if using not in settings.DATABASES:
+        raise ValueError(
+            f"sync_to_lane(using={using!r}): DATABASES has no alias {using!r}. "
+            f"Write one of {', '.join(map(repr, settings.DATABASES))}, or leave "
+            "using out for the default database."
+        )
 
 
 def _closing_transactions(func: Callable[P, R]) -> Callable[P, R]:

@@ -61,6 +61,10 @@ def test_the_test_settings_pass() -> None:
         ({"LEASE_TIMEOUT": -1}, "asgi_dbset.E007"),
         ({"LEASE_TIMEOUT": "fast"}, "asgi_dbset.E007"),
         ({"BUDGET": 8}, "asgi_dbset.E010"),
+        ({"SERVER_TIMING": "yes"}, "asgi_dbset.E012"),
+        ({"SERVER_TIMING": 1}, "asgi_dbset.E012"),
+        ({"HISTORY": -1}, "asgi_dbset.E013"),
+        ({"HISTORY": "50"}, "asgi_dbset.E013"),
     ],
 )
 def test_bad_asgi_dbset_settings(setting: Any, expected: str) -> None:
@@ -89,6 +93,82 @@ def test_a_non_postgresql_alias_is_a_warning() -> None:
     assert ids(DATABASES=dbs) == ["asgi_dbset.W002"]
 
 
+# A backend built on Django's PostgreSQL one (as PostGIS, django-prometheus and
+# django-tenants ship): its pool lends lanes like the stock backend's.
+SUBCLASS = "tests.pg_subclass_backend"
+
+
+def test_a_postgresql_subclass_backend_is_postgresql() -> None:
+    # It ran in parallel while W002 said "one at a time", and went unchecked.
+    assert ids(DATABASES=databases(ENGINE=SUBCLASS)) == []
+    assert ids(DATABASES=databases(ENGINE=SUBCLASS, pool=None)) == ["asgi_dbset.E008"]
+    # Django refuses CONN_MAX_AGE with a pool only at the first query.
+    assert ids(DATABASES=databases(ENGINE=SUBCLASS, CONN_MAX_AGE=60)) == [
+        "asgi_dbset.E009"
+    ]
+    assert ids(DATABASES=databases(ENGINE=SUBCLASS), ASGI_DBSET={"BUDGET": 8}) == [
+        "asgi_dbset.E010"
+    ]
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        "yes",
+        1,
+        {"max_size": "20"},
+        {"min_size": None, "max_size": 8},
+        {"max_size": 2},  # below min_size's default, 4
+        {"min_size": -1, "max_size": 2},
+        {"min_size": 0, "max_size": 0},
+    ],
+)
+def test_pool_options_psycopg_pool_refuses(pool: Any) -> None:
+    # Django makes the pool at the first query, where psycopg_pool refuses
+    # them; the checks crashed on some of them (int("lots")).
+    assert ids(DATABASES=databases(pool=pool)) == ["asgi_dbset.E017"]
+
+
+def test_a_pool_options_error_says_what_to_write() -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Overriding setting", UserWarning)
+        with override_settings(DATABASES=databases(pool={"max_size": 2})):
+            (message,) = check_settings()
+    assert "max_size 2 below its min_size 4" in message.msg
+    assert '"max_size": 20' in str(message.hint)
+
+
+def test_a_pool_of_one_lends_no_lane() -> None:
+    one = databases(pool={"min_size": 1, "max_size": 1})
+    assert ids(DATABASES=one) == ["asgi_dbset.W004"]
+    assert ids(DATABASES=one, ASGI_DBSET={"MAX_PARALLELISM": 1}) == []
+    # With a BUDGET it is E010, whose hint cannot be "BUDGET at most 0".
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Overriding setting", UserWarning)
+        with override_settings(DATABASES=one, ASGI_DBSET={"BUDGET": 1}):
+            (message,) = check_settings()
+    assert message.id == "asgi_dbset.E010"
+    assert str(message.hint).startswith("Raise DATABASES['default']")
+
+
+def test_an_orm_module_that_cannot_be_routed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import django.db.models.query
+
+    from asgi_dbset.checks import check_routing
+
+    assert check_routing() == []
+
+    def another_librarys_sync_to_async(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(
+        django.db.models.query, "sync_to_async", another_librarys_sync_to_async
+    )
+    (message,) = check_routing()
+    assert message.id == "asgi_dbset.W001"
+    assert "django.db.models.query" in message.msg
+
+
 def test_check_command_fails_on_errors() -> None:
     with override_settings(ASGI_DBSET={"MAX_PARALLELISM": 0}):
         with pytest.raises(SystemCheckError, match=r"asgi_dbset\.E004"):
@@ -115,6 +195,16 @@ def test_the_middleware_refuses_bad_settings_at_startup() -> None:
     with override_settings(ASGI_DBSET={"DEFAULT_PARALLELISM": 0}):
         with pytest.raises(ImproperlyConfigured, match=r"asgi_dbset\.E003"):
             DBSetMiddleware(lambda scope, receive, send: None)  # type: ignore[arg-type, return-value]
+
+
+def test_the_middleware_refuses_what_is_no_asgi_app() -> None:
+    from django.core.asgi import get_asgi_application
+
+    # Accepted before, then every request failed (the lifespan let it through).
+    with pytest.raises(TypeError, match=r"get_asgi_application\(\)\) - with"):
+        DBSetMiddleware(get_asgi_application)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ASGI application"):
+        DBSetMiddleware(None)  # type: ignore[arg-type]
 
 
 def test_transaction_pooled_aliases() -> None:

@@ -184,3 +184,11 @@ async def test_method_decorator_on_dispatch_under_another_decorator() -> None:
     assert view.csrf_exempt is True  # type: ignore[attr-defined]
     response = await view(RequestFactory().post("/"))
     assert json.loads(response.content) == {"authors": 0, "parallelism": 2}
+
+
+def test_a_bare_decorator_says_what_to_write() -> None:
+    async def view(request: HttpRequest) -> HttpResponse:
+        return HttpResponse()
+
+    with pytest.raises(TypeError, match=r"write @db_parallelism\(3\) above"):
+        db_parallelism(view)  # type: ignore[arg-type]

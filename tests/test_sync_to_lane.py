@@ -383,6 +383,12 @@ async def test_what_it_refuses() -> None:
         sync_to_lane(plain_function, using=3)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="sync function"):
         sync_to_lane(42)  # type: ignore[call-overload]
+    # An alias DATABASES does not have: it ran as sync_to_async at parallelism
+    # 1 and raised ConnectionDoesNotExist above it, at request time.
+    with pytest.raises(ValueError, match="no alias 'replica'"):
+        sync_to_lane(plain_function, using="replica")
+    with pytest.raises(ValueError, match="no alias 'replica'"):
+        sync_to_lane(using="replica")
 
 
 def plain_function() -> None:
