@@ -314,6 +314,26 @@ def thread_wrappers(
     return wrapper, list(connections.all())
 
 
+def in_transaction(wrappers: list[BaseDatabaseWrapper]) -> frozenset[str]:
+    """The aliases whose connection of this thread (*wrappers*) is inside a
+    transaction the program opened: an atomic block, or autocommit off."""
+    aliases = _NO_ALIASES
+    for w in wrappers:
+        if w.in_atomic_block or (
+            w.connection is not None
+            and not w.autocommit
+            # (A snapshot's transaction is the set's, not the request's.)
+            and getattr(w, snapshots.MARK, None) is None
+        ):
+            aliases = aliases | {w.alias}
+    return aliases
+
+
+def transactions_here() -> frozenset[str]:
+    """On lane 0's thread: the aliases it is inside a transaction of."""
+    return in_transaction(thread_wrappers(DEFAULT_DB_ALIAS)[1])
+
+
 def guarded(
     job: Job, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Callable[[], Any]:
@@ -365,16 +385,7 @@ class RequestLane(Lane):
         # The set may only use other connections while this thread's are
         # outside a transaction: report it for every call, since code the set
         # does not see may have opened or closed one on this thread since.
-        in_transaction = _NO_ALIASES
-        for w in wrappers:
-            if w.in_atomic_block or (
-                w.connection is not None
-                and not w.autocommit
-                # (A snapshot's transaction is the set's, not the request's.)
-                and getattr(w, snapshots.MARK, None) is None
-            ):
-                in_transaction = in_transaction | {w.alias}
-        if self.reports.post(job.generation, in_transaction):
+        if self.reports.post(job.generation, in_transaction(wrappers)):
             # Other lanes wait for this report: let them have the GIL now,
             # not after this thread has built its own query - theirs are
             # what the request waits for.

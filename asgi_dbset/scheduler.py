@@ -213,9 +213,12 @@ def plan(
         alias = call.target.alias
         # (What lane 0's transactions are checked for: the alias, or every one.)
         scope = call.target.scope or alias
-        pinned = call.pin
-        if pinned is None and call.target.cursor is not None:
-            pinned = pinned_to(call)
+        # An open cursor's chunks run on the lane that opened it, inside a
+        # transaction block too (the cursor is that lane's connection's, which
+        # only that lane's thread may use); other calls of a block on its lane.
+        pinned = None if call.target.cursor is None else pinned_to(call)
+        if pinned is None:
+            pinned = call.pin
         if pinned is None and call.reserve:
             # A transaction block's first call: on an extra lane of its own
             # when lane 0 is known outside a transaction of the alias (the
@@ -518,8 +521,9 @@ class Scheduler:
     def on_lane0(self, pin: Lane | None, cursor: GeneratorT | None) -> bool:
         """True unless a call pinned to *pin* with *cursor* must run on an
         extra lane (its transaction block's, or its cursor's)."""
-        if pin is None and cursor is not None:
-            pin = self._cursors.get(cursor)
+        if cursor is not None:
+            # (A chunk runs on its cursor's lane, inside a block too: plan().)
+            pin = self._cursors.get(cursor, pin)
         return pin is None or pin is self._lane0
 
     def lane0_changed(self) -> None:
@@ -673,7 +677,7 @@ class Scheduler:
                 what = (
                     "its transaction block (the block's transaction is gone with "
                     "it; leave the block and try again)"
-                    if call.pin is not None
+                    if call.pin is not None and call.pin.broken
                     else "its aiterator()'s cursor (the iteration cannot go on; "
                     "start it again)"
                 )

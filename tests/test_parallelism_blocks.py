@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.db import OperationalError, connections
 
+import asgi_dbset
 from asgi_dbset import connection_set, db_parallelism
 from asgi_dbset.budget import budget
 from tests.helpers import checked_out, sleeping, timed
@@ -56,4 +59,37 @@ async def test_lanes_busy_when_the_block_ends_go_back_when_their_call_ends() -> 
         await asyncio.sleep(0)
         assert len(dbset.lanes) == 1
         assert budget.held("default") == 0
+    assert budget.total == 0
+
+
+async def test_a_decorated_view_keeps_its_settings_after_nested_blocks() -> None:
+    """A view decorated with a parallelism and a statement timeout, that opens
+    nested blocks of other settings (and a transaction block inside them):
+    once the blocks have left, its calls run with the decorator's settings
+    again - at most its lanes, and its timeout, not the last block's."""
+
+    @db_parallelism(3, statement_timeout=0.3)
+    async def view() -> tuple[set[int], str]:
+        dbset = asgi_dbset.active_set()
+        assert dbset is not None
+        async with db_parallelism(2, statement_timeout=5.0):
+            async with db_parallelism(4):
+                async with asgi_dbset.atomic():
+                    await sleeping(0.4).acount()  # (within the block's 5 s)
+        before = len(dbset.records)
+        await asyncio.gather(*(sleeping(0.1).acount() for _ in range(6)))
+        lanes = {r.lane for r in dbset.records[before:]}
+        try:
+            await sleeping(0.6).acount()
+        except OperationalError as exc:
+            return lanes, type(exc.__cause__).__name__
+        return lanes, "no timeout"
+
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=1, lease_timeout=5.0) as dbset:
+            lanes, timed_out = await asyncio.wait_for(view(), 30)
+            assert (dbset.parallelism, dbset.statement_timeout) == (3, 0.3)
+        await sync_to_async(connections.close_all)()
+    assert len(lanes) <= 3
+    assert timed_out == "QueryCanceled"
     assert budget.total == 0

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 import pytest
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.db import connections, transaction
 
+import asgi_dbset
 from asgi_dbset import OrphanedIteratorError, connection_set
 from asgi_dbset.budget import budget
 from tests.helpers import sleeping, timed
@@ -91,3 +96,114 @@ async def test_each_alias_gets_its_own_lanes_within_one_budget() -> None:
     assert extra_other, "'other' never got a lane of its own"
     assert budget.total == 0
     assert serial > 0.75
+
+
+async def _iterate_across_a_block(parallelism: int | None, hold: bool) -> Any:
+    """An aiterator() opened before a transaction block and iterated inside it,
+    a gathered pair of calls between its chunks (*parallelism* None: stock
+    Django, the block entered through sync_to_async). With *hold*, lane 0 is
+    busy when the cursor opens, which puts it on an extra lane."""
+    seen: list[Any] = []
+    async with ThreadSensitiveContext():
+        async with contextlib.AsyncExitStack() as stack:
+            dbset = None
+            if parallelism is not None:
+                dbset = await stack.enter_async_context(
+                    connection_set(parallelism=parallelism, lease_timeout=5.0)
+                )
+                await asyncio.gather(*(sleeping(0.2).acount() for _ in range(3)))
+            blocker = await _hold_lane_zero(dbset) if hold and dbset else None
+            iterator = Book.objects.order_by("title").aiterator(chunk_size=2)
+            iterator = iterator.__aiter__()
+            seen.append((await iterator.__anext__()).title)
+            if blocker is not None:
+                blocker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await blocker
+            if dbset is None:
+                atomic = transaction.atomic()
+                await sync_to_async(atomic.__enter__)()
+            else:
+                atomic = asgi_dbset.atomic()
+                await atomic.__aenter__()
+            try:
+                await Book.objects.acreate(
+                    title="zz", author=await Author.objects.aget()
+                )
+                async for book in iterator:
+                    seen.append(book.title)
+                    seen.append(
+                        await asyncio.gather(
+                            Book.objects.filter(title="zz").aexists(),
+                            Book.objects.acount(),
+                        )
+                    )
+            finally:
+                if dbset is None:
+                    await sync_to_async(atomic.__exit__)(None, None, None)
+                else:
+                    await atomic.__aexit__(None, None, None)
+        await sync_to_async(connections.close_all)()
+    if dbset is None:
+        return seen, None
+    chunks = [r.lane for r in dbset.records if r.name == "next_slice"]
+    return seen, chunks
+
+
+@pytest.mark.usefixtures("books")
+@pytest.mark.parametrize("hold", [False, True], ids=["on lane 0", "on an extra lane"])
+async def test_an_aiterator_opened_before_a_block_stays_on_its_lane_inside_it(
+    hold: bool,
+) -> None:
+    """Inside asgi_dbset.atomic() every call of the block's alias runs on the
+    block's lane - but a chunk of a cursor opened before the block runs on
+    the lane that opened the cursor: its connection is that lane's, used by
+    that lane's thread only. The rows are stock Django's."""
+    stock, _ = await asyncio.wait_for(_iterate_across_a_block(None, hold), 30)
+    await Book.objects.filter(title="zz").adelete()
+    seen, chunks = await asyncio.wait_for(_iterate_across_a_block(4, hold), 30)
+    assert seen == stock
+    assert len(stock) == 1 + 9 * 2  # (the cursor does not see the block's row)
+    assert len(chunks) == 6
+    assert len(set(chunks)) == 1, chunks
+    assert (chunks[0] != 0) is hold
+
+
+async def _iterate_after_the_block(parallelism: int | None) -> Any:
+    """An aiterator() opened inside a transaction block, resumed after it
+    committed (*parallelism* None: stock Django)."""
+    async with ThreadSensitiveContext():
+        async with contextlib.AsyncExitStack() as stack:
+            if parallelism is not None:
+                await stack.enter_async_context(
+                    connection_set(parallelism=parallelism, lease_timeout=5.0)
+                )
+                await asyncio.gather(*(sleeping(0.2).acount() for _ in range(3)))
+                atomic: Any = asgi_dbset.atomic()
+                await atomic.__aenter__()
+            else:
+                atomic = transaction.atomic()
+                await sync_to_async(atomic.__enter__)()
+            iterator = Book.objects.order_by("title").aiterator(chunk_size=2)
+            iterator = iterator.__aiter__()
+            first = (await iterator.__anext__()).title
+            if parallelism is not None:
+                await atomic.__aexit__(None, None, None)
+            else:
+                await sync_to_async(atomic.__exit__)(None, None, None)
+            try:
+                rest = [book.title async for book in iterator]
+            except Exception as exc:  # (compared with stock's)
+                rest = [type(exc).__name__, type(exc.__cause__).__name__]
+        await sync_to_async(connections.close_all)()
+    return first, rest
+
+
+@pytest.mark.usefixtures("books")
+async def test_an_aiterator_opened_in_a_block_fails_after_it_as_on_stock() -> None:
+    """The block's commit closes the cursor it opened (it is no WITH HOLD
+    cursor, as on stock Django): resuming it raises stock's error."""
+    stock = await asyncio.wait_for(_iterate_after_the_block(None), 30)
+    library = await asyncio.wait_for(_iterate_after_the_block(4), 30)
+    assert stock == ("b00", ["ProgrammingError", "InvalidCursorName"])
+    assert library == stock

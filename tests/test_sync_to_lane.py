@@ -22,7 +22,7 @@ import asgi_dbset
 from asgi_dbset import TransactionLeftOpenError, connection_set, sync_to_lane
 from asgi_dbset.budget import budget
 from tests.helpers import active_sleeps, sleeping, timed
-from tests.testapp.models import Author, Book, Tag
+from tests.testapp.models import Author, Book, Tag, Tally
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -419,6 +419,68 @@ async def test_inside_a_block_of_another_database_it_runs_in_that_block() -> Non
 
     assert await in_request(body, 4) == 1
     assert await Author.objects.using("other").acount() == 0
+
+
+def tally_other(name: str) -> None:
+    Tally.objects.using("other").create(name=name)
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+async def test_in_a_block_while_the_request_thread_opened_a_transaction_after_it() -> (
+    None
+):
+    """The block took an extra lane; then the request's thread opened a
+    transaction on ``other`` (code the set does not see). Stock Django runs
+    the function on that thread, inside both transactions, and its write to
+    ``other`` rolls back with that transaction. The block's transaction is on
+    another connection, so the function cannot run inside both: it is
+    refused, never run outside the transaction (where its write would stay)."""
+
+    async def body(stock: bool) -> type[BaseException] | None:
+        if stock:
+            atomic = transaction.atomic()
+            await sync_to_async(atomic.__enter__)()
+        else:
+            atomic = asgi_dbset.atomic()
+            await atomic.__aenter__()
+        raised = None
+        try:
+            await Author.objects.acreate(name="in the block")
+            await sync_to_async(transaction.set_autocommit)(False, using="other")
+            try:
+                run = sync_to_async if stock else sync_to_lane
+                await run(tally_other)("in both")
+            except transaction.TransactionManagementError as exc:
+                raised = type(exc)
+            finally:
+                await sync_to_async(transaction.rollback)(using="other")
+                await sync_to_async(transaction.set_autocommit)(True, using="other")
+        finally:
+            if stock:
+                await sync_to_async(atomic.__exit__)(None, None, None)
+            else:
+                await atomic.__aexit__(None, None, None)
+        return raised
+
+    async def outcome(parallelism: int | None) -> tuple[Any, int, int]:
+        raised = await asyncio.wait_for(
+            in_request(lambda: body(parallelism is None), parallelism), 30
+        )
+        rows = await Tally.objects.using("other").filter(name="in both").acount()
+        authors = await Author.objects.filter(name="in the block").acount()
+        await Author.objects.all().adelete()
+        return raised, rows, authors
+
+    assert await outcome(None) == (None, 0, 1)
+    assert await outcome(4) == (transaction.TransactionManagementError, 0, 1)
+
+    # Without that transaction it runs in the block, as before.
+    async def plain() -> int:
+        async with asgi_dbset.atomic():
+            await sync_to_lane(tally_other)("in the block only")
+        return await Tally.objects.using("other").acount()
+
+    assert await in_request(plain, 4) == 1
 
 
 def leave_a_nested_block_open() -> None:
