@@ -23,6 +23,7 @@ which rule:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -39,7 +40,7 @@ from .context import current_block, current_set
 from .cursors import check_cursor
 from .errors import CallNotRunError
 from .hop import run_as_stock
-from .lanes import Lane, transactions_here
+from .lanes import Lane, transactions_here, with_statement_timeout
 from .records import CallRecord, Recorder
 from .scheduler import Scheduler
 from .snapshots import Snapshot
@@ -485,7 +486,7 @@ class ConnectionSet:
         # waits for none of them).
         behind = self._behind_own_caller(outer)
         if behind and self._scheduler.on_lane0(pin, target.cursor):
-            return await self._run_aside(func, args, kwargs)
+            return await self._run_aside(func, args, kwargs, timed_for=target)
         # Under async_to_sync, lane 0 is the sync caller's thread: a new caller
         # is another thread, whose transactions lane 0 has not reported.
         if outer is not self._outer:
@@ -676,14 +677,25 @@ class ConnectionSet:
         func: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        timed_for: Target | None = None,
     ) -> Any:
         # As stock Django, on the caller's thread (recorded if the set records
         # stock calls); its query is still cancelled if its caller gives up.
+        # With *timed_for* (the call's target), under the set's statement
+        # timeout too, as on a lane (a set that steps aside has none).
+        run: Callable[..., Awaitable[Any]] = self._scheduler.run_aside
+        timeout_ms = self._scheduler.timeout_ms
+        if timed_for is not None and timeout_ms is not None:
+            alias = timed_for.alias
+            # (As Lane.run: behind a pooler, a call of any alias runs untimed.)
+            local = alias in self._scheduler.transaction_pooled
+            if not (local and timed_for.scope is not None):
+                run = functools.partial(
+                    _run_timed, self._scheduler.run_aside, alias, timeout_ms, local
+                )
         if self._record_stock_calls:
-            return await self._run_stock_recorded(
-                func, args, kwargs, run=self._scheduler.run_aside
-            )
-        return await self._scheduler.run_aside(func, *args, **kwargs)
+            return await self._run_stock_recorded(func, args, kwargs, run=run)
+        return await run(func, *args, **kwargs)
 
     def _fall_back(self, why: str) -> None:
         stats.incr("fallbacks")
@@ -694,6 +706,21 @@ class ConnectionSet:
                 "(a task that outlived its request?)",
                 why,
             )
+
+
+async def _run_timed(
+    run: Callable[..., Awaitable[Any]],
+    alias: str,
+    timeout_ms: int,
+    local: bool,
+    func: Callable[..., Any],
+    /,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    return await run(
+        with_statement_timeout(func, alias, timeout_ms, local), *args, **kwargs
+    )
 
 
 def _nothing() -> None:

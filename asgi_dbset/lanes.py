@@ -651,6 +651,36 @@ def run_with_local_timeout(
         return func(*args, **kwargs)
 
 
+def with_statement_timeout(
+    func: Callable[..., Any], alias: str, timeout_ms: int, local: bool
+) -> Callable[..., Any]:
+    """*func* under a set's statement timeout on *alias*'s connection of
+    whatever thread runs it, as a lane runs its calls (*local*: behind a
+    transaction pooler, :func:`run_with_local_timeout`); for a call the set
+    runs as stock on its caller's blocked thread (see
+    ``ConnectionSet._behind_own_caller``). Only statements on that thread's
+    own connection: nothing here waits for a lane or the event loop."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        wrapper = connections[alias]
+        if local:
+            return run_with_local_timeout(wrapper, timeout_ms, func, args, kwargs)
+        applied = getattr(wrapper, _TIMEOUT_ATTR, None)
+        if applied is not None and applied[0] is wrapper.connection:
+            # A call of the set this thread runs already set the timeout: it
+            # holds, and that call resets it (a reset here would lift it for
+            # the rest of that call).
+            return func(*args, **kwargs)
+        set_statement_timeout(wrapper, timeout_ms)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            # Never left on the connection: the thread's next code is not the set's.
+            reset_statement_timeout(wrapper)
+
+    return call
+
+
 def set_statement_timeout(wrapper: BaseDatabaseWrapper, timeout_ms: int) -> None:
     """Bound each query of *wrapper*'s connection to ``timeout_ms`` of server time."""
     wrapper.ensure_connection()

@@ -8,8 +8,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.conf import settings
 from django.db import connections, transaction
 from django.db.models.signals import post_save
 
@@ -341,3 +343,62 @@ async def test_an_outermost_block_on_lane_0_left_on_an_exception_does_not_wait(
     took = await in_request(1, body, 30.0)
     assert await sync_to_async(names)("sp") == []
     assert took < 1.5, f"the block's exit waited {took:.2f} s for the abandoned query"
+
+
+# -- a cancel aimed at a query whose backend was terminated ---------------------------
+#
+# The cancel of a call whose connection's backend died (pg_terminate_backend
+# from elsewhere) is a no-op in psycopg (cancel_safe on a closed connection
+# returns; on one not yet seen closed, the server ignores a cancel for a pid
+# that is gone): it never raises, so the call's cancel loop ends as any other.
+# What a request sees: no hang, no query left on the server, every connection
+# back in its pool.
+
+
+def terminate_one_sleep() -> int:
+    with psycopg.connect(settings.DATABASE_URL, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM (SELECT pid FROM "
+            "pg_stat_activity WHERE datname = %s AND state = 'active' AND query "
+            "LIKE %s AND pid <> pg_backend_pid() LIMIT 1) AS one",
+            [settings.DATABASES["default"]["NAME"], "%pg_sleep%"],
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.mark.parametrize("how", ["timeout", "task.cancel"])
+@pytest.mark.parametrize(("p", "timeout"), [(4, None), (1, 30.0)])
+async def test_cancelling_calls_one_of_whose_backends_was_terminated(
+    p: int, timeout: float | None, how: str
+) -> None:
+    async def gathered() -> list[Any]:
+        return await asyncio.gather(
+            *(sleeping(20).acount() for _ in range(3)), return_exceptions=True
+        )
+
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=p, statement_timeout=timeout):
+            task = asyncio.ensure_future(gathered())
+            await asyncio.sleep(0.4)  # every lane's query is on the server
+            assert await asyncio.to_thread(terminate_one_sleep) == 1
+            if how == "timeout":
+                # (At parallelism 1 the calls after the terminated one fail at
+                # once on its dead connection, as on stock: the gather ends.)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await asyncio.shield(task)
+            else:
+                await asyncio.sleep(0.2)
+            task.cancel()
+            _, elapsed = await timed(
+                asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
+            )
+            assert elapsed < 2
+            assert await no_sleeps_within(1.0)
+            # The set goes on: a dead lane is retired, lane 0's dead connection
+            # fails the next call as on stock, then Django replaces it.
+            await asyncio.gather(
+                *(sleeping(0.01).acount() for _ in range(p)), return_exceptions=True
+            )
+        await sync_to_async(connections.close_all)()
+    assert budget.total == 0

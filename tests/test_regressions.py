@@ -8,14 +8,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg
 import pytest
 from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
-from django.db import transaction
+from django.db import OperationalError, connection, transaction
 from django.db.models.signals import post_save
 from django.test import override_settings
 
 import asgi_dbset
-from asgi_dbset import active_set, connection_set
+from asgi_dbset import ConnectionSet, active_set, connection_set
 from asgi_dbset.budget import budget
 from asgi_dbset.targets import target_of
 from tests.helpers import active_sleeps, sleeping, timed
@@ -304,6 +305,74 @@ async def test_an_async_receiver_of_sync_code_gathered_with_orm_calls_runs_as_st
     stock = await gathered_with_a_receiver(receiver, service, False, leased)
     assert stock[0] != "hung"
     assert await gathered_with_a_receiver(receiver, service, True, leased) == stock
+    assert budget.total == 0
+
+
+async def receiver_sleeps(seen: list[object]) -> None:
+    seen.append(await sleeping(3).acount())
+
+
+def statement_timeout_of_this_thread() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('statement_timeout')")
+        row = cursor.fetchone()
+    return str(row[0]) if row else ""
+
+
+@pytest.mark.parametrize("how", ["session", "transaction-pooled", "recorded"])
+@pytest.mark.parametrize(
+    "service",
+    [service_saves, service_saves_and_rolls_back],
+    ids=["autocommit", "atomic"],
+)
+async def test_a_receiver_call_run_on_its_blocked_thread_keeps_the_statement_timeout(
+    service: Callable[[], None], how: str
+) -> None:
+    """The calls a sync caller blocked in async_to_sync runs at once on its own
+    thread (the case above) get the set's statement timeout like every call
+    of the set - set for the session, or per transaction for a database
+    behind a transaction pooler - and the connection is left without it."""
+    seen: list[object] = []
+
+    async def on_save(**kwargs: Any) -> None:
+        await receiver_sleeps(seen)
+
+    post_save.connect(on_save, sender=Author, weak=False)
+    try:
+        async with ThreadSensitiveContext():
+            dbset = ConnectionSet(
+                parallelism=4,
+                statement_timeout=0.3,
+                transaction_pooled=frozenset(
+                    ["default"] if how == "transaction-pooled" else []
+                ),
+            )
+            dbset.record_stock_calls = how == "recorded"
+            async with dbset:
+                (result, after), elapsed = await timed(
+                    asyncio.wait_for(
+                        asyncio.gather(
+                            asyncio.gather(
+                                sync_to_async(service)(),
+                                Author.objects.acount(),
+                                return_exceptions=True,
+                            ),
+                            sync_to_async(statement_timeout_of_this_thread)(),
+                        ),
+                        10,
+                    )
+                )
+            assert await sync_to_async(statement_timeout_of_this_thread)() == "0"
+            await sync_to_async(_close_all)()
+    finally:
+        post_save.disconnect(on_save, sender=Author)
+    error = result[0]
+    assert isinstance(error, OperationalError), result
+    assert isinstance(error.__cause__, psycopg.errors.QueryCanceled)
+    assert elapsed < 2
+    assert seen == []
+    assert after == "0"  # (the next code on that thread: no timeout left)
+    await Author.objects.all().adelete()
     assert budget.total == 0
 
 
