@@ -385,7 +385,8 @@ class ConnectionSet:
         await self._scheduler.close()
 
     def return_idle_lanes(self) -> None:
-        """Return every extra lane that is idle now; the set stays open, with
+        """Return every extra lane that is idle now, and each of the others as
+        soon as it is idle with no call queued; the set stays open, with
         lane 0, and leases again if more calls queue. The middleware calls it
         when the response is complete, so the connections are back in their
         pools before the client has the response (and can ask again)."""

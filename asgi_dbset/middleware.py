@@ -167,8 +167,9 @@ def _check_asgi_app(app: object) -> None:
 def _returning_lanes_when_complete(send: Send, dbset: ConnectionSet) -> Send:
     """Return the set's idle extra lanes as the response's last body message
     goes out: the view is done with them, and they are back in the pool before
-    the client has the response and can send its next request. The set stays
-    open (on lane 0) for whatever the app still does."""
+    the client has the response and can send its next request (a lane busy
+    then goes back once idle). The set stays open (on lane 0) for whatever
+    the app still does."""
 
     async def send_returning_lanes(message: Message) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body"):

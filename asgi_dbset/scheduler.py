@@ -358,6 +358,7 @@ class Scheduler:
         "_loop",
         "_next_index",
         "_queue",
+        "_return_when_idle",
         "_running",
         "_seq",
         "blocks",
@@ -399,6 +400,9 @@ class Scheduler:
         # Jobs started and not ended, and their lanes (for stop_running()).
         self._running: dict[Job, Lane] = {}
         self._background: set[asyncio.Future[Any]] = set()
+        # Extra lanes return_idle_lanes() found busy or leasing: each goes back
+        # once idle (a tuple: empty, and falsy, in every other set).
+        self._return_when_idle: tuple[Lane, ...] = ()
         #: Transaction blocks holding an extra lane of their own now.
         self.blocks = 0
         #: The snapshot every call runs in, when one is on (see .snapshots).
@@ -433,6 +437,8 @@ class Scheduler:
         every change of the set's state."""
         if self._closed:
             return
+        if self._return_when_idle and not self._queue:
+            self._return_late_lanes()
         lanes = self._lanes
         if not self._queue and (
             len(lanes) == 1
@@ -946,18 +952,43 @@ class Scheduler:
         again if calls queue."""
         if self._closed or len(self._lanes) == 1:
             return
+        late: list[Lane] = []
         for lane in self._lanes[1:]:
-            if (
-                not lane.busy
-                and (lane.leased or lane.broken)
-                and not self._pinning(lane)
-                # A transaction block's lane stays until the block ends, idle
-                # between its calls or not: its connection is inside the
-                # block's transaction (the app may send its response before
-                # it leaves the block).
-                and (lane.broken or not lane.reserved)
-            ):
+            if self._returnable(lane):
                 self._return_lane(lane)
+            else:
+                late.append(lane)
+        # The lanes that are not idle yet (a call running, a lease under way,
+        # a block or a cursor holding them) go back as soon as they are, not
+        # when the set closes: the app may go on after its response.
+        self._return_when_idle = tuple(late)
+
+    def _returnable(self, lane: Lane) -> bool:
+        """True if *lane* (an extra lane) may go back now: no call on it, its
+        lease done, nothing that must stay on its connection."""
+        return (
+            not lane.busy
+            and (lane.leased or lane.broken)
+            and not self._pinning(lane)
+            # A transaction block's lane stays until the block ends, idle
+            # between its calls or not: its connection is inside the
+            # block's transaction (the app may send its response before
+            # it leaves the block).
+            and (lane.broken or not lane.reserved)
+        )
+
+    def _return_late_lanes(self) -> None:
+        """Return the lanes return_idle_lanes() could not that are idle now
+        (called with no call queued: none could take them)."""
+        late: list[Lane] = []
+        for lane in self._return_when_idle:
+            if lane not in self._lanes:
+                continue  # (gone back already: broken, or beyond the parallelism)
+            if self._returnable(lane):
+                self._return_lane(lane)
+            else:
+                late.append(lane)
+        self._return_when_idle = tuple(late)
 
     def only_lane0_idle(self) -> bool:
         """True when the set has no lane but lane 0, nothing queued and

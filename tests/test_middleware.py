@@ -16,7 +16,7 @@ from asgi_dbset.budget import budget
 from asgi_dbset.middleware import wait_for_sets_to_close
 from asgi_dbset.types import Message, Receive, Scope, Send
 from tests.asgi import request
-from tests.helpers import active_sleeps, checked_out, timed
+from tests.helpers import active_sleeps, checked_out, sleeping, timed
 from tests.starlette_app import starlette_app
 from tests.testapp.models import Author, Book, Tag
 
@@ -123,6 +123,42 @@ async def test_extra_lanes_are_back_before_the_client_has_the_response(
     assert seen
     assert seen[-1][0] == 0  # no extra lane held any more
     assert seen[-1][1] <= before + 1  # at most the request's own connection
+    assert checked_out() == before
+
+
+@pytest.mark.parametrize("how", ["finished", "abandoned"])
+async def test_a_lane_still_busy_as_the_last_body_goes_out_goes_back_when_idle(
+    how: str,
+) -> None:
+    """An extra lane running a call (or still leasing for it) when the
+    response's last body goes out is not idle then: it goes back as soon as it
+    is, not when the app returns - an app may go on after its response
+    (Starlette's background tasks) while the set stays open."""
+    held: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["asgi_dbset"].parallelism = 2
+        first = asyncio.ensure_future(sleeping(0.4).acount())  # lane 0
+        second = asyncio.ensure_future(sleeping(0.2).acount())  # an extra lane
+        await asyncio.sleep(0.05)
+        if how == "abandoned":
+            second.cancel()  # (its query is cancelled on the server meanwhile)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        # After the response: the calls end, then work with no database.
+        await asyncio.gather(first, second, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        held.append(budget.total)
+        held.append(checked_out())
+
+    before = checked_out()
+    response = await asyncio.wait_for(request(DBSetMiddleware(app), "/"), 10)
+    assert response.status == 200
+    # No extra lane held after the calls ended; at most the request's own
+    # connection checked out.
+    assert held[0] == 0, held
+    assert held[1] <= before + 1, (held, before)
+    assert budget.total == 0
     assert checked_out() == before
 
 

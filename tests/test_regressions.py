@@ -362,7 +362,8 @@ async def test_a_receiver_call_run_on_its_blocked_thread_keeps_the_statement_tim
                         10,
                     )
                 )
-            assert await sync_to_async(statement_timeout_of_this_thread)() == "0"
+            left = await sync_to_async(statement_timeout_of_this_thread)()
+            assert left == "0", (left, after, result)
             await sync_to_async(_close_all)()
     finally:
         post_save.disconnect(on_save, sender=Author)
