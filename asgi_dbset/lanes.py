@@ -666,7 +666,11 @@ def with_statement_timeout(
         if local:
             return run_with_local_timeout(wrapper, timeout_ms, func, args, kwargs)
         applied = getattr(wrapper, _TIMEOUT_ATTR, None)
-        if applied is not None and applied[0] is wrapper.connection:
+        if (
+            applied is not None
+            and applied[0] is wrapper.connection
+            and applied[1] is not None  # (None: a reset still owed, see below)
+        ):
             # A call of the set this thread runs already set the timeout: it
             # holds, and that call resets it (a reset here would lift it for
             # the rest of that call).
@@ -709,7 +713,13 @@ def reset_statement_timeout(wrapper: BaseDatabaseWrapper) -> None:
     try:
         conn.execute("RESET statement_timeout")
     except psycopg.Error:
-        # Only inside a failed transaction, whose rollback undoes the SET too.
+        # Only inside a failed transaction. Its rollback undoes a SET sent in
+        # it, not one sent before it began (a block's first call sets the
+        # timeout in autocommit, then enters the transaction): stay marked, so
+        # that the next reset, after the rollback, sends RESET again, and a
+        # connection never goes back with the timeout. (None: never taken
+        # for a timeout set, so the next call sets its own again.)
+        setattr(wrapper, _TIMEOUT_ATTR, (conn, None))
         logger.debug("asgi_dbset: could not reset statement_timeout", exc_info=True)
 
 

@@ -21,6 +21,7 @@ from django.db.models import F
 from django.db.models.signals import post_save
 from django.test import override_settings
 
+import asgi_dbset
 from asgi_dbset import ConnectionSet, connection_set, db_parallelism
 from asgi_dbset.checks import check_settings
 from tests.helpers import sleeping, timed
@@ -66,6 +67,35 @@ async def test_a_query_past_the_timeout_fails_and_the_lane_stays_usable() -> Non
         )
         assert dbset.lanes_used == 3
     # No connection goes back to the pool with the set's timeout on it.
+    await asyncio.to_thread(connections.close_all)
+    assert await asyncio.to_thread(_pooled_timeouts) <= {"0"}
+
+
+@pytest.mark.parametrize("p", [1, 4])
+async def test_a_block_rolled_back_after_a_timed_out_query_leaves_no_timeout(
+    p: int,
+) -> None:
+    """The block's first call sets the timeout before its transaction begins
+    (committed), and resets it inside; a query that times out in the block
+    fails the transaction, and its rollback undoes the reset, not the set. The
+    connection (lane 0's at parallelism 1, an extra lane's at 4) must still go
+    back to the pool without the timeout."""
+
+    async def block() -> None:
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="rolled back")
+            await sleeping(2).acount()
+
+    async with ThreadSensitiveContext():
+        try:
+            async with connection_set(
+                parallelism=p, statement_timeout=0.2, lease_timeout=5.0
+            ):
+                with pytest.raises(OperationalError):
+                    await block()
+        finally:
+            await sync_to_async(connections.close_all)()
+    assert not await Author.objects.filter(name="rolled back").aexists()
     await asyncio.to_thread(connections.close_all)
     assert await asyncio.to_thread(_pooled_timeouts) <= {"0"}
 
