@@ -143,13 +143,16 @@ class DBSetMiddleware:
 def _check_asgi_app(app: object) -> None:
     """Refuse, at startup, an app that every request would fail to call: the
     lifespan lets a failing app through (as one that does not handle it)."""
-    try:
-        signature = inspect.signature(app)  # type: ignore[arg-type]
-    except TypeError:
-        signature = None  # not callable
-    except ValueError:
-        return  # a callable without a signature to read: let it be called
-    if signature is not None:
+    if callable(app):
+        try:
+            # Its own parameters, not those of a function it wraps
+            # (functools.wraps sets __wrapped__ on a wrapper of any signature).
+            signature = inspect.signature(app, follow_wrapped=False)
+        except (TypeError, ValueError):
+            # A callable whose signature cannot be read (``__call__`` an
+            # instance slot, as in Sentry's ASGI middleware): Python calls it
+            # all the same, so it is let through.
+            return
         try:
             signature.bind(object(), object(), object())
         except TypeError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -61,6 +62,50 @@ async def test_django_views_run_in_parallel(
     # Three 0.2 s queries one at a time take 0.6 s or more; any overlap of the
     # three shows well below 0.75 of that, with room for leasing under load.
     assert parallel < serial * 0.75, (parallel, serial)
+
+
+class _SlotsCallMiddleware:
+    """An ASGI middleware as Sentry's SentryAsgiMiddleware (and Honeybadger's)
+    is written: ``__call__`` an instance slot, chosen in ``__init__``."""
+
+    __slots__ = ("__call__", "app")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.__call__ = self._run_asgi3
+
+    async def _run_asgi3(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def _logged(app: Any) -> Any:
+    """A decorator that makes an ASGI app of a function of the scope,
+    keeping that function's name (functools.wraps)."""
+
+    @functools.wraps(app)
+    async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
+        await app(scope)(receive, send)
+
+    return wrapper
+
+
+@pytest.mark.usefixtures("rows")
+async def test_apps_whose_signature_cannot_be_read_as_asgi_are_accepted() -> None:
+    django = get_asgi_application()
+
+    @_logged
+    def by_scope(scope: Scope) -> Any:
+        return functools.partial(django, scope)
+
+    for app in (_SlotsCallMiddleware(django), by_scope):
+        # Stock: the server calls the app, and it answers.
+        stock = await asyncio.wait_for(request(app, "/plain/"), 10)
+        assert stock.status == 200, stock.body
+        # The library wraps it (it refused both at startup before).
+        wrapped = DBSetMiddleware(app)
+        response = await asyncio.wait_for(request(wrapped, "/dashboard/"), 10)
+        assert response.status == 200, response.body
+        assert _counts(response.json()) == EXPECTED
 
 
 @pytest.mark.usefixtures("rows")
