@@ -31,7 +31,7 @@ from contextvars import Token
 from typing import Any
 
 from asgiref.sync import AsyncToSync
-from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db import transaction
 
 from . import routing, stats
 from .aio import finish_shielded
@@ -40,7 +40,7 @@ from .context import current_block, current_set
 from .cursors import check_cursor
 from .errors import CallNotRunError
 from .hop import run_as_stock
-from .lanes import Lane, transactions_here, with_statement_timeout
+from .lanes import Lane, with_statement_timeout
 from .records import CallRecord, Recorder
 from .scheduler import Scheduler
 from .snapshots import Snapshot
@@ -494,16 +494,6 @@ class ConnectionSet:
             if self._outer is not _NO_CALLER:
                 self._scheduler.lane0_changed()
             self._outer = outer
-        # A sync_to_lane function never runs outside a transaction the
-        # request's thread holds (stock Django runs it inside): on its block's
-        # extra lane, it is refused while there is one.
-        if (
-            target.scope == EVERY_ALIAS
-            and pin is not None
-            and pin is not self._scheduler.lane0
-            and not behind
-        ):
-            await self._refuse_beside_lane0_transactions(outer)
         cursor = target.cursor
         if cursor is not None:
             self._scheduler.pin_opened_cursor(cursor)
@@ -519,33 +509,6 @@ class ConnectionSet:
             check_cursor(cursor)
         self._fall_back("the set ended while the call waited for a lane")
         return await run_as_stock(func, *args, **kwargs)
-
-    async def _refuse_beside_lane0_transactions(self, outer: object) -> None:
-        """A ``sync_to_lane`` function is about to run on its transaction
-        block's extra lane. It may touch any database, and on stock Django it
-        would run inside every transaction the request's thread (lane 0)
-        holds - one opened after the block took its lane, by code the set does
-        not see (``sync_to_async(transaction.set_autocommit)(False, ...)``),
-        say - but the block's transaction is on another connection: refuse
-        rather than run outside one of them. Only lane 0's thread can tell,
-        so it is asked, in order with its calls (as a block's entry asks)."""
-        ran, aliases = await self._scheduler.run(
-            Target(DEFAULT_DB_ALIAS),
-            transactions_here,
-            (),
-            {},
-            outer,
-            pin=self._scheduler.lane0,
-        )
-        if ran and aliases:
-            raise transaction.TransactionManagementError(
-                "asgi_dbset: sync_to_lane() inside asgi_dbset.atomic(), whose "
-                "transaction is on a connection of its own, while the request's "
-                f"thread is inside a transaction of {sorted(aliases)} opened "
-                "outside the set (sync_to_async): one function cannot run inside "
-                "both. Call it outside the block, or once that transaction has "
-                "ended."
-            )
 
     def _block_lane(self, target: Target) -> tuple[Lane | None, Target]:
         """Inside a transaction block of this set and the call's alias: the

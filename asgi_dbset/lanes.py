@@ -224,7 +224,11 @@ class Lane:
                 # query on this thread's own connection of it would run outside
                 # that transaction, where Django runs it inside (a receiver
                 # writing there, say). It is refused, never sent.
-                refused = [each for each in wrappers if each.alias in elsewhere]
+                refused = (
+                    [each for each in wrappers if each.alias in elsewhere]
+                    if elsewhere
+                    else ()
+                )
                 for each in refused:
                     each.execute_wrappers.append(_outside_block(alias, each.alias))
                 try:
@@ -327,11 +331,6 @@ def in_transaction(wrappers: list[BaseDatabaseWrapper]) -> frozenset[str]:
         ):
             aliases = aliases | {w.alias}
     return aliases
-
-
-def transactions_here() -> frozenset[str]:
-    """On lane 0's thread: the aliases it is inside a transaction of."""
-    return in_transaction(thread_wrappers(DEFAULT_DB_ALIAS)[1])
 
 
 def guarded(

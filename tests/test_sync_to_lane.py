@@ -421,66 +421,70 @@ async def test_inside_a_block_of_another_database_it_runs_in_that_block() -> Non
     assert await Author.objects.using("other").acount() == 0
 
 
-def tally_other(name: str) -> None:
-    Tally.objects.using("other").create(name=name)
+def rename_waiting_at_most(pk: int, name: str, lock_wait: str) -> None:
+    with transaction.atomic():
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [lock_wait])
+        Author.objects.filter(pk=pk).update(name=name)
 
 
-@pytest.mark.django_db(transaction=True, databases=["default", "other"])
-async def test_in_a_block_while_the_request_thread_opened_a_transaction_after_it() -> (
-    None
-):
-    """The block took an extra lane; then the request's thread opened a
-    transaction on ``other`` (code the set does not see). Stock Django runs
-    the function on that thread, inside both transactions, and its write to
-    ``other`` rolls back with that transaction. The block's transaction is on
-    another connection, so the function cannot run inside both: it is
-    refused, never run outside the transaction (where its write would stay)."""
+def tally_default(name: str) -> None:
+    Tally.objects.create(name=name)
 
-    async def body(stock: bool) -> type[BaseException] | None:
-        if stock:
-            atomic = transaction.atomic()
-            await sync_to_async(atomic.__enter__)()
-        else:
-            atomic = asgi_dbset.atomic()
-            await atomic.__aenter__()
-        raised = None
-        try:
-            await Author.objects.acreate(name="in the block")
-            await sync_to_async(transaction.set_autocommit)(False, using="other")
-            try:
-                run = sync_to_async if stock else sync_to_lane
-                await run(tally_other)("in both")
-            except transaction.TransactionManagementError as exc:
-                raised = type(exc)
-            finally:
-                await sync_to_async(transaction.rollback)(using="other")
-                await sync_to_async(transaction.set_autocommit)(True, using="other")
-        finally:
+
+async def test_in_a_block_while_the_request_thread_waits_for_the_blocks_lock() -> None:
+    """Sync code on the request's thread (``sync_to_async``, gathered beside
+    the block) updates a row the block has updated; then the block calls a
+    ``sync_to_lane`` function. On stock Django both run on the one connection,
+    inside the block's transaction: no wait. With the set, the update waits
+    on lane 0 for the block's lock until the block commits - the function
+    must not wait behind it for lane 0 (nothing would end: the block waits
+    for the function). (The update gives up after 3 s, so a wait shows as
+    its OperationalError, not a hang.)"""
+
+    async def body(stock: bool) -> tuple[str, int]:
+        author = await Author.objects.acreate(name="before")
+        updated = asyncio.Event()
+
+        async def in_block() -> None:
             if stock:
-                await sync_to_async(atomic.__exit__)(None, None, None)
+                atomic = transaction.atomic()
+                await sync_to_async(atomic.__enter__)()
             else:
-                await atomic.__aexit__(None, None, None)
-        return raised
+                atomic = asgi_dbset.atomic()
+                await atomic.__aenter__()
+            try:
+                await Author.objects.filter(pk=author.pk).aupdate(name="block")
+                updated.set()
+                # The sibling's update is under way on the request's thread.
+                await asyncio.sleep(0.3)
+                run = sync_to_async if stock else sync_to_lane
+                await run(tally_default)("in the block")
+            finally:
+                if stock:
+                    await sync_to_async(atomic.__exit__)(None, None, None)
+                else:
+                    await atomic.__aexit__(None, None, None)
 
-    async def outcome(parallelism: int | None) -> tuple[Any, int, int]:
-        raised = await asyncio.wait_for(
-            in_request(lambda: body(parallelism is None), parallelism), 30
-        )
-        rows = await Tally.objects.using("other").filter(name="in both").acount()
-        authors = await Author.objects.filter(name="in the block").acount()
-        await Author.objects.all().adelete()
-        return raised, rows, authors
+        async def sibling() -> None:
+            await updated.wait()
+            await sync_to_async(rename_waiting_at_most)(author.pk, "sibling", "3s")
 
-    assert await outcome(None) == (None, 0, 1)
-    assert await outcome(4) == (transaction.TransactionManagementError, 0, 1)
+        await asyncio.gather(in_block(), sibling())
+        name = (await Author.objects.aget(pk=author.pk)).name
+        return name, await Tally.objects.filter(name="in the block").acount()
 
-    # Without that transaction it runs in the block, as before.
-    async def plain() -> int:
-        async with asgi_dbset.atomic():
-            await sync_to_lane(tally_other)("in the block only")
-        return await Tally.objects.using("other").acount()
+    async def outcome(parallelism: int | None) -> tuple[str, int]:
+        try:
+            return await asyncio.wait_for(
+                in_request(lambda: body(parallelism is None), parallelism), 20
+            )
+        finally:
+            await Author.objects.all().adelete()
+            await Tally.objects.all().adelete()
 
-    assert await in_request(plain, 4) == 1
+    assert await outcome(None) == ("sibling", 1)
+    assert await outcome(4) == ("sibling", 1)
 
 
 def leave_a_nested_block_open() -> None:
