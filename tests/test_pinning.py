@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.conf import settings
 from django.db import connections, transaction
 
 import asgi_dbset
@@ -202,8 +203,13 @@ async def _iterate_after_the_block(parallelism: int | None) -> Any:
 @pytest.mark.usefixtures("books")
 async def test_an_aiterator_opened_in_a_block_fails_after_it_as_on_stock() -> None:
     """The block's commit closes the cursor it opened (it is no WITH HOLD
-    cursor, as on stock Django): resuming it raises stock's error."""
+    cursor, as on stock Django): resuming it raises stock's error. Without
+    server-side cursors (behind PgBouncer, cell E) Django has fetched every
+    row already, and the iteration goes on, as on stock."""
     stock = await asyncio.wait_for(_iterate_after_the_block(None), 30)
     library = await asyncio.wait_for(_iterate_after_the_block(4), 30)
-    assert stock == ("b00", ["ProgrammingError", "InvalidCursorName"])
+    if settings.DATABASES["default"].get("DISABLE_SERVER_SIDE_CURSORS"):
+        assert stock == ("b00", [f"b{i:02}" for i in range(1, 10)])
+    else:
+        assert stock == ("b00", ["ProgrammingError", "InvalidCursorName"])
     assert library == stock
