@@ -952,16 +952,11 @@ class Scheduler:
         again if calls queue."""
         if self._closed or len(self._lanes) == 1:
             return
-        late: list[Lane] = []
-        for lane in self._lanes[1:]:
-            if self._returnable(lane):
-                self._return_lane(lane)
-            else:
-                late.append(lane)
         # The lanes that are not idle yet (a call running, a lease under way,
         # a block or a cursor holding them) go back as soon as they are, not
         # when the set closes: the app may go on after its response.
-        self._return_when_idle = tuple(late)
+        self._return_when_idle = tuple(self._lanes[1:])
+        self._return_late_lanes()
 
     def _returnable(self, lane: Lane) -> bool:
         """True if *lane* (an extra lane) may go back now: no call on it, its
@@ -978,8 +973,9 @@ class Scheduler:
         )
 
     def _return_late_lanes(self) -> None:
-        """Return the lanes return_idle_lanes() could not that are idle now
-        (called with no call queued: none could take them)."""
+        """Return the lanes marked by return_idle_lanes() that are idle now
+        (called with no call queued, or at the last body: no later call of
+        the set needs them before it leases again); keep the others marked."""
         late: list[Lane] = []
         for lane in self._return_when_idle:
             if lane not in self._lanes:
