@@ -303,6 +303,20 @@ def _check_transaction_pooled(pooled: Any) -> list[CheckMessage]:
                 )
             )
             continue
+        engine = db.get("ENGINE", "")
+        if _is_postgresql(engine) is False:
+            # (PgBouncer pools PostgreSQL sessions only: the E015/E016 hints
+            # below would send the user after the wrong settings.)
+            errors.append(
+                Error(
+                    f"ASGI_DBSET['TRANSACTION_POOLED'] names {alias!r}, which uses "
+                    f"{engine or 'no engine'}, not PostgreSQL: only PostgreSQL "
+                    "databases are reached through a transaction pooler.",
+                    hint=f"Remove {alias!r} from TRANSACTION_POOLED.",
+                    id="asgi_dbset.E014",
+                )
+            )
+            continue
         if not db.get("DISABLE_SERVER_SIDE_CURSORS", False):
             errors.append(
                 Error(

@@ -214,6 +214,14 @@ def test_transaction_pooled_aliases() -> None:
     # Not a list of aliases, or an alias that does not exist.
     assert ids(ASGI_DBSET={"TRANSACTION_POOLED": "default"}) == ["asgi_dbset.E014"]
     assert ids(ASGI_DBSET={"TRANSACTION_POOLED": ["nope"]}) == ["asgi_dbset.E014"]
+    # PgBouncer pools PostgreSQL only: E015's hint (server-side cursors) would
+    # send the user after the wrong setting.
+    legacy = databases()
+    legacy["legacy"] = {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
+    assert ids(DATABASES=legacy, ASGI_DBSET={"TRANSACTION_POOLED": ["legacy"]}) == [
+        "asgi_dbset.E014",
+        "asgi_dbset.W002",  # (its calls run one at a time: another message)
+    ]
     # Server-side cursors cannot outlive a transaction there.
     cursors = databases(DISABLE_SERVER_SIDE_CURSORS=False)
     assert ids(DATABASES=cursors, ASGI_DBSET=pooled) == ["asgi_dbset.E015"]
