@@ -1543,7 +1543,7 @@ def write(
 
 
 def _minutes(results: dict[str, Any]) -> str:
-    return "16-18" if results.get("mode") == "full" else "1-2"
+    return "26-29" if results.get("mode") == "full" else "1-2"
 
 
 def _wrk_share(results: dict[str, Any]) -> str:
