@@ -96,8 +96,11 @@ class Block:
             block = block.outer
         return None
 
-    def lane_for_any_alias(self, dbset: ConnectionSet) -> Lane | None:
-        """The lane a call that may touch any database (``sync_to_lane``)
+    def lane_for_any_alias(
+        self, dbset: ConnectionSet, *, orm_call: bool = False
+    ) -> Lane | None:
+        """The lane a call that may touch any database (``sync_to_lane``, or
+        an ORM call whose databases are known only as it runs: *orm_call*)
         runs on here: the one lane the blocks of this set in this chain hold.
         Blocks of several databases on different lanes cannot share one call."""
         lanes: list[Lane] = []
@@ -106,6 +109,16 @@ class Block:
             if block.dbset is dbset and block.lane not in lanes:
                 lanes.append(block.lane)
             block = block.outer
+        if len(lanes) > 1 and orm_call:
+            raise transaction.TransactionManagementError(
+                "asgi_dbset: this ORM call (a prefetch_related() whose querysets "
+                "the routers may send to several databases, or objects saved to "
+                "several databases) is made inside asgi_dbset.atomic() blocks of "
+                "several databases, which run on different connections: one call "
+                "cannot run inside all of them. Make the call outside the inner "
+                "block, or make one call per database (Prefetch(queryset=qs.using("
+                "...)), one aadd() per database)."
+            )
         if len(lanes) > 1:
             raise transaction.TransactionManagementError(
                 "asgi_dbset: sync_to_lane() inside asgi_dbset.atomic() blocks of "

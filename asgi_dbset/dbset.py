@@ -481,6 +481,10 @@ class ConnectionSet:
             return await run_as_stock(func, *args, **kwargs)
 
         pin, target = self._block_lane(target)
+        if pin is None and target.lane0:
+            # Its databases are known only as it runs: outside a block, the
+            # request's own connections of each, as on stock Django.
+            pin = self._scheduler.lane0
         outer = getattr(AsyncToSync.executors, "current", None)
         # A sync caller blocked until this call returns never waits for lane
         # 0's calls of another caller (a call that must run on an extra lane
@@ -518,7 +522,7 @@ class ConnectionSet:
         if block is None:
             return None, target
         if target.scope == EVERY_ALIAS:
-            pin = block.lane_for_any_alias(self)
+            pin = block.lane_for_any_alias(self, orm_call=target.lane0)
             if pin is not None and pin.alias not in (None, target.alias):
                 # The call runs with the connection that lane holds.
                 target = Target(pin.alias, scope=EVERY_ALIAS)

@@ -15,8 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, router
-from django.db.models import Manager, Model, QuerySet
+from django.db.models import Manager, Model, Prefetch, QuerySet
+from django.db.models.constants import LOOKUP_SEP
+from django.db.models.fields.related_descriptors import (
+    ForwardManyToOneDescriptor,
+    ManyToManyDescriptor,
+    ReverseManyToOneDescriptor,
+    ReverseOneToOneDescriptor,
+)
 from django.db.models.query import RawQuerySet, prefetch_related_objects
+
+from .transactions import EVERY_ALIAS
 
 # QuerySet / manager methods that Django runs against the write database.
 _WRITES = frozenset(
@@ -44,12 +53,26 @@ class Target:
     the call may run elsewhere, in place of ``alias`` - ``EVERY_ALIAS`` for a
     call that may touch any database (``sync_to_lane``). ``also``: a second
     database the call writes, when Django routes part of it elsewhere (a
-    many-to-many ``acreate`` whose link table lives apart from its model)."""
+    many-to-many ``acreate`` whose link table lives apart from its model).
+    ``lane0``: the databases the call queries cannot be told before it runs
+    (see :func:`_anywhere`): outside a transaction block it runs on lane 0,
+    with the request's own connections, as stock Django runs it."""
 
     alias: str
     cursor: types.GeneratorType[Any, None, None] | None = None
     scope: str | None = None
     also: str | None = None
+    lane0: bool = False
+
+
+def _anywhere(alias: str) -> Target:
+    """A call that may query other databases than *alias*, which cannot be
+    told before it runs: on a lane of *alias* its queries there would go to
+    connections of the lane's thread outside the set's budget, outside the
+    transaction blocks and the snapshot of those databases. It runs on lane 0
+    (the request's own connections, as on stock Django), or inside blocks on
+    their lane, as a call that may touch any database."""
+    return Target(alias, scope=EVERY_ALIAS, lane0=True)
 
 
 def _queryset_alias(qs: QuerySet[Any] | Manager[Any], write: bool) -> str:
@@ -91,6 +114,92 @@ def _related_manager_target(
     return Target(alias, also=None if links == alias else links)
 
 
+# QuerySet methods that fetch rows, and so run its prefetch_related() lookups.
+_FETCHES = frozenset(
+    {
+        "_fetch_all",
+        "get",
+        "first",
+        "last",
+        "earliest",
+        "latest",
+        "in_bulk",
+        "get_or_create",
+        "update_or_create",
+    }
+)
+
+
+def _related_model(model: type[Model], attr: str) -> type[Model] | None:
+    """The model whose rows Django's prefetch of *attr* on *model* queries,
+    for the related descriptors whose queryset it builds from the routers
+    (None for any other attribute: a generic foreign key, a property)."""
+    descriptor = model.__dict__.get(attr) or getattr(model, attr, None)
+    related: Any = None
+    if isinstance(descriptor, ForwardManyToOneDescriptor):
+        related = descriptor.field.remote_field.model
+    elif isinstance(descriptor, ReverseOneToOneDescriptor):
+        related = descriptor.related.related_model
+    elif isinstance(descriptor, ManyToManyDescriptor):
+        rel = descriptor.rel
+        related = rel.related_model if descriptor.reverse else rel.model
+    elif isinstance(descriptor, ReverseManyToOneDescriptor):
+        # (A generic relation's manager queries its rel's model; a reverse
+        # foreign key's, the model holding the key.)
+        generic = type(descriptor).__name__ == "ReverseGenericManyToOneDescriptor"
+        related = descriptor.rel.model if generic else descriptor.rel.related_model
+    return related if isinstance(related, type) and issubclass(related, Model) else None
+
+
+def _prefetch_aliases(
+    model: type[Model], alias: str, first: Model | None, lookups: tuple[Any, ...]
+) -> set[str] | None:
+    """The databases Django's ``prefetch_related_objects`` queries for
+    *lookups* on instances of *model* read from *alias* (*first*: the first
+    of them, when known, which Django gives the routers as hint); None when
+    that cannot be told before it runs."""
+    found: set[str] = set()
+    no_routers = not router.routers
+    for lookup in lookups:
+        queryset = None
+        if isinstance(lookup, Prefetch):
+            through, queryset = lookup.prefetch_through, lookup.queryset
+            if queryset is not None and queryset._prefetch_related_lookups:
+                return None  # (lookups of its own, on rows not read yet)
+        elif isinstance(lookup, str):
+            through = lookup
+        else:
+            return None
+        current, db, hint = model, alias, first
+        parts = through.split(LOOKUP_SEP)
+        for level, attr in enumerate(parts):
+            related = _related_model(current, attr)
+            if related is None:
+                return None
+            if level == len(parts) - 1 and queryset is not None and queryset._db:
+                db = str(queryset._db)
+            elif hint is not None:
+                # Django's related querysets ask the routers with the first
+                # instance as hint (by default: the database it came from).
+                db = str(router.db_for_read(related, instance=hint))
+            elif no_routers:
+                db = db  # (the rows read at the level above: their database)
+            else:
+                return None  # (the routers' hint is a row not read yet)
+            found.add(db)
+            current, hint = related, None
+    return found
+
+
+def _prefetch_target(
+    model: type[Model], alias: str, first: Model | None, lookups: tuple[Any, ...]
+) -> Target:
+    aliases = _prefetch_aliases(model, alias, first, lookups)
+    if aliases is None or len(aliases) > 1:
+        return _anywhere(alias)
+    return Target(aliases.pop() if aliases else alias)
+
+
 def _generator_alias(gen: types.GeneratorType[Any, None, None]) -> str:
     # A generator that has not started yet holds its arguments in its frame:
     # BaseIterable.__iter__(self) keeps the iterable, which knows its queryset.
@@ -110,7 +219,14 @@ def target_of(
     owner = getattr(func, "__self__", None)
     name = getattr(func, "__name__", "")
     if isinstance(owner, QuerySet):
-        return Target(_queryset_alias(owner, name in _WRITES))
+        alias = _queryset_alias(owner, name in _WRITES)
+        lookups = getattr(owner, "_prefetch_related_lookups", ())
+        if lookups and name in _FETCHES:
+            # The rows' related querysets go where the routers send them.
+            target = _prefetch_target(owner.model, alias, None, lookups)
+            if target.alias != alias or target.lane0:
+                return _anywhere(alias)
+        return Target(alias)
     if isinstance(owner, RawQuerySet):
         return Target(str(owner.db))
     if isinstance(owner, Model):
@@ -138,8 +254,12 @@ def target_of(
     if func is prefetch_related_objects:
         instances = args[0] if args else kwargs.get("model_instances")
         first = next(iter(instances), None) if instances else None
-        instance_db = first._state.db if isinstance(first, Model) else None
-        return Target(str(instance_db or DEFAULT_DB_ALIAS))
+        if not isinstance(first, Model):
+            return Target(DEFAULT_DB_ALIAS)  # (no query, or Django's own error)
+        # Each lookup's queryset goes where the routers send its model, with
+        # the first instance as hint, or where a Prefetch's queryset says.
+        alias = str(first._state.db or DEFAULT_DB_ALIAS)
+        return _prefetch_target(type(first), alias, first, args[1:])
     if args and isinstance(args[0], types.GeneratorType):
         return Target(_generator_alias(args[0]), cursor=args[0])
     return None

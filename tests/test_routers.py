@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connections, transaction
+from django.db.models import aprefetch_related_objects, prefetch_related_objects
 from django.db.models.signals import post_save
 from django.test import override_settings
 
@@ -411,4 +412,120 @@ async def test_a_call_that_writes_two_blocks_on_two_lanes_is_refused() -> None:
                         await book.tags.acreate(name="refused")
                     raise RollbackRequestedError
     assert [t.name async for t in Tag.objects.filter(name="refused")] == []
+    assert budget.total == 0
+
+
+# -- prefetches: each lookup's queryset goes where the routers send its model -------
+
+
+class BooksElsewhereRouter:
+    """Books (and their reviews) live on "other"; authors on their instance's."""
+
+    def db_for_read(self, model: Any, **hints: Any) -> str | None:
+        return "other" if model is Book else None
+
+    def db_for_write(self, model: Any, **hints: Any) -> str | None:
+        return "other" if model is Book else None
+
+    def allow_relation(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+
+def seed_books_elsewhere(count: int) -> list[Author]:
+    """Authors on "default" (copied to "other" under the same keys, which the
+    books' foreign key checks there), one book each on "other"."""
+    authors = [Author.objects.create(name=f"author{i}") for i in range(count)]
+    for author in authors:
+        Author.objects.using("other").create(pk=author.pk, name=author.name)
+        Book.objects.create(title=f"book of {author.name}", author=author)
+    return authors
+
+
+def stock_prefetch_in_a_block(pk: int) -> tuple[list[str], list[str]]:
+    with contextlib.suppress(RollbackRequestedError):
+        with transaction.atomic(using="other"):
+            Book.objects.create(title="uncommitted", author_id=pk)
+            author = Author.objects.get(pk=pk)
+            prefetch_related_objects([author], "books")
+            (listed,) = Author.objects.filter(pk=pk).prefetch_related("books")
+            seen = (
+                sorted(b.title for b in author.books.all()),
+                sorted(b.title for b in listed.books.all()),
+            )
+            raise RollbackRequestedError
+    return seen
+
+
+async def prefetch_in_a_block(pk: int) -> tuple[list[str], list[str]]:
+    with contextlib.suppress(RollbackRequestedError):
+        async with asgi_dbset.atomic(using="other"):
+            await Book.objects.acreate(title="uncommitted", author_id=pk)
+            author = await Author.objects.aget(pk=pk)
+            await aprefetch_related_objects([author], "books")
+            (listed,) = [
+                a async for a in Author.objects.filter(pk=pk).prefetch_related("books")
+            ]
+            seen = (
+                sorted(b.title for b in author.books.all()),
+                sorted(b.title for b in listed.books.all()),
+            )
+            raise RollbackRequestedError
+    return seen
+
+
+@override_settings(DATABASE_ROUTERS=[BooksElsewhereRouter()])
+async def test_a_prefetch_inside_a_block_of_its_related_database_sees_its_rows() -> (
+    None
+):
+    """Author on "default", its books on "other": Django's prefetch of
+    "books" reads "other", inside the block of "other" (was: the call went to
+    a lane of "default", whose query on "other" was refused)."""
+    (author,) = await sync_to_async(seed_books_elsewhere)(1)
+    async with ThreadSensitiveContext():
+        stock = await sync_to_async(stock_prefetch_in_a_block)(author.pk)
+        await sync_to_async(connections.close_all)()
+    # Parallelism 3: the block holds an extra lane of "other", lane 0 is free.
+    async with request_with(3):
+        library = await prefetch_in_a_block(author.pk)
+    mine = sorted(["book of author0", "uncommitted"])
+    assert stock == (mine, mine)
+    assert library == stock
+    assert [b.title async for b in Book.objects.filter(title="uncommitted")] == []
+    assert budget.total == 0
+
+
+@override_settings(DATABASE_ROUTERS=[BooksElsewhereRouter()])
+async def test_gathered_prefetches_run_on_lanes_of_the_related_database() -> None:
+    authors = await sync_to_async(seed_books_elsewhere)(4)
+
+    async def titles(author: Author) -> list[str]:
+        await aprefetch_related_objects([author], "books")
+        return [b.title for b in author.books.all()]
+
+    async def listed(author: Author) -> list[str]:
+        # (The rows and their books in one call: "default", then "other".)
+        found = Author.objects.filter(pk=author.pk).prefetch_related("books")
+        return [b.title async for a in found for b in a.books.all()]
+
+    async with ThreadSensitiveContext():
+        stock = [await titles(await Author.objects.aget(pk=a.pk)) for a in authors]
+        stock_listed = [await listed(a) for a in authors]
+        await sync_to_async(connections.close_all)()
+    fresh = [await Author.objects.aget(pk=a.pk) for a in authors]
+    before = checked_out("other")
+    async with request_with(4) as dbset:
+        busy = asyncio.ensure_future(sleeping(0.3).acount())  # lane 0
+        library = await asyncio.gather(*(titles(a) for a in fresh))
+        library_listed = await asyncio.gather(*(listed(a) for a in authors))
+        # Every connection to "other" the set holds is one of its lanes -
+        # lane 0's, or an extra lane of the budget's - and no lane of
+        # "default" opened one of its own, outside the budget, to read there.
+        assert checked_out("other") - before <= 1 + budget.held("other")
+        await busy
+        prefetches = [r for r in dbset.records if r.name == "prefetch_related_objects"]
+        assert {r.alias for r in prefetches} == {"other"}
+    assert stock == [[f"book of {a.name}"] for a in authors]
+    assert library == stock
+    assert stock_listed == stock
+    assert library_listed == stock
     assert budget.total == 0
