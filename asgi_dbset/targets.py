@@ -94,7 +94,11 @@ _LINK_WRITES = frozenset({"add", "remove", "clear", "set"})
 
 
 def _related_manager_target(
-    manager: Manager[Any], instance: Model, name: str
+    manager: Manager[Any],
+    instance: Model,
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Target:
     """Where Django's related manager method *name* writes: each of them asks
     the routers itself, with only the manager's instance as hint - never the
@@ -102,7 +106,10 @@ def _related_manager_target(
     through = getattr(manager, "through", None)
     if through is None:
         # Reverse foreign key and generic relation managers: the related model.
-        return Target(str(router.db_for_write(manager.model, instance=instance)))
+        alias = str(router.db_for_write(manager.model, instance=instance))
+        if kwargs.get("bulk") is False and name in ("add", "set"):
+            return _saved_one_by_one(manager, alias, name, args, kwargs)
+        return Target(alias)
     # Many-to-many: the links are written where the routers send the through
     # model, which need not be where they send either end of the relation.
     links = str(router.db_for_write(through, instance=instance))
@@ -112,6 +119,42 @@ def _related_manager_target(
     # where the routers send the *instance's* model, then linked (add()).
     alias = str(router.db_for_write(type(instance), instance=instance))
     return Target(alias, also=None if links == alias else links)
+
+
+def _saved_one_by_one(
+    manager: Manager[Any],
+    alias: str,
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Target:
+    """``add(*objs, bulk=False)`` / ``set(objs, bulk=False)`` of a reverse
+    foreign key or generic relation manager: Django saves each object with
+    ``obj.save()``, which writes where the routers send *that object*
+    (``db_for_write(type(obj), instance=obj)``: by default the database it was
+    read from), inside ``transaction.atomic(using=alias, savepoint=False)``; a
+    nullable relation's ``set()`` also reads and unlinks the old objects on
+    *alias*."""
+    objs = args if name == "add" else args[0] if args else kwargs.get("objs")
+    if not isinstance(objs, list | tuple | set | frozenset):
+        return _anywhere(alias)  # (an iterator: read here, it would be used up)
+    saved = {
+        str(router.db_for_write(type(obj), instance=obj))
+        for obj in objs
+        if isinstance(obj, Model)
+    }
+    # (A generic relation's set() always does: it has no field to say.)
+    if name == "set" and getattr(getattr(manager, "field", None), "null", True):
+        saved.add(alias)
+    if not saved or saved == {alias}:
+        return Target(alias)
+    if len(saved) == 1:
+        # Written on the objects' database, inside an atomic block of the
+        # manager's: the call is inside a transaction block of either.
+        return Target(saved.pop(), also=alias)
+    if len(saved) == 2 and alias in saved:
+        return Target(alias, also=(saved - {alias}).pop())
+    return _anywhere(alias)
 
 
 # QuerySet methods that fetch rows, and so run its prefetch_related() lookups.
@@ -249,7 +292,7 @@ def target_of(
         # (Only related managers hand their own methods to sync_to_async.)
         instance = getattr(owner, "instance", None)
         if isinstance(instance, Model) and name in _WRITES:
-            return _related_manager_target(owner, instance, name)
+            return _related_manager_target(owner, instance, name, args, kwargs)
         return Target(_queryset_alias(owner, name in _WRITES))
     if func is prefetch_related_objects:
         instances = args[0] if args else kwargs.get("model_instances")

@@ -529,3 +529,86 @@ async def test_gathered_prefetches_run_on_lanes_of_the_related_database() -> Non
     assert stock_listed == stock
     assert library_listed == stock
     assert budget.total == 0
+
+
+# -- a reverse foreign key's add(bulk=False): each object saved where it is routed --
+
+
+class RelationsAllowedRouter:
+    """No database chosen (each instance is written where it was read), but
+    relations across databases allowed."""
+
+    def allow_relation(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+
+def seed_a_book_on_other() -> tuple[Author, Book]:
+    """An author on "default"; a book of another author on "other" only."""
+    author = Author.objects.create(name="adopter")
+    Author.objects.using("other").create(pk=author.pk, name=author.name)
+    first = Author.objects.using("other").create(pk=author.pk + 1, name="first")
+    book = Book.objects.using("other").create(pk=1, title="moved", author=first)
+    return author, Book.objects.using("other").get(pk=book.pk)
+
+
+def book_owners() -> dict[str, list[tuple[int, int]]]:
+    return {
+        alias: sorted(Book.objects.using(alias).values_list("pk", "author_id"))
+        for alias in ("default", "other")
+    }
+
+
+def stock_adopt_in_a_block(author: Author, book: Book, how: str) -> None:
+    with contextlib.suppress(RollbackRequestedError):
+        with transaction.atomic(using="other"):
+            if how == "add":
+                author.books.add(book, bulk=False)
+            else:
+                author.books.set([book], bulk=False)
+            raise RollbackRequestedError
+
+
+async def adopt_in_a_block(author: Author, book: Book, how: str) -> None:
+    with contextlib.suppress(RollbackRequestedError):
+        async with asgi_dbset.atomic(using="other"):
+            if how == "add":
+                await author.books.aadd(book, bulk=False)
+            else:
+                await author.books.aset([book], bulk=False)
+            raise RollbackRequestedError
+
+
+@pytest.mark.parametrize("how", ["add", "set"])
+@override_settings(DATABASE_ROUTERS=[RelationsAllowedRouter()])
+async def test_objects_saved_one_by_one_are_inside_the_block_of_their_database(
+    how: str,
+) -> None:
+    """``author.books.aadd(book, bulk=False)`` saves the book where it was read
+    ("other"), whatever the author's database: inside a block of "other" the
+    save rolls back with it (was: the call went to a lane of "default", whose
+    save on "other" was refused)."""
+    author, book = await sync_to_async(seed_a_book_on_other)()
+    rows = await sync_to_async(book_owners)()
+    async with ThreadSensitiveContext():
+        await sync_to_async(stock_adopt_in_a_block)(author, book, how)
+        await sync_to_async(connections.close_all)()
+    assert await sync_to_async(book_owners)() == rows
+    book = await Book.objects.using("other").aget(pk=book.pk)
+    async with request_with(3) as dbset:
+        await adopt_in_a_block(author, book, how)
+        assert {r.alias for r in dbset.records if r.name == how} == {"other"}
+    assert await sync_to_async(book_owners)() == rows
+    # Outside a block, both write the book on "other".
+    async with ThreadSensitiveContext():
+        await sync_to_async(author.books.add)(book, bulk=False)
+        await sync_to_async(connections.close_all)()
+    stock = await sync_to_async(book_owners)()
+    await (
+        Book.objects.using("other").filter(pk=book.pk).aupdate(author_id=author.pk + 1)
+    )
+    book = await Book.objects.using("other").aget(pk=book.pk)
+    async with request_with(3):
+        await author.books.aadd(book, bulk=False)
+    assert await sync_to_async(book_owners)() == stock
+    assert stock["other"] == [(book.pk, author.pk)]
+    assert budget.total == 0
