@@ -29,7 +29,11 @@ from typing import Any
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connections, transaction
-from django.db.models import aprefetch_related_objects, prefetch_related_objects
+from django.db.models import (
+    Prefetch,
+    aprefetch_related_objects,
+    prefetch_related_objects,
+)
 from django.db.models.signals import post_save
 from django.test import override_settings
 
@@ -431,6 +435,14 @@ class BooksElsewhereRouter:
         return True
 
 
+class RelationsAllowedRouter:
+    """No database chosen (each instance is written where it was read), but
+    relations across databases allowed."""
+
+    def allow_relation(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+
 def seed_books_elsewhere(count: int) -> list[Author]:
     """Authors on "default" (copied to "other" under the same keys, which the
     books' foreign key checks there), one book each on "other"."""
@@ -494,6 +506,47 @@ async def test_a_prefetch_inside_a_block_of_its_related_database_sees_its_rows()
     assert budget.total == 0
 
 
+def stock_prefetch_using_in_a_block(pk: int) -> list[str]:
+    with contextlib.suppress(RollbackRequestedError):
+        with transaction.atomic(using="other"):
+            Book.objects.using("other").create(title="uncommitted", author_id=pk)
+            author = Author.objects.get(pk=pk)
+            books = Prefetch("books", queryset=Book.objects.using("other"))
+            prefetch_related_objects([author], books)
+            seen = sorted(b.title for b in author.books.all())
+            raise RollbackRequestedError
+    return seen
+
+
+async def prefetch_using_in_a_block(pk: int) -> list[str]:
+    with contextlib.suppress(RollbackRequestedError):
+        async with asgi_dbset.atomic(using="other"):
+            await Book.objects.using("other").acreate(title="uncommitted", author_id=pk)
+            author = await Author.objects.aget(pk=pk)
+            books = Prefetch("books", queryset=Book.objects.using("other"))
+            await aprefetch_related_objects([author], books)
+            seen = sorted(b.title for b in author.books.all())
+            raise RollbackRequestedError
+    return seen
+
+
+@override_settings(DATABASE_ROUTERS=[RelationsAllowedRouter()])
+async def test_a_prefetch_querysets_database_is_the_one_it_reads() -> None:
+    """No router sends books elsewhere; ``Prefetch(queryset=qs.using("other"))``
+    does: the prefetch is inside the block of "other" (was: refused)."""
+    author = await Author.objects.acreate(name="the author")
+    await Author.objects.using("other").acreate(pk=author.pk, name=author.name)
+    await Book.objects.using("other").acreate(title="committed", author_id=author.pk)
+    async with ThreadSensitiveContext():
+        stock = await sync_to_async(stock_prefetch_using_in_a_block)(author.pk)
+        await sync_to_async(connections.close_all)()
+    async with request_with(3):
+        library = await prefetch_using_in_a_block(author.pk)
+    assert stock == ["committed", "uncommitted"]
+    assert library == stock
+    assert budget.total == 0
+
+
 @override_settings(DATABASE_ROUTERS=[BooksElsewhereRouter()])
 async def test_gathered_prefetches_run_on_lanes_of_the_related_database() -> None:
     authors = await sync_to_async(seed_books_elsewhere)(4)
@@ -532,14 +585,6 @@ async def test_gathered_prefetches_run_on_lanes_of_the_related_database() -> Non
 
 
 # -- a reverse foreign key's add(bulk=False): each object saved where it is routed --
-
-
-class RelationsAllowedRouter:
-    """No database chosen (each instance is written where it was read), but
-    relations across databases allowed."""
-
-    def allow_relation(self, *args: Any, **kwargs: Any) -> bool:
-        return True
 
 
 def seed_a_book_on_other() -> tuple[Author, Book]:
