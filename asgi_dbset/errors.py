@@ -31,7 +31,8 @@ class QueryRefusedError(OperationalError):
 
 
 class SnapshotError(OperationalError):
-    """A lane could not join its set's snapshot (it was not exported)."""
+    """A lane could not join its set's snapshot: it was not exported, or code
+    in the snapshot block closed the connection that was in it."""
 
     __module__ = "asgi_dbset"
 

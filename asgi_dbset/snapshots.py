@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -30,6 +31,11 @@ from .errors import SnapshotError
 
 #: The attribute that marks a Django connection wrapper as inside a snapshot.
 MARK = "_asgi_dbset_snapshot"
+# Set on a wrapper in a snapshot whose connection Django closed meanwhile
+# (connection.close(), connections.close_all() in code run in the block).
+_CLOSED = "_asgi_dbset_snapshot_closed"
+# The method of a Django connection wrapper that its close() calls.
+_DJANGO_CLOSE = "_close"
 # Every importer's statements after its import go behind this savepoint, so
 # a failed statement (a write, say) is undone without ending the snapshot.
 _SAVEPOINT = "asgi_dbset_snapshot"
@@ -41,12 +47,14 @@ _SET_ISOLATION = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 class _Export:
     """One alias's snapshot as its exporting lane publishes it."""
 
-    __slots__ = ("published", "snapshot_id")
+    __slots__ = ("gone", "published", "snapshot_id")
 
     def __init__(self) -> None:
         self.published = threading.Event()
         #: Set before ``published``; None once published means withdrawn.
         self.snapshot_id: str | None = None
+        #: The exporting connection was closed: no lane can import it any more.
+        self.gone = False
 
 
 class Snapshot:
@@ -68,6 +76,12 @@ class Snapshot:
         this connection exported the snapshot: it must stay in it (and in
         the set) while the snapshot is on, for the lanes that import it."""
         if getattr(wrapper, MARK, None) is self:
+            if getattr(wrapper, _CLOSED, False):
+                # Its transaction ended with the connection: a read on the
+                # connection Django opened since would not be of the snapshot.
+                # Refused until the snapshot ends, as Django refuses a query
+                # after a close inside transaction.atomic().
+                raise SnapshotError(_closed_message(wrapper.alias))
             return False
         if getattr(wrapper, MARK, None) is not None:
             leave(wrapper)  # an earlier snapshot's transaction
@@ -90,6 +104,12 @@ class Snapshot:
         except BaseException:
             leave(wrapper)
             raise
+        export = self._exports.get(wrapper.alias) if exported else None
+        # Django's own close() of this connection (code in the block calling
+        # connection.close()) must end the snapshot's transaction first: a
+        # connection never goes back to its pool inside a transaction.
+        close = _ending_snapshot(wrapper, getattr(wrapper, _DJANGO_CLOSE), export)
+        setattr(wrapper, _DJANGO_CLOSE, close)
         return exported
 
     def _join(self, conn: psycopg.Connection[Any], alias: str) -> bool:
@@ -112,6 +132,8 @@ class Snapshot:
                     f"exported within {_EXPORT_WAIT:.0f} s."
                 )
             if export.snapshot_id is not None:
+                if export.gone:
+                    raise SnapshotError(_closed_message(alias))
                 conn.execute(_SET_ISOLATION)
                 conn.execute(
                     sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
@@ -152,6 +174,8 @@ class Snapshot:
         conn = wrapper.connection
         if getattr(wrapper, MARK, None) is None or conn is None or conn.closed:
             return
+        if getattr(wrapper, _CLOSED, False):
+            return  # (a connection opened since, outside the snapshot)
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
         elif cursor_call:
@@ -164,11 +188,47 @@ def leave(wrapper: BaseDatabaseWrapper) -> None:
     if getattr(wrapper, MARK, None) is None:
         return
     delattr(wrapper, MARK)
+    wrapper.__dict__.pop(_DJANGO_CLOSE, None)  # (Django's own again)
+    wrapper.__dict__.pop(_CLOSED, None)
     conn = wrapper.connection
     if conn is None or conn.closed or conn.broken:
         return
     conn.rollback()  # (read only: there is nothing to commit)
     wrapper.set_autocommit(True)
+
+
+def _ending_snapshot(
+    wrapper: BaseDatabaseWrapper, close: Callable[[], Any], export: _Export | None
+) -> Callable[[], Any]:
+    """Django's ``_close`` of *wrapper*, which first ends its snapshot
+    transaction and marks the snapshot gone from it (and, if it exported the
+    snapshot, for the lanes that have not imported it yet)."""
+
+    def _close() -> Any:
+        setattr(wrapper, _CLOSED, True)
+        if export is not None:
+            export.gone = True
+        conn = wrapper.connection
+        if conn is not None and not conn.closed and not conn.broken:
+            try:
+                conn.rollback()  # (read only: there is nothing to commit)
+            except psycopg.Error:
+                pass  # the pool discards or rolls back what it gets back
+        return close()
+
+    return _close
+
+
+def _closed_message(alias: str) -> str:
+    return (
+        f"asgi_dbset: a connection of database {alias!r} was closed inside a "
+        "consistent snapshot (db_parallelism(..., snapshot=True)) - "
+        "connection.close() or connections.close_all() in code run in the "
+        "block - and the snapshot's transaction ended with it: a read on a new "
+        "connection would not be of the snapshot, so it is refused until the "
+        "snapshot block ends (as Django refuses a query after a close inside "
+        "transaction.atomic()). Close connections outside the snapshot block."
+    )
 
 
 def leave_all(wrappers: list[BaseDatabaseWrapper]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,13 @@ import psycopg
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
-from django.db import OperationalError, connections
+from django.db import (
+    DatabaseError,
+    OperationalError,
+    connection,
+    connections,
+    transaction,
+)
 from django.db.models import Sum
 from psycopg.conninfo import make_conninfo
 
@@ -557,3 +564,96 @@ async def test_a_block_that_has_to_share_the_snapshots_lane_says_so() -> None:
     assert "lane of its own" in message
     assert "into `async with asgi_dbset.atomic():`" not in message
     assert await Author.objects.filter(name="refused").acount() == 0
+
+
+def _refused_or(result: Any) -> Any:
+    return "refused" if isinstance(result, DatabaseError) else result
+
+
+@contextlib.contextmanager
+def pool_warnings_off() -> Iterator[None]:
+    """Stock Django's close() inside a transaction returns the connection to
+    its pool inside it (the pool rolls it back and warns): stock's doing, which
+    the suite-wide check of the library's returns must not count."""
+    pool_logger = logging.getLogger("psycopg.pool")
+    pool_logger.disabled = True
+    try:
+        yield
+    finally:
+        pool_logger.disabled = False
+
+
+def stock_close_in_a_repeatable_read_transaction() -> list[Any]:
+    """Stock Django's nearest thing to a snapshot: a REPEATABLE READ transaction
+    on the request's connection; code in it closes the connection, a writer
+    commits, and the code reads three times more."""
+    reads: list[Any] = []
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        reads.append(Author.objects.count())
+        connection.close()
+        insert_author()
+        for _ in range(3):
+            try:
+                reads.append(Author.objects.count())
+            except DatabaseError as exc:
+                reads.append(_refused_or(exc))
+    return reads
+
+
+def close_the_connection() -> None:
+    connection.close()
+
+
+async def close_in_a_snapshot(parallelism: int, how: str) -> list[Any]:
+    async with ThreadSensitiveContext():
+        try:
+            async with connection_set(
+                parallelism=parallelism, snapshot=True, lease_timeout=5.0
+            ):
+                reads: list[Any] = list(
+                    await asyncio.gather(Author.objects.acount(), two_counts())
+                )[:1]
+                if how == "sync_to_async":
+                    await sync_to_async(close_the_connection)()
+                else:
+                    await asgi_dbset.sync_to_lane(connections.close_all)()
+                await asyncio.to_thread(insert_author)
+                after = await asyncio.wait_for(
+                    asyncio.gather(
+                        *(Author.objects.acount() for _ in range(3)),
+                        return_exceptions=True,
+                    ),
+                    20,
+                )
+                reads.extend(_refused_or(result) for result in after)
+        finally:
+            await sync_to_async(connections.close_all)()
+    return reads
+
+
+@pytest.mark.parametrize("how", ["sync_to_async", "sync_to_lane"])
+@pytest.mark.parametrize("parallelism", [1, 3])
+async def test_a_connection_closed_in_the_snapshot_never_reads_outside_it(
+    parallelism: int, how: str
+) -> None:
+    await Author.objects.acreate(name="first")
+    async with ThreadSensitiveContext():
+        with pool_warnings_off():
+            stock = await sync_to_async(stock_close_in_a_repeatable_read_transaction)()
+        await sync_to_async(connections.close_all)()
+    await Author.objects.filter(name="concurrent").adelete()
+    library = await close_in_a_snapshot(parallelism, how)
+    # Stock Django refuses every query after the close (ProgrammingError), until
+    # the transaction ends; it never reads the writer's row.
+    assert stock == [1, "refused", "refused", "refused"]
+    # The library refuses the closed connection's reads (SnapshotError) and
+    # reads the snapshot on the lanes still in it: never the writer's row.
+    assert library[0] == 1
+    assert "refused" in library[1:]
+    assert set(library) <= {1, "refused"}, library
+    if parallelism == 1:
+        assert library == stock
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
