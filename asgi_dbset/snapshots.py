@@ -34,8 +34,11 @@ MARK = "_asgi_dbset_snapshot"
 # Set on a wrapper in a snapshot whose connection Django closed meanwhile
 # (connection.close(), connections.close_all() in code run in the block).
 _CLOSED = "_asgi_dbset_snapshot_closed"
-# The method of a Django connection wrapper that its close() calls.
+# The methods of a Django connection wrapper that its close(), commit() and
+# rollback() call; replaced on a wrapper while it is in a snapshot.
 _DJANGO_CLOSE = "_close"
+_DJANGO_COMMIT = "_commit"
+_DJANGO_ROLLBACK = "_rollback"
 # Every importer's statements after its import go behind this savepoint, so
 # a failed statement (a write, say) is undone without ending the snapshot.
 _SAVEPOINT = "asgi_dbset_snapshot"
@@ -105,11 +108,12 @@ class Snapshot:
             leave(wrapper)
             raise
         export = self._exports.get(wrapper.alias) if exported else None
-        # Django's own close() of this connection (code in the block calling
-        # connection.close()) must end the snapshot's transaction first: a
-        # connection never goes back to its pool inside a transaction.
+        # Code in the block may call Django's close(), commit() or rollback()
+        # on this connection: see _ending_snapshot and _keeping_snapshot.
         close = _ending_snapshot(wrapper, getattr(wrapper, _DJANGO_CLOSE), export)
         setattr(wrapper, _DJANGO_CLOSE, close)
+        setattr(wrapper, _DJANGO_COMMIT, _keeping_snapshot(wrapper))
+        setattr(wrapper, _DJANGO_ROLLBACK, _keeping_snapshot(wrapper))
         return exported
 
     def _join(self, conn: psycopg.Connection[Any], alias: str) -> bool:
@@ -188,7 +192,8 @@ def leave(wrapper: BaseDatabaseWrapper) -> None:
     if getattr(wrapper, MARK, None) is None:
         return
     delattr(wrapper, MARK)
-    wrapper.__dict__.pop(_DJANGO_CLOSE, None)  # (Django's own again)
+    for method in (_DJANGO_CLOSE, _DJANGO_COMMIT, _DJANGO_ROLLBACK):
+        wrapper.__dict__.pop(method, None)  # (Django's own again)
     wrapper.__dict__.pop(_CLOSED, None)
     conn = wrapper.connection
     if conn is None or conn.closed or conn.broken:
@@ -217,6 +222,25 @@ def _ending_snapshot(
         return close()
 
     return _close
+
+
+def _keeping_snapshot(wrapper: BaseDatabaseWrapper) -> Callable[[], None]:
+    """Django's ``_commit`` and ``_rollback`` of *wrapper* while it is in a
+    snapshot. To the request the connection is in autocommit, where Django's
+    commit() and rollback() change nothing and the next query runs: so they
+    keep the snapshot's transaction (ending it would leave the set's next
+    calls reading live, and their writes rolled back silently when the
+    snapshot ends), undoing only a failed statement, as after_call does."""
+
+    def keep() -> None:
+        conn = wrapper.connection
+        if conn is None or conn.closed or conn.broken:
+            return
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            with wrapper.wrap_database_errors:
+                conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+
+    return keep
 
 
 def _closed_message(alias: str) -> str:

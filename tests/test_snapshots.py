@@ -657,3 +657,64 @@ async def test_a_connection_closed_in_the_snapshot_never_reads_outside_it(
         assert library == stock
     assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
+
+
+def commit() -> None:
+    transaction.commit()
+
+
+def roll_back() -> None:
+    transaction.rollback()
+
+
+async def reads_and_a_write_after(
+    end: Any, wrap: Any, parallelism: int | None
+) -> list[Any]:
+    """Two reads, then sync code calls Django's commit() or rollback() (*end*;
+    None: it does not), a writer commits, and the request reads three times
+    and writes once. Without a parallelism: stock Django, in autocommit."""
+    async with ThreadSensitiveContext():
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if parallelism is not None:
+                    await stack.enter_async_context(
+                        connection_set(
+                            parallelism=parallelism, snapshot=True, lease_timeout=5.0
+                        )
+                    )
+                outcome: list[Any] = [await two_counts(), await two_counts()]
+                if end is not None:
+                    await wrap(end)()
+                await asyncio.to_thread(insert_author)
+                outcome.extend(
+                    await asyncio.gather(*(Author.objects.acount() for _ in range(3)))
+                )
+                write = await asyncio.gather(
+                    Author.objects.acreate(name="written"), return_exceptions=True
+                )
+                outcome.append(type(write[0]).__name__)
+        finally:
+            await sync_to_async(connections.close_all)()
+    outcome.append(await Author.objects.filter(name="written").acount())
+    await Author.objects.exclude(name="first").adelete()
+    return outcome
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+@pytest.mark.parametrize("wrap", [sync_to_async, asgi_dbset.sync_to_lane])
+@pytest.mark.parametrize("end", [commit, roll_back])
+async def test_commit_or_rollback_in_the_snapshot_changes_nothing(
+    end: Any, wrap: Any, parallelism: int
+) -> None:
+    await Author.objects.acreate(name="first")
+    # Stock Django, in autocommit: commit() and rollback() change nothing.
+    stock = await reads_and_a_write_after(None, sync_to_async, None)
+    assert await reads_and_a_write_after(end, sync_to_async, None) == stock
+    assert stock == [1, 1, 2, 2, 2, "Author", 1]
+    # To the request a snapshot's connection is in autocommit too: they change
+    # nothing - every read is of the snapshot, the write is refused, as without.
+    library = await reads_and_a_write_after(None, wrap, parallelism)
+    assert library == [1, 1, 1, 1, 1, "SnapshotWriteError", 0]
+    assert await reads_and_a_write_after(end, wrap, parallelism) == library
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
