@@ -556,22 +556,49 @@ class ConnectionSet:
         the set runs calls as stock Django (or this caller as stock:
         :meth:`_behind_own_caller`), or lane 0 is inside a transaction of the
         alias; else an extra lane of the block's own, if one can be had."""
+        scheduler = self._scheduler
         outer = getattr(AsyncToSync.executors, "current", None)
         if not self._routes() or self._behind_own_caller(outer):
-            return self._scheduler.lane0, await run_as_stock(func, *args)
+            result = await run_as_stock(func, *args)
+            scheduler.lane0_blocks += 1  # (until close_block)
+            return scheduler.lane0, result
         if outer is not self._outer:
             if self._outer is not _NO_CALLER:
-                self._scheduler.lane0_changed()
+                scheduler.lane0_changed()
             self._outer = outer
-        # Lane 0 reports first (for a call that reads nothing): whether its
-        # thread is inside a transaction - code the set does not see may have
-        # opened one - decides where the block may run.
-        await self._scheduler.run(
-            Target(alias), _nothing, (), {}, outer, pin=self._scheduler.lane0
+        on_lane0 = False
+        if self._in_block_on_extra_lane():
+            # Lane 0's thread is never asked from inside a block on an extra
+            # lane: it may run sync code (sync_to_async beside the block) that
+            # waits for the block's row locks, and the block would wait behind
+            # it for ever. What the set knows decides: lane 0's last reports
+            # (plan()), and the set's own blocks on lane 0, which those may
+            # not show yet (a report is of a call's start, before its BEGIN).
+            on_lane0 = scheduler.lane0_blocks > 0
+        else:
+            # Lane 0 reports first (for a call that reads nothing): whether its
+            # thread is inside a transaction - code the set does not see may
+            # have opened one - decides where the block may run.
+            await scheduler.run(
+                Target(alias), _nothing, (), {}, outer, pin=scheduler.lane0
+            )
+        lane, result = await scheduler.open_block(
+            alias, func, args, outer, on_lane0=on_lane0
         )
-        lane, result = await self._scheduler.open_block(alias, func, args, outer)
+        if lane is scheduler.lane0:
+            scheduler.lane0_blocks += 1  # (until close_block)
         self._update_routing()
         return lane, result
+
+    def _in_block_on_extra_lane(self) -> bool:
+        """True inside a transaction block of this set that holds an extra
+        lane (of any alias)."""
+        block = current_block.get()
+        while block is not None:
+            if block.dbset is self and block.lane is not self._scheduler.lane0:
+                return True
+            block = block.outer
+        return False
 
     async def run_on_lane(
         self, lane: Lane, alias: str, func: Callable[..., Any], args: tuple[Any, ...]
@@ -611,6 +638,8 @@ class ConnectionSet:
 
     def close_block(self, lane: Lane) -> None:
         """A block that held *lane* has ended."""
+        if lane is self._scheduler.lane0:
+            self._scheduler.lane0_blocks -= 1
         self._scheduler.close_block(lane)
         self._update_routing()
 

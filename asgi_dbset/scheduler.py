@@ -362,6 +362,7 @@ class Scheduler:
         "_running",
         "_seq",
         "blocks",
+        "lane0_blocks",
         "lease_timeout",
         "parallelism",
         "recorder",
@@ -405,6 +406,9 @@ class Scheduler:
         self._return_when_idle: tuple[Lane, ...] = ()
         #: Transaction blocks holding an extra lane of their own now.
         self.blocks = 0
+        #: Transaction blocks open on lane 0 (kept by the set): lane 0 is
+        #: inside a transaction while any is, whatever its reports say yet.
+        self.lane0_blocks = 0
         #: The snapshot every call runs in, when one is on (see .snapshots).
         self.snapshot: Snapshot | None = None
         #: Aliases behind a transaction pooler: statement timeouts per call's
@@ -589,13 +593,21 @@ class Scheduler:
         func: Callable[..., Any],
         args: tuple[Any, ...],
         outer: object,
+        *,
+        on_lane0: bool = False,
     ) -> tuple[Lane, Any]:
         """Run a transaction block's first call (its BEGIN) on the lane the
         block holds from then on - an extra lane of its own when lane 0 is
-        outside a transaction of *alias*, else lane 0 - and return that lane
-        with the call's result. The caller ends the block with
-        :meth:`close_block`."""
-        call = Call(next(self._seq), Target(alias), time.perf_counter(), reserve=True)
+        outside a transaction of *alias*, else lane 0 (always, *on_lane0*) -
+        and return that lane with the call's result. The caller ends the
+        block with :meth:`close_block`."""
+        call = Call(
+            next(self._seq),
+            Target(alias),
+            time.perf_counter(),
+            pin=self._lane0 if on_lane0 else None,
+            reserve=True,
+        )
         try:
             ran, result = await self._serve(call, func, args, {}, outer)
         except Exception:

@@ -710,3 +710,190 @@ async def test_refresh_from_a_queryset_of_the_blocks_database_reads_in_the_block
                 raise RollbackRequestedError
     assert stock == author.name == "updated in the block"
     assert budget.total == 0
+
+
+# -- beside sync code on the request's thread ----------------------------------------
+
+
+def rename_waiting_at_most(pk: int, name: str, lock_wait: str) -> None:
+    """Sync code on the request's thread that updates a row, giving up on a
+    row lock after *lock_wait* (so a wait shows as an error, not a hang)."""
+    with transaction.atomic():
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [lock_wait])
+        Author.objects.filter(pk=pk).update(name=name)
+
+
+def tally_in_a_stock_block(name: str) -> None:
+    with transaction.atomic(using="other"):
+        Tally.objects.using("other").create(name=name)
+
+
+async def test_a_block_of_another_database_while_the_request_thread_waits_for_a_lock() -> (
+    None
+):
+    """Sync code on the request's thread (``sync_to_async``, gathered beside
+    the block) updates a row the block has updated; then the block enters a
+    block of another database. On stock Django every one of them runs on the
+    request's thread, the update inside the outer block's transaction: no
+    wait. With the set, the outer block is on a lane of its own and the update
+    waits on lane 0 for its lock until the block commits - the inner block's
+    entry must not wait behind it for lane 0 (nothing would end: the outer
+    block waits for the inner one)."""
+
+    async def body(stock: bool) -> tuple[str, int]:
+        author = await Author.objects.acreate(name="before")
+        updated = asyncio.Event()
+
+        async def in_block() -> None:
+            if stock:
+                outer = transaction.atomic()
+                await sync_to_async(outer.__enter__)()
+            else:
+                outer = asgi_dbset.atomic()
+                await outer.__aenter__()
+            try:
+                await Author.objects.filter(pk=author.pk).aupdate(name="block")
+                updated.set()
+                # The sibling's update is under way on the request's thread.
+                await asyncio.sleep(0.3)
+                if stock:
+                    await sync_to_async(tally_in_a_stock_block)("in the inner block")
+                else:
+                    async with asgi_dbset.atomic(using="other"):
+                        await Tally.objects.using("other").acreate(
+                            name="in the inner block"
+                        )
+            finally:
+                if stock:
+                    await sync_to_async(outer.__exit__)(None, None, None)
+                else:
+                    await outer.__aexit__(None, None, None)
+
+        async def sibling() -> None:
+            await updated.wait()
+            await sync_to_async(rename_waiting_at_most)(author.pk, "sibling", "3s")
+
+        await asyncio.gather(in_block(), sibling())
+        name = (await Author.objects.aget(pk=author.pk)).name
+        return name, await Tally.objects.using("other").acount()
+
+    async def outcome(parallelism: int | None) -> tuple[str, int]:
+        async def run() -> tuple[str, int]:
+            async with ThreadSensitiveContext():
+                try:
+                    if parallelism is None:
+                        return await body(True)
+                    async with connection_set(
+                        parallelism=parallelism, lease_timeout=5.0
+                    ):
+                        return await body(False)
+                finally:
+                    await sync_to_async(connections.close_all)()
+
+        try:
+            return await asyncio.wait_for(run(), 20)
+        finally:
+            await Author.objects.all().adelete()
+            await Tally.objects.using("other").all().adelete()
+
+    assert await outcome(None) == ("sibling", 1)
+    assert await outcome(4) == ("sibling", 1)
+    assert budget.total == 0
+
+
+async def test_a_block_nested_in_one_on_its_own_lane_joins_a_block_on_lane_0() -> None:
+    """Inside a block on a lane of its own, a block of another database is
+    entered without asking lane 0 (see above); while another task's block of
+    that database is open on lane 0 - before that block has made a call, so
+    no report of lane 0 shows its transaction yet - the nested block still
+    runs there, inside that transaction, as on stock Django (one thread, one
+    connection per database): the other block's rollback undoes its write."""
+
+    async def body(stock: bool) -> None:
+        go_busy, lane0_free, go_sibling = (asyncio.Event() for _ in range(3))
+        sibling_in, inner_done = asyncio.Event(), asyncio.Event()
+
+        async def enter(alias: str) -> Any:
+            if stock:
+                atomic = transaction.atomic(using=alias)
+                await sync_to_async(atomic.__enter__)()
+            else:
+                atomic = asgi_dbset.atomic(using=alias)
+                await atomic.__aenter__()
+            return atomic
+
+        async def leave(atomic: Any, exc: BaseException | None) -> None:
+            exc_type = None if exc is None else type(exc)
+            if stock:
+                await sync_to_async(atomic.__exit__)(exc_type, exc, None)
+            else:
+                await atomic.__aexit__(exc_type, exc, None)
+
+        async def busy() -> None:
+            # A query of 'other' made while lane 0 runs one: at parallelism 3
+            # it has lane 2 (lane 1 is the outer block's) for 0.6 s.
+            async def first() -> None:
+                await sleeping(0.1).acount()
+                lane0_free.set()
+
+            await go_busy.wait()
+            await asyncio.gather(first(), sleeping(0.6).using("other").acount())
+
+        async def sibling() -> None:
+            # (Lane 2 is busy and the set may have no other: lane 0.)
+            await go_sibling.wait()
+            atomic = await enter("other")
+            sibling_in.set()
+            await inner_done.wait()
+            await leave(atomic, RollbackRequestedError())
+
+        # (Made outside the outer block: they are not inside it.)
+        tasks = [asyncio.ensure_future(busy()), asyncio.ensure_future(sibling())]
+        try:
+            outer = await enter("default")
+            try:
+                await Author.objects.acreate(name="outer")
+                go_busy.set()
+                await lane0_free.wait()
+                go_sibling.set()
+                await sibling_in.wait()
+                await tasks[0]  # lane 2 is idle again
+                try:
+                    if stock:
+                        await sync_to_async(tally_in_a_stock_block)("inner")
+                    else:
+                        async with asgi_dbset.atomic(using="other"):
+                            await Tally.objects.using("other").acreate(name="inner")
+                finally:
+                    inner_done.set()
+            finally:
+                await leave(outer, None)
+        finally:
+            for event in (go_busy, go_sibling, inner_done):
+                event.set()
+            await asyncio.gather(*tasks)
+
+    async def outcome(parallelism: int | None) -> tuple[list[str], int]:
+        async def run() -> None:
+            async with ThreadSensitiveContext():
+                try:
+                    if parallelism is None:
+                        return await body(True)
+                    async with connection_set(
+                        parallelism=parallelism, lease_timeout=5.0
+                    ):
+                        return await body(False)
+                finally:
+                    await sync_to_async(connections.close_all)()
+
+        try:
+            await asyncio.wait_for(run(), 20)
+            return await anames("outer"), await Tally.objects.using("other").acount()
+        finally:
+            await Author.objects.all().adelete()
+            await Tally.objects.using("other").all().adelete()
+
+    assert await outcome(None) == (["outer"], 0)
+    assert await outcome(3) == (["outer"], 0)
+    assert budget.total == 0
