@@ -804,6 +804,16 @@ class Scheduler:
                 raise
         job = Job(call.generation)
         alias = call.target.alias
+        timeout_ms = self.timeout_ms
+        if call.reserve and lane is self._lane0:
+            # A block's BEGIN on lane 0 runs untimed (it sends no query, or a
+            # SAVEPOINT): a timeout set now would be set for the session
+            # before the transaction begins and reset inside it, and a
+            # rollback outside the set's calls (the pool's, of a block that
+            # outlived its set) would leave it on the request's connection.
+            # The block's calls set and reset it inside the transaction,
+            # which keeps or undoes both.
+            timeout_ms = None
         record = self.recorder.begin(lane.index, alias, func, call.queued)
         lane.calls += 1
         self._running[job] = lane
@@ -817,7 +827,7 @@ class Scheduler:
                 kwargs,
                 alias,
                 self._abandoned_end,
-                self.timeout_ms,
+                timeout_ms,
                 clearance=call.clearance,
                 outer=outer,
                 # (A transaction block's lane is never in the snapshot: its

@@ -100,6 +100,111 @@ async def test_a_block_rolled_back_after_a_timed_out_query_leaves_no_timeout(
     assert await asyncio.to_thread(_pooled_timeouts) <= {"0"}
 
 
+class RollbackRequestedError(Exception):
+    pass
+
+
+def roll_back_as_the_pool_does() -> None:
+    """What psycopg_pool does to a connection given back inside a transaction
+    (done here, so that the suite's check of such returns stays quiet), and
+    the autocommit Django's next ``connect()`` gives it back."""
+    conn = connections["default"].connection
+    assert conn is not None
+    conn.rollback()
+    conn.autocommit = True
+
+
+async def test_a_block_on_lane_0_rolled_back_outside_the_set_leaves_no_timeout() -> (
+    None
+):
+    """A block on lane 0 whose task outlives its set is left open on the
+    request's connection (the set cannot end it: docs/transactions.md), and
+    what rolls it back is the pool, when Django gives the connection back.
+    On stock Django (``transaction.atomic`` entered through ``sync_to_async``
+    in such a task) the connection goes back as it came: no statement
+    timeout. The set's must not stay on it either: the block's BEGIN set it
+    before the transaction began (for the session) and reset it inside, which
+    that rollback undid."""
+
+    async def outcome(stock: bool) -> tuple[bool, set[str]]:
+        entered, go = asyncio.Event(), asyncio.Event()
+
+        async def block() -> None:
+            if stock:
+                atomic = transaction.atomic()
+                await sync_to_async(atomic.__enter__)()
+                await Author.objects.acreate(name="rolled back")
+                entered.set()
+                await go.wait()
+                raise RollbackRequestedError  # (never left: its request ended)
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="rolled back")
+                entered.set()
+                await go.wait()
+                raise RollbackRequestedError
+
+        async with ThreadSensitiveContext():
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    if not stock:
+                        await stack.enter_async_context(
+                            connection_set(parallelism=1, statement_timeout=0.2)
+                        )
+                    task = asyncio.ensure_future(block())
+                    await entered.wait()
+                go.set()
+                with pytest.raises(RollbackRequestedError):
+                    await asyncio.wait_for(task, 10)
+                await sync_to_async(roll_back_as_the_pool_does)()
+            finally:
+                await sync_to_async(connections.close_all)()
+        await asyncio.to_thread(connections.close_all)
+        return (
+            await Author.objects.filter(name="rolled back").aexists(),
+            await asyncio.to_thread(_pooled_timeouts),
+        )
+
+    assert await outcome(stock=True) == (False, {"0"})
+    assert await outcome(stock=False) == (False, {"0"})
+
+
+@pytest.mark.parametrize("p", [None, 1, 4])
+async def test_a_transaction_rolled_back_by_own_code_after_a_failed_call_leaves_no_timeout(
+    p: int | None,
+) -> None:
+    """The request's thread opens a transaction itself (``sync_to_async``); a
+    call of the set fails in it (its reset of the timeout is refused, and
+    owed), and the thread's own code rolls it back, with no call of the set
+    after. The timeout was set inside the transaction, so the rollback undoes
+    it: the connection goes back as on stock Django (None: no set)."""
+
+    async def body() -> None:
+        await Tally.objects.acreate(name="taken")
+        await sync_to_async(transaction.set_autocommit)(False)
+        try:
+            await Author.objects.acreate(name="rolled back")
+            with pytest.raises(IntegrityError):
+                await Tally.objects.acreate(name="taken")
+        finally:
+            await sync_to_async(transaction.rollback)()
+            await sync_to_async(transaction.set_autocommit)(True)
+
+    async with ThreadSensitiveContext():
+        try:
+            if p is None:
+                await body()
+            else:
+                async with connection_set(
+                    parallelism=p, statement_timeout=0.2, lease_timeout=5.0
+                ):
+                    await body()
+        finally:
+            await sync_to_async(connections.close_all)()
+    assert not await Author.objects.filter(name="rolled back").aexists()
+    await asyncio.to_thread(connections.close_all)
+    assert await asyncio.to_thread(_pooled_timeouts) <= {"0"}
+
+
 async def test_the_setting_applies_even_at_parallelism_one() -> None:
     with override_settings(ASGI_DBSET={"STATEMENT_TIMEOUT": 0.2}):
         async with connection_set() as dbset:
