@@ -308,6 +308,101 @@ async def test_an_async_receiver_of_sync_code_gathered_with_orm_calls_runs_as_st
     assert budget.total == 0
 
 
+# How much longer a block's entry and exit take on their thread (see slowed()).
+SLOWER = {"enter": 0.0, "leave": 0.0}
+
+
+@contextlib.contextmanager
+def slowed() -> Any:
+    """Each block's entry and exit take ``SLOWER`` seconds more on the thread
+    that runs them, after Django's atomic has done its part there: the window
+    in which a cancelled caller has given up on an entry or exit that goes
+    on (a slow SAVEPOINT or COMMIT round trip)."""
+    from asgi_dbset import blocks
+
+    enter, leave = blocks._enter, blocks._leave
+
+    def slow_enter(*args: Any) -> Any:
+        entered = enter(*args)
+        time.sleep(SLOWER["enter"])
+        return entered
+
+    def slow_leave(*args: Any) -> None:
+        leave(*args)
+        time.sleep(SLOWER["leave"])
+
+    blocks._enter, blocks._leave = slow_enter, slow_leave  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        blocks._enter, blocks._leave = enter, leave  # type: ignore[assignment]
+        SLOWER.update(enter=0.0, leave=0.0)
+
+
+def in_a_transaction() -> bool:
+    return connection.in_atomic_block or not connection.get_autocommit()
+
+
+async def receiver_gives_up_on_its_blocks(seen: list[object]) -> None:
+    # Cancelled while its first block is entered: the block is never in.
+    SLOWER["enter"] = 0.3
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(0.1), asgi_dbset.atomic():
+            await Tally.objects.acreate(name="never written")
+    SLOWER["enter"] = 0.0
+    # Cancelled while its second block is left: the block ends as it would.
+    block = asgi_dbset.atomic()
+    await block.__aenter__()
+    await Tally.objects.acreate(name="written in the block")
+    SLOWER["leave"] = 0.3
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(0.1):
+            await block.__aexit__(None, None, None)
+    SLOWER["leave"] = 0.0
+    seen.append(await Tally.objects.acount())
+    seen.append(await sync_to_async(in_a_transaction)())
+
+
+def stock_blocks_given_up() -> None:
+    # Stock Django's outcomes of the two: a block that fails as it starts,
+    # and one left normally (its caller's cancellation comes after it).
+    with contextlib.suppress(TimeoutError), transaction.atomic():
+        raise TimeoutError
+    with transaction.atomic():
+        Tally.objects.create(name="written in the block")
+
+
+async def stock_receiver_gives_up_on_its_blocks(seen: list[object]) -> None:
+    await sync_to_async(stock_blocks_given_up)()
+    seen.append(await Tally.objects.acount())
+    seen.append(await sync_to_async(in_a_transaction)())
+
+
+@pytest.mark.parametrize(
+    "service",
+    [service_saves, service_saves_and_rolls_back],
+    ids=["autocommit", "in-the-transaction"],
+)
+async def test_a_receivers_block_cancelled_as_it_is_entered_or_left_ends_as_on_stock(
+    service: Callable[[], None],
+) -> None:
+    """The blocks of an async receiver run under ``async_to_sync`` beside the
+    view's calls are entered and left as stock Django (on its blocked thread,
+    no lane: ``ConnectionSet._behind_own_caller``). A cancellation while one
+    is entered or left must not leave it half done: the receiver's thread in
+    a transaction, or a block that neither committed nor rolled back."""
+    stock = await gathered_with_a_receiver(
+        stock_receiver_gives_up_on_its_blocks, service, False, False
+    )
+    assert stock[0] != "hung"
+    with slowed():
+        lib = await gathered_with_a_receiver(
+            receiver_gives_up_on_its_blocks, service, True, False
+        )
+    assert lib == stock
+    assert budget.total == 0
+
+
 async def receiver_sleeps(seen: list[object]) -> None:
     seen.append(await sleeping(3).acount())
 
