@@ -59,6 +59,27 @@ def pool_max_size(alias: str) -> int | None:
     return min_size if max_size is None else int(max_size)
 
 
+# Methods by which a schema-per-tenant backend (django-tenants,
+# django-tenant-schemas, django-pgschemas) gives the request's connection
+# object the tenant's schema, on the request's thread only.
+_REQUEST_STATE_METHODS = ("set_tenant", "set_schema")
+
+
+def keeps_request_state(alias: str) -> bool:
+    """True when *alias*'s backend keeps per-request state on the request
+    thread's connection object (a tenant's schema), which a lane's connection
+    would not have: a query there would read another schema's rows."""
+    from django.core.exceptions import ImproperlyConfigured
+    from django.db.utils import load_backend
+
+    engine = settings.DATABASES.get(alias, {}).get("ENGINE", "")
+    try:
+        wrapper = getattr(load_backend(engine), "DatabaseWrapper", None)
+    except ImproperlyConfigured:
+        return False  # (Django reports it at the first query)
+    return any(hasattr(wrapper, name) for name in _REQUEST_STATE_METHODS)
+
+
 def pool_is_contended(alias: str) -> bool:
     """True when requests are waiting for a connection of *alias*'s pool now."""
     from django.db.backends.postgresql.base import DatabaseWrapper
@@ -114,7 +135,9 @@ class Budget:
             pass
         max_size = pool_max_size(alias)
         budget = self._total_limit = conf.BUDGET
-        if max_size is None:
+        if max_size is None or keeps_request_state(alias):
+            # (No pool; or only the request's own connection has the state
+            # its queries need: they all run on lane 0, as on stock Django.)
             limit = 0
         elif budget is None:
             limit = max_size // 2

@@ -19,7 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import load_backend
 from django.utils.module_loading import import_string
 
-from .budget import POOL_MIN_SIZE, pool_max_size, pool_options
+from .budget import POOL_MIN_SIZE, keeps_request_state, pool_max_size, pool_options
 from .conf import DEFAULTS
 from .history import MAX_HISTORY
 from .routing import install
@@ -163,6 +163,19 @@ def check_settings(
                     )
                 )
             continue
+        if parallel and keeps_request_state(alias):
+            errors.append(
+                Warning(
+                    f"Database {alias!r} uses {engine}, which keeps per-request "
+                    "state (the tenant's schema: set_tenant(), set_schema()) on "
+                    "the request's connection; an extra lane's connection would "
+                    "not have it. Its calls run one at a time on the request's "
+                    "connection, as stock Django runs them.",
+                    hint="Nothing to change: its results are stock Django's. To "
+                    'silence this: SILENCED_SYSTEM_CHECKS = ["asgi_dbset.W005"].',
+                    id="asgi_dbset.W005",
+                )
+            )
         pool = db.get("OPTIONS", {}).get("pool")
         pool_error = _check_pool(alias, pool) if pool else None
         if pool_error is not None:

@@ -16,6 +16,7 @@ from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
 from asgi_dbset import DBSetMiddleware
+from asgi_dbset.budget import budget
 from asgi_dbset.checks import check_settings
 
 
@@ -109,6 +110,24 @@ def test_a_postgresql_subclass_backend_is_postgresql() -> None:
     assert ids(DATABASES=databases(ENGINE=SUBCLASS), ASGI_DBSET={"BUDGET": 8}) == [
         "asgi_dbset.E010"
     ]
+
+
+# A schema-per-tenant backend, as django-tenants builds it: the tenant's schema
+# lives on the request's connection object, which a lane's connection is not.
+TENANTS = "tests.tenant_backend"
+
+
+def test_a_schema_per_tenant_backend_runs_one_call_at_a_time() -> None:
+    assert ids(DATABASES=databases(ENGINE=TENANTS)) == ["asgi_dbset.W005"]
+    # (Parallelism 1 runs every call on the request's connection anyway.)
+    one = {"MAX_PARALLELISM": 1, "DEFAULT_PARALLELISM": 1}
+    assert ids(DATABASES=databases(ENGINE=TENANTS), ASGI_DBSET=one) == []
+    # And the budget lends it no extra lane, so it never has one to run on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Overriding setting DATABASES", UserWarning)
+        with override_settings(DATABASES=databases(ENGINE=TENANTS)):
+            assert budget.limit("default") == 0
+        assert budget.limit("default") > 0
 
 
 @pytest.mark.parametrize(
