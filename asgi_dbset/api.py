@@ -180,7 +180,9 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
 
     Inside a request served through ``DBSetMiddleware``, the decorator sets the
     request's parallelism to ``n`` for the rest of the request (a streaming body
-    included), and the block form sets it for the block, then restores it.
+    included), and the block form sets it for the block, then restores it - the
+    decorator's ``n``, if a decorated view ran inside the block (an async
+    middleware's block around the view, which exits before the body is sent).
     Elsewhere - the test clients, scripts - either opens a set of its own for
     the view or block. ``n`` is capped by ``ASGI_DBSET["MAX_PARALLELISM"]``.
 
@@ -305,10 +307,17 @@ class db_parallelism:  # noqa: N801 - used like a function: @db_parallelism(3)
 
         dbset = active_set()
         if dbset is not None:
-            # The request's settings from here on, streaming body included.
-            dbset.parallelism = min(self.n, conf.MAX_PARALLELISM)
+            # The request's settings from here on, streaming body included:
+            # also what every block open now (an async middleware's around
+            # the view, which exits before Django sends the body) restores.
+            n = min(self.n, conf.MAX_PARALLELISM)
+            dbset.parallelism = n
+            for block in dbset.open_blocks:
+                block.parallelism = n
             if not isinstance(self.statement_timeout, Unset):
                 dbset.statement_timeout = self.statement_timeout
+                for block in dbset.open_blocks:
+                    block.statement_timeout = self.statement_timeout
             if self.snapshot:
                 # For the view's own calls: the view holds the snapshot (one
                 # already on is shared) until it returns, so its transactions

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.db.backends.postgresql.base import DatabaseWrapper
+from django.test import override_settings
 
 from asgi_dbset import DBSetMiddleware, active_set, connection_set
 from asgi_dbset.budget import budget
@@ -332,3 +334,38 @@ async def test_lifespan_opens_and_closes_the_pools(which: str) -> None:
         "lifespan.shutdown.complete",
     ]
     assert DatabaseWrapper._connection_pools == {}
+
+
+def _lines(response: Any) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in response.body.decode().splitlines()]
+
+
+@pytest.mark.usefixtures("rows")
+async def test_a_streaming_body_keeps_the_decorators_parallelism() -> None:
+    """A view decorated @db_parallelism(4) whose streaming body gathers ORM
+    calls, behind an async middleware that runs the chain in
+    ``async with db_parallelism(2)``: the block exits when the view returns,
+    before Django sends the body; the body still runs at the decorator's 4
+    (the decorator holds for the rest of the request), as it does with no
+    middleware. Rows as on stock (no DBSetMiddleware: the body runs with no
+    set)."""
+    chain = ["tests.views.NarrowBlockMiddleware"]
+    with override_settings(MIDDLEWARE=chain):
+        stock_app = get_asgi_application()
+        behind_block = DBSetMiddleware(get_asgi_application())
+    bare = DBSetMiddleware(get_asgi_application())
+    query = "chunks=2&sleep=0.2"
+    stock = await asyncio.wait_for(request(stock_app, "/stream-wide/", query), 20)
+    plain = await asyncio.wait_for(request(bare, "/stream-wide/", query), 20)
+    blocked = await asyncio.wait_for(request(behind_block, "/stream-wide/", query), 20)
+    assert stock.status == plain.status == blocked.status == 200
+    expected = [[1, 2, 1, 0]] * 2
+    assert [line["counts"] for line in _lines(stock)] == expected
+    assert [line["counts"] for line in _lines(plain)] == expected
+    assert [line["counts"] for line in _lines(blocked)] == expected
+    assert [(x["parallelism"], x["lanes"]) for x in _lines(plain)] == [(4, 4)] * 2
+    # Side by side with the same view and no middleware: the decorator's 4.
+    assert [(x["parallelism"], x["lanes"]) for x in _lines(blocked)] == [
+        (x["parallelism"], x["lanes"]) for x in _lines(plain)
+    ]
+    assert budget.total == 0

@@ -93,3 +93,31 @@ async def test_a_decorated_view_keeps_its_settings_after_nested_blocks() -> None
     assert len(lanes) <= 3
     assert timed_out == "QueryCanceled"
     assert budget.total == 0
+
+
+async def test_a_decorated_view_inside_a_block_sets_what_the_block_restores() -> None:
+    """A decorated view called inside blocks that enclose it (an async
+    middleware's ``async with db_parallelism(2)`` around the chain): the
+    decorator's settings hold for the rest of the request, so the blocks,
+    leaving after the view has returned (a streaming body is sent after
+    that), restore the decorator's parallelism and timeout, not theirs."""
+
+    @db_parallelism(3, statement_timeout=0.3)
+    async def view() -> None:
+        await sleeping(0).acount()
+
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=1, lease_timeout=5.0) as dbset:
+            async with db_parallelism(2, statement_timeout=5.0):
+                async with db_parallelism(6):
+                    await asyncio.wait_for(view(), 30)
+                    assert (dbset.parallelism, dbset.statement_timeout) == (3, 0.3)
+                assert (dbset.parallelism, dbset.statement_timeout) == (3, 0.3)
+            after = (dbset.parallelism, dbset.statement_timeout)
+            before = len(dbset.records)
+            await asyncio.gather(*(sleeping(0.1).acount() for _ in range(6)))
+            lanes = {r.lane for r in dbset.records[before:]}
+        await sync_to_async(connections.close_all)()
+    assert after == (3, 0.3)
+    assert len(lanes) == 3
+    assert budget.total == 0

@@ -11,6 +11,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("cbv-dispatch/", views.DispatchView.as_view()),
     path("cbv-as-view/", views.db_parallelism(3)(views.PlainView.as_view())),
     path("stream/", views.stream),
+    path("stream-wide/", views.stream_wide),
     path("fail/", views.fail),
     path("replica/", views.replica_reads),
 ]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from asgiref.sync import markcoroutinefunction
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils.decorators import method_decorator
 from django.views import View
@@ -108,3 +110,53 @@ async def replica_reads(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
         {"replica": replica, "primary": primary, "count": count, "review": review.pk}
     )
+
+
+async def _gathered_counts(sleep: float) -> list[int]:
+    """Four independent counts, gathered: up to four lanes at once."""
+    return list(
+        await asyncio.gather(
+            sleeping(sleep).acount(),
+            sleeping(sleep, Book).acount(),
+            sleeping(sleep, Tag).acount(),
+            sleeping(sleep, Review).acount(),
+        )
+    )
+
+
+async def _stream_gathered(chunks: int, sleep: float) -> AsyncIterator[str]:
+    for _ in range(chunks):
+        dbset = active_set()
+        before = len(dbset.records) if dbset else 0
+        counts = await _gathered_counts(sleep)
+        # The parallelism the body's calls ran at, and the lanes they used.
+        parallelism = dbset.parallelism if dbset else 0
+        lanes = len({r.lane for r in dbset.records[before:]}) if dbset else 0
+        line = {"counts": counts, "parallelism": parallelism, "lanes": lanes}
+        yield json.dumps(line) + "\n"
+
+
+@db_parallelism(4)
+async def stream_wide(request: HttpRequest) -> StreamingHttpResponse:
+    """A body of gathered ORM calls, under the decorator's parallelism."""
+    return StreamingHttpResponse(
+        _stream_gathered(int(request.GET.get("chunks", "2")), _sleep(request))
+    )
+
+
+class NarrowBlockMiddleware:
+    """An async middleware that runs the rest of the chain in a block of
+    parallelism 2 (Django calls it with the request, before the view)."""
+
+    sync_capable = False
+    async_capable = True
+
+    def __init__(
+        self, get_response: Callable[[HttpRequest], Awaitable[HttpResponse]]
+    ) -> None:
+        self.get_response = get_response
+        markcoroutinefunction(self)
+
+    async def __call__(self, request: HttpRequest) -> HttpResponse:
+        async with db_parallelism(2):
+            return await self.get_response(request)
