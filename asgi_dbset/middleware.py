@@ -5,7 +5,9 @@ runs the app inside it - until the response is complete, streaming bodies
 included - and closes it on every path: success, exception, client disconnect,
 cancellation. It also gives the request its thread-sensitive context, the one
 Django's handler would open (it finds ours and opens none), so apps that have
-none (Starlette, FastAPI) get one connection per request, returned at the end.
+none (Starlette, FastAPI) get one connection per request, returned at the end;
+Django's is returned by Django, or by the middleware when an exception leaves
+Django's handler (a streaming body that raised: it sends no request_finished).
 
 ``lifespan`` goes to the app; if the app does not handle it (Django's handler
 rejects it), the middleware answers it. Either way it opens the pools at
@@ -83,29 +85,37 @@ class DBSetMiddleware:
         # once, leaving its view running, and only the set can cancel the
         # queries on the server.
         dbset: ConnectionSet | None = None
+        failed = False
         try:
             async with ThreadSensitiveContext() as request_thread:
-                async with set_from_settings(values) as opened:
-                    dbset = opened
-                    scope["asgi_dbset"] = dbset
-                    if server_timing or history > 0:
-                        dbset.record_stock_calls = True
-                    send = _returning_lanes_when_complete(send, dbset)
-                    if server_timing:
-                        send = _with_server_timing(send, dbset)
-                    try:
-                        await self.app(scope, receive, send)
-                    finally:
-                        if (
-                            self._returns_connections
-                            and request_thread in SyncToAsync.context_to_thread_executor
-                        ):
-                            # The app used the request's thread: return its
-                            # connections while the set is open (the lifespan
-                            # shutdown waits for open sets).
-                            await finish_shielded(
-                                stock_sync_to_async(close_old_connections)()
-                            )
+                try:
+                    async with set_from_settings(values) as opened:
+                        dbset = opened
+                        scope["asgi_dbset"] = dbset
+                        if server_timing or history > 0:
+                            dbset.record_stock_calls = True
+                        send = _returning_lanes_when_complete(send, dbset)
+                        if server_timing:
+                            send = _with_server_timing(send, dbset)
+                        try:
+                            await self.app(scope, receive, send)
+                        except Exception:
+                            failed = True
+                            raise
+                        finally:
+                            if self._returns_connections and not failed:
+                                # While the set is open (the lifespan shutdown
+                                # waits for open sets).
+                                await _return_connections(request_thread)
+                finally:
+                    if failed:
+                        # Django's handler returns them with request_finished,
+                        # which it does not send when an exception leaves it
+                        # (a streaming body that raised): the request's thread
+                        # would keep its pooled connection for good. After the
+                        # set has stopped the calls still running there (a
+                        # sibling of the call that raised), not behind them.
+                        await _return_connections(request_thread)
         finally:
             # (Failed and cancelled requests too: a timeline that showed only
             # the requests that succeeded would hide the slow ones that failed.)
@@ -138,6 +148,13 @@ class DBSetMiddleware:
             if app_received:
                 return
         await _serve_lifespan(receive, send)
+
+
+async def _return_connections(request_thread: ThreadSensitiveContext) -> None:
+    """Return the connections of the request's thread, as Django's
+    request_finished does, if the app used that thread."""
+    if request_thread in SyncToAsync.context_to_thread_executor:
+        await finish_shielded(stock_sync_to_async(close_old_connections)())
 
 
 def _check_asgi_app(app: object) -> None:

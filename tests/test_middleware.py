@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import gc
 import json
 import logging
+import warnings
 from typing import Any
 
 import pytest
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
 from django.core.asgi import get_asgi_application
+from django.db import connections
 from django.db.backends.postgresql.base import DatabaseWrapper
 from django.test import override_settings
 
@@ -21,7 +26,9 @@ from asgi_dbset.types import Message, Receive, Scope, Send
 from tests.asgi import request
 from tests.helpers import active_sleeps, checked_out, sleeping, timed
 from tests.starlette_app import starlette_app
+from tests.test_atomic import idle_in_transaction
 from tests.testapp.models import Author, Book, Tag
+from tests.views import StreamFailedError
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -368,4 +375,163 @@ async def test_a_streaming_body_keeps_the_decorators_parallelism() -> None:
     assert [(x["parallelism"], x["lanes"]) for x in _lines(blocked)] == [
         (x["parallelism"], x["lanes"]) for x in _lines(plain)
     ]
+    assert budget.total == 0
+
+
+# -- a streaming body: disconnects, exceptions, blocks across yields -----------------
+
+
+def _names(prefix: str) -> list[str]:
+    return sorted(
+        Author.objects.filter(name__startswith=prefix).values_list("name", flat=True)
+    )
+
+
+async def _outcome(
+    app: Any, path: str, query: str, *, stock: bool = False, **kwargs: Any
+) -> tuple[list[bytes], str | None, float, int]:
+    """The body's chunks as the client got them, the exception the app
+    raised to the server (its class name), the time until it had returned and
+    no query of it ran on the server any more (a hang fails: TimeoutError,
+    AssertionError), and how many pooled connections the request left checked
+    out. *stock*: run it in a thread-sensitive context of the test's, which
+    Django's handler takes for its own, so that the connection stock Django
+    leaves to the request's thread is counted, then closed."""
+    chunks: list[bytes] = []
+    raised = None
+    loop = asyncio.get_running_loop()
+    before = checked_out()
+    async with contextlib.AsyncExitStack() as stack:
+        if stock:
+            await stack.enter_async_context(ThreadSensitiveContext())
+        started = loop.time()
+        try:
+            await asyncio.wait_for(
+                request(app, path, query, on_chunk=chunks.append, **kwargs), 20
+            )
+        except StreamFailedError as exc:
+            raised = type(exc).__name__
+        await _settled()
+        elapsed = loop.time() - started
+        for _ in range(100):  # (connections go back from the lanes' threads)
+            if checked_out() == before:
+                break
+            await asyncio.sleep(0.02)
+        left = checked_out() - before
+        if stock:
+            await sync_to_async(connections.close_all)()
+    with warnings.catch_warnings():
+        # Django's handler leaves the request's body file to the collector
+        # when an exception leaves it, on stock as with the library.
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    return chunks, raised, elapsed, left
+
+
+async def _settled(timeout: float = 10.0) -> None:
+    """Wait (bounded) until no query of the test database sleeps on the server."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while await asyncio.to_thread(active_sleeps) > 0:
+        if loop.time() > deadline:
+            raise AssertionError("queries still running on the server")
+        await asyncio.sleep(0.05)
+
+
+async def test_a_client_disconnect_in_the_middle_of_a_stream(
+    django_app: DBSetMiddleware,
+) -> None:
+    """The client goes away while the body's gathered calls run: they are
+    cancelled on the server, the rows are stock's (the first write only), and
+    every connection goes back."""
+    stock = await _outcome(
+        get_asgi_application(),
+        "/stream-slow/",
+        "prefix=stock&sleep=1",
+        stock=True,
+        disconnect_after=0.5,
+    )
+    lib = await _outcome(
+        django_app, "/stream-slow/", "prefix=lib&sleep=20", disconnect_after=0.5
+    )
+    assert (stock[0], stock[1], stock[3]) == ([b"0\n"], None, 0)
+    assert (lib[0], lib[1], lib[3]) == (stock[0], stock[1], stock[3])
+    assert lib[2] < 5, lib  # (not the 20 s the queries would take)
+    assert await sync_to_async(_names)("stock") == ["stock0"]
+    assert await sync_to_async(_names)("lib") == ["lib0"]
+    assert budget.total == 0
+
+
+async def test_an_exception_in_the_middle_of_a_stream(
+    django_app: DBSetMiddleware,
+) -> None:
+    """The body raises while its gathered siblings run: the server gets the
+    exception as on stock, the siblings' queries are cancelled, the rows are
+    stock's. Stock Django sends no request_finished when an exception leaves
+    its handler, so its request's thread keeps its pooled connection for good;
+    the middleware returns it (and every lane)."""
+    stock = await _outcome(
+        get_asgi_application(), "/stream-failing/", "prefix=stock", stock=True
+    )
+    lib = await _outcome(django_app, "/stream-failing/", "prefix=lib")
+    assert stock[:2] == ([b"0\n"], "StreamFailedError")
+    assert lib[:2] == stock[:2]
+    assert stock[3] == 1  # (stock's leak, closed by _outcome)
+    assert lib[3] == 0
+    # Side by side: the siblings' queries (1 s each, one after the other on
+    # stock's request thread) are stopped on the server.
+    assert lib[2] < stock[2], (lib, stock)
+    assert await sync_to_async(_names)("stock") == ["stock0"]
+    assert await sync_to_async(_names)("lib") == ["lib0"]
+    assert budget.total == 0
+
+
+@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous")
+@pytest.mark.parametrize("fail", [False, True])
+async def test_a_transaction_across_a_streams_yields(
+    django_app: DBSetMiddleware, fail: bool
+) -> None:
+    """A body that writes and reads inside one transaction across its yields:
+    on stock, a sync iterator in transaction.atomic() (Django consumes it in
+    one sync_to_async call, on the request's thread); with the library, the
+    same iterator, and an async one in asgi_dbset.atomic(), after the view
+    leased extra lanes. Same lines, rows, exception; nothing left in a
+    transaction; every connection back (stock's request thread keeps its
+    connection when the body raises: see the test above)."""
+    query = "fail=1" if fail else "fail=0"
+    stock = await _outcome(
+        get_asgi_application(), "/stream-sync/", f"prefix=stock&{query}", stock=True
+    )
+    lib_sync = await _outcome(django_app, "/stream-sync/", f"prefix=sync&{query}")
+    lib_async = await _outcome(django_app, "/stream-atomic/", f"prefix=async&{query}")
+    raised = "StreamFailedError" if fail else None
+    assert stock[:2] == ([] if fail else [b"1\n", b"3\n", b"4\n"], raised)
+    assert stock[3] == int(fail)
+    assert lib_sync[:2] == stock[:2]
+    # (An async iterator sends each line as it comes: those before the error.)
+    assert lib_async[:2] == (stock[0] or [b"1\n", b"3\n"], raised)
+    assert lib_sync[3] == lib_async[3] == 0
+    expected = [] if fail else ["stock0", "stock1", "stock2", "stock3"]
+    assert await sync_to_async(_names)("stock") == expected
+    for prefix in ("sync", "async"):
+        names = await sync_to_async(_names)(prefix)
+        assert [n.replace(prefix, "stock") for n in names] == expected
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
+async def test_a_client_disconnect_inside_a_streams_transaction(
+    django_app: DBSetMiddleware,
+) -> None:
+    """The client goes away while the body's asgi_dbset.atomic() block, open
+    across a yield, runs a slow query: the block rolls back (as a cancelled
+    block does), its query is cancelled on the server, nothing is left in a
+    transaction, and every connection goes back - no hang."""
+    chunks, raised, elapsed, left = await _outcome(
+        django_app, "/stream-atomic/", "prefix=gone&sleep=20", disconnect_after=0.5
+    )
+    assert (chunks, raised, left) == ([b"1\n"], None, 0)
+    assert elapsed < 5, elapsed
+    assert await sync_to_async(_names)("gone") == []
+    assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0

@@ -12,6 +12,10 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("cbv-as-view/", views.db_parallelism(3)(views.PlainView.as_view())),
     path("stream/", views.stream),
     path("stream-wide/", views.stream_wide),
+    path("stream-slow/", views.stream_slow),
+    path("stream-failing/", views.stream_failing),
+    path("stream-atomic/", views.stream_atomic),
+    path("stream-sync/", views.stream_sync),
     path("fail/", views.fail),
     path("replica/", views.replica_reads),
 ]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from asgiref.sync import markcoroutinefunction
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils.decorators import method_decorator
 from django.views import View
 
+import asgi_dbset
 from asgi_dbset import active_set, db_parallelism
 from asgi_dbset.budget import budget
 from tests.helpers import sleeping
@@ -160,3 +162,98 @@ class NarrowBlockMiddleware:
     async def __call__(self, request: HttpRequest) -> HttpResponse:
         async with db_parallelism(2):
             return await self.get_response(request)
+
+
+def _prefix(request: HttpRequest) -> str:
+    return request.GET.get("prefix", "s")
+
+
+async def _written_then_slow(prefix: str, sleep: float) -> AsyncIterator[str]:
+    """Writes a row and sends it, then gathers slow reads before the next."""
+    await Author.objects.acreate(name=f"{prefix}0")
+    yield "0\n"
+    await _gathered_counts(sleep)
+    await Author.objects.acreate(name=f"{prefix}1")
+    yield "1\n"
+
+
+@db_parallelism(4)
+async def stream_slow(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(_written_then_slow(_prefix(request), _sleep(request)))
+
+
+class StreamFailedError(Exception):
+    pass
+
+
+async def _written_then_failing(prefix: str) -> AsyncIterator[str]:
+    async def boom() -> None:
+        await asyncio.sleep(0.05)
+        raise StreamFailedError("the body failed while its siblings ran")
+
+    await Author.objects.acreate(name=f"{prefix}0")
+    yield "0\n"
+    await asyncio.gather(_gathered_counts(1.0), boom())
+    await Author.objects.acreate(name=f"{prefix}1")
+    yield "1\n"
+
+
+@db_parallelism(4)
+async def stream_failing(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(_written_then_failing(_prefix(request)))
+
+
+async def _atomic_across_yields(
+    prefix: str, sleep: float, fail: bool
+) -> AsyncIterator[str]:
+    """One asgi_dbset.atomic() block open across the body's yields; each line
+    is what the block reads of its own writes."""
+    mine = Author.objects.filter(name__startswith=prefix)
+    async with asgi_dbset.atomic():
+        await Author.objects.acreate(name=f"{prefix}0")
+        yield f"{await mine.acount()}\n"
+        await asyncio.gather(
+            Author.objects.acreate(name=f"{prefix}1"),
+            Author.objects.acreate(name=f"{prefix}2"),
+        )
+        if sleep:
+            await sleeping(sleep).acount()
+        yield f"{await mine.acount()}\n"
+        if fail:
+            raise StreamFailedError("the body failed inside its block")
+        await Author.objects.acreate(name=f"{prefix}3")
+    yield f"{await mine.acount()}\n"
+
+
+@db_parallelism(4)
+async def stream_atomic(request: HttpRequest) -> StreamingHttpResponse:
+    await _gathered_counts(0.05)  # (extra lanes leased before the body)
+    return StreamingHttpResponse(
+        _atomic_across_yields(
+            _prefix(request), _sleep(request), request.GET.get("fail") == "1"
+        )
+    )
+
+
+def _sync_rows(prefix: str, fail: bool) -> Iterator[str]:
+    """_atomic_across_yields as a sync iterator (Django consumes it in one
+    sync_to_async call): the stock way to write it."""
+    mine = Author.objects.filter(name__startswith=prefix)
+    with transaction.atomic():
+        Author.objects.create(name=f"{prefix}0")
+        yield f"{mine.count()}\n"
+        Author.objects.create(name=f"{prefix}1")
+        Author.objects.create(name=f"{prefix}2")
+        yield f"{mine.count()}\n"
+        if fail:
+            raise StreamFailedError("the body failed inside its block")
+        Author.objects.create(name=f"{prefix}3")
+    yield f"{mine.count()}\n"
+
+
+@db_parallelism(4)
+async def stream_sync(request: HttpRequest) -> StreamingHttpResponse:
+    await _gathered_counts(0.05)  # (extra lanes leased before the body)
+    return StreamingHttpResponse(
+        _sync_rows(_prefix(request), request.GET.get("fail") == "1")
+    )
