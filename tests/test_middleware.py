@@ -25,7 +25,7 @@ from asgi_dbset.middleware import wait_for_sets_to_close
 from asgi_dbset.types import Message, Receive, Scope, Send
 from tests.asgi import request
 from tests.helpers import active_sleeps, checked_out, sleeping, timed
-from tests.starlette_app import starlette_app
+from tests.starlette_app import COUNTS_SEEN, LANES_SEEN, starlette_app
 from tests.test_atomic import idle_in_transaction
 from tests.testapp.models import Author, Book, Tag
 from tests.views import StreamFailedError
@@ -534,4 +534,82 @@ async def test_a_client_disconnect_inside_a_streams_transaction(
     assert elapsed < 5, elapsed
     assert await sync_to_async(_names)("gone") == []
     assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
+# -- Starlette: background tasks and streaming responses -----------------------------
+
+
+@pytest.mark.usefixtures("rows")
+async def test_starlette_background_tasks_make_orm_calls_after_the_response() -> None:
+    """Background tasks that write and read (gathered, in a block) after the
+    response has gone out: the same rows and reads as stock Starlette, the
+    calls ran in parallel on the request's set, which stays open for them,
+    and every connection is back when the app returns."""
+    before = checked_out()
+    at_the_end: list[int] = []
+    stock = await asyncio.wait_for(
+        request(starlette_app, "/background", "prefix=stock&plain=1&sleep=0.1"), 20
+    )
+    lib = await asyncio.wait_for(
+        request(
+            DBSetMiddleware(starlette_app),
+            "/background",
+            "prefix=lib&sleep=0.1",
+            on_chunk=lambda _: at_the_end.append(budget.total),
+        ),
+        20,
+    )
+    assert stock.json() == lib.json() == {"sent": True}
+    assert COUNTS_SEEN["stock"] == [3, 2, 1]
+    assert COUNTS_SEEN["lib"] == COUNTS_SEEN["stock"]
+    assert LANES_SEEN["stock"] == 0  # (no set: stock)
+    assert LANES_SEEN["lib"] == 3
+    assert at_the_end == [0]  # (no lane held as the response went out)
+    assert await sync_to_async(_names)("stock") == ["stock0", "stock1", "stock2"]
+    assert await sync_to_async(_names)("lib") == ["lib0", "lib1", "lib2"]
+    await sync_to_async(connections.close_all)()  # (stock's, on asgiref's thread)
+    assert checked_out() == before
+    assert budget.total == 0
+
+
+@pytest.mark.usefixtures("rows")
+async def test_a_starlette_streaming_response_makes_orm_calls() -> None:
+    """A StreamingResponse whose generator writes and gathers reads in a
+    block across its yields: the same lines and rows as stock Starlette, the
+    reads in parallel, every connection back."""
+    stock = await asyncio.wait_for(
+        request(starlette_app, "/stream", "prefix=stock&plain=1&sleep=0.1"), 20
+    )
+    lib = await asyncio.wait_for(
+        request(DBSetMiddleware(starlette_app), "/stream", "prefix=lib&sleep=0.1"), 20
+    )
+    assert stock.status == lib.status == 200
+    assert stock.chunks == [b"[1, 2, 1]\n", b"[2, 2, 1]\n"]
+    assert lib.chunks == stock.chunks
+    assert (LANES_SEEN["stock"], LANES_SEEN["lib"]) == (0, 3)
+    assert await sync_to_async(_names)("stock") == ["stock0", "stock1"]
+    assert await sync_to_async(_names)("lib") == ["lib0", "lib1"]
+    assert budget.total == 0
+
+
+async def test_a_client_disconnect_in_the_middle_of_a_starlette_stream() -> None:
+    """The client goes away while the generator's gathered reads run
+    (Starlette cancels it through an anyio cancel scope): the reads are
+    cancelled on the server, the rows are stock's, no hang, every connection
+    back."""
+    stock = await _outcome(
+        starlette_app, "/stream", "prefix=stock&plain=1&sleep=1", disconnect_after=0.5
+    )
+    lib = await _outcome(
+        DBSetMiddleware(starlette_app),
+        "/stream",
+        "prefix=lib&sleep=20",
+        disconnect_after=0.5,
+    )
+    assert (stock[0], stock[1]) == ([], None)
+    assert (lib[0], lib[1], lib[3]) == (stock[0], stock[1], 0)
+    assert lib[2] < 5, lib  # (not the 20 s the queries would take)
+    assert await sync_to_async(_names)("stock") == ["stock0"]
+    assert await sync_to_async(_names)("lib") == ["lib0"]
     assert budget.total == 0
