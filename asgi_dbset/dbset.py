@@ -566,15 +566,20 @@ class ConnectionSet:
             if self._outer is not _NO_CALLER:
                 scheduler.lane0_changed()
             self._outer = outer
-        on_lane0 = False
+        on_lane0 = by_last_report = False
         if self._in_block_on_extra_lane():
             # Lane 0's thread is never asked from inside a block on an extra
             # lane: it may run sync code (sync_to_async beside the block) that
             # waits for the block's row locks, and the block would wait behind
-            # it for ever. What the set knows decides: lane 0's last reports
-            # (plan()), and the set's own blocks on lane 0, which those may
-            # not show yet (a report is of a call's start, before its BEGIN).
-            on_lane0 = scheduler.lane0_blocks > 0
+            # it for ever - nor waited for: a call of the set handed to it
+            # meanwhile has not reported yet. What the set knows decides: lane
+            # 0's last report, and the set's own blocks on lane 0, which that
+            # may not show yet (a report is of a call's start, before its BEGIN).
+            on_lane0 = (
+                scheduler.lane0_blocks > 0
+                or not scheduler.lane0.reports.likely_clear(alias)
+            )
+            by_last_report = not on_lane0
         else:
             # Lane 0 reports first (for a call that reads nothing): whether its
             # thread is inside a transaction - code the set does not see may
@@ -583,7 +588,7 @@ class ConnectionSet:
                 Target(alias), _nothing, (), {}, outer, pin=scheduler.lane0
             )
         lane, result = await scheduler.open_block(
-            alias, func, args, outer, on_lane0=on_lane0
+            alias, func, args, outer, on_lane0=on_lane0, by_last_report=by_last_report
         )
         if lane is scheduler.lane0:
             scheduler.lane0_blocks += 1  # (until close_block)

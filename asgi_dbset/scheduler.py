@@ -112,6 +112,9 @@ class Call:
     pin: Lane | None = None
     #: A transaction block's first call: its lane is the block's from now on.
     reserve: bool = False
+    #: A block's first call that must not wait for lane 0's next report: it
+    #: goes by the last one (lane 0 was last seen outside a transaction).
+    by_last_report: bool = False
     #: Its pinned lane died before it ran: it fails.
     lost: bool = False
     #: Made only when the call has to wait (most calls are handed out at once).
@@ -223,7 +226,9 @@ def plan(
             # A transaction block's first call: on an extra lane of its own
             # when lane 0 is known outside a transaction of the alias (the
             # block's transaction is then the lane's alone), else on lane 0.
-            if parallelism > 1 and verdict(scope) == CLEAR:
+            # (A call made by_last_report never waits for lane 0's pending
+            # report: lane 0 may be busy for as long as the block is open.)
+            if parallelism > 1 and (call.by_last_report or verdict(scope) == CLEAR):
                 # (Never a lane that must stay as it is: the block would end
                 # its snapshot export or run its cursor's chunks.)
                 lane = _idle_extra_lane(
@@ -595,18 +600,21 @@ class Scheduler:
         outer: object,
         *,
         on_lane0: bool = False,
+        by_last_report: bool = False,
     ) -> tuple[Lane, Any]:
         """Run a transaction block's first call (its BEGIN) on the lane the
         block holds from then on - an extra lane of its own when lane 0 is
-        outside a transaction of *alias*, else lane 0 (always, *on_lane0*) -
-        and return that lane with the call's result. The caller ends the
-        block with :meth:`close_block`."""
+        outside a transaction of *alias*, else lane 0 (always, *on_lane0*;
+        never while an extra lane can be had, *by_last_report*) - and return
+        that lane with the call's result. The caller ends the block with
+        :meth:`close_block`."""
         call = Call(
             next(self._seq),
             Target(alias),
             time.perf_counter(),
             pin=self._lane0 if on_lane0 else None,
             reserve=True,
+            by_last_report=by_last_report,
         )
         try:
             ran, result = await self._serve(call, func, args, {}, outer)
@@ -911,6 +919,9 @@ class Scheduler:
     def _lease(self, aliases: list[str]) -> bool:
         """Add a leasing lane per alias the budget allows; True if any was."""
         added = False
+        # (A block's first call made by_last_report never waits for lane 0's
+        # report: nor does a lease it may take.)
+        prompt = {call.target.alias for call in self._queue if call.by_last_report}
         for alias in aliases:
             if not budget.try_acquire(alias):
                 continue
@@ -927,7 +938,9 @@ class Scheduler:
             # so does the lease.)
             lease = lane.start_lease(
                 self.lease_timeout,
-                self._lane0.reports.due if self._lane0.jobs else None,
+                self._lane0.reports.due
+                if self._lane0.jobs and alias not in prompt
+                else None,
             )
             lease.add_done_callback(functools.partial(self._lease_done, lane))
             added = True

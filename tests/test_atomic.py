@@ -897,3 +897,82 @@ async def test_a_block_nested_in_one_on_its_own_lane_joins_a_block_on_lane_0() -
     assert await outcome(None) == (["outer"], 0)
     assert await outcome(3) == (["outer"], 0)
     assert budget.total == 0
+
+
+async def test_a_block_of_another_database_while_a_call_waits_on_the_request_thread() -> (
+    None
+):
+    """As above, and a task's ORM call is handed to lane 0 meanwhile, where
+    it waits behind the sibling's update: its report of lane 0's
+    transactions is still to come when the inner block is entered. Stock
+    Django runs everything on the request's thread: no wait. The inner block
+    must go by lane 0's last report (outside a transaction), not wait for
+    that one, and its lease neither: it waited for lane 0 until the sibling's
+    3 s lock timeout."""
+
+    async def body(stock: bool) -> tuple[str, int, int]:
+        author = await Author.objects.acreate(name="before")
+        updated = asyncio.Event()
+        counted: list[int] = []
+
+        async def in_block() -> None:
+            if stock:
+                outer = transaction.atomic()
+                await sync_to_async(outer.__enter__)()
+            else:
+                outer = asgi_dbset.atomic()
+                await outer.__aenter__()
+            try:
+                await Author.objects.filter(pk=author.pk).aupdate(name="block")
+                updated.set()
+                # The sibling's update and the reader's call are under way on
+                # the request's thread.
+                await asyncio.sleep(0.3)
+                if stock:
+                    await sync_to_async(tally_in_a_stock_block)("in the inner block")
+                else:
+                    async with asgi_dbset.atomic(using="other"):
+                        await Tally.objects.using("other").acreate(
+                            name="in the inner block"
+                        )
+            finally:
+                if stock:
+                    await sync_to_async(outer.__exit__)(None, None, None)
+                else:
+                    await outer.__aexit__(None, None, None)
+
+        async def sibling() -> None:
+            await updated.wait()
+            await sync_to_async(rename_waiting_at_most)(author.pk, "sibling", "3s")
+
+        async def reader() -> None:
+            await updated.wait()
+            await asyncio.sleep(0.1)
+            counted.append(await Tally.objects.using("other").acount())
+
+        await asyncio.gather(in_block(), sibling(), reader())
+        name = (await Author.objects.aget(pk=author.pk)).name
+        return name, await Tally.objects.using("other").acount(), len(counted)
+
+    async def outcome(parallelism: int | None) -> tuple[str, int, int]:
+        async def run() -> tuple[str, int, int]:
+            async with ThreadSensitiveContext():
+                try:
+                    if parallelism is None:
+                        return await body(True)
+                    async with connection_set(
+                        parallelism=parallelism, lease_timeout=5.0
+                    ):
+                        return await body(False)
+                finally:
+                    await sync_to_async(connections.close_all)()
+
+        try:
+            return await asyncio.wait_for(run(), 20)
+        finally:
+            await Author.objects.all().adelete()
+            await Tally.objects.using("other").all().adelete()
+
+    assert await outcome(None) == ("sibling", 1, 1)
+    assert await outcome(4) == ("sibling", 1, 1)
+    assert budget.total == 0
