@@ -105,6 +105,8 @@ class Budget:
         self._total_limit: int | None = None
         # (alias, max_size) of every pooled alias, from _limits (None: not yet).
         self._pool_sizes: tuple[tuple[str, int], ...] | None = None
+        # The aliases that keep_request_state (None: not worked out yet).
+        self._request_state: frozenset[str] | None = None
 
     def back_off(self, alias: str, seconds: float) -> None:
         """No set leases for *alias* for ``seconds`` (after a refused lease)."""
@@ -146,10 +148,21 @@ class Budget:
         self._limits[alias] = (limit, max_size or 0)
         return limit, max_size or 0
 
+    def request_state_aliases(self) -> frozenset[str]:
+        """The aliases whose backend :func:`keeps_request_state`: only the
+        request's own connection of each may run their queries."""
+        found = self._request_state
+        if found is None:
+            found = self._request_state = frozenset(
+                alias for alias in settings.DATABASES if keeps_request_state(alias)
+            )
+        return found
+
     def forget_limits(self) -> None:
         """Work the limits out again at the next use (the settings changed)."""
         self._limits.clear()
         self._pool_sizes = None
+        self._request_state = None
 
     def saturated(self) -> bool:
         """True when no alias could lend an extra lane because the requests in

@@ -27,6 +27,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import snapshots, stats
+from .budget import budget
 from .cancellation import Job
 from .context import current_block, current_set
 from .errors import SnapshotWriteError
@@ -126,6 +127,12 @@ class Lane:
             block = block.outer
         return frozenset(found)
 
+    def _request_state_elsewhere(self) -> frozenset[str]:
+        """The databases whose queries only the request's own connection may
+        run (a schema-per-tenant backend's: budget.keeps_request_state); this
+        lane's connections of them never had the request's state."""
+        return _NO_ALIASES
+
     def _before(
         self,
         wrapper: BaseDatabaseWrapper,
@@ -198,6 +205,7 @@ class Lane:
         context = contextvars.copy_context()
         context.run(current_set.set, None)
         elsewhere = self._blocks_elsewhere(alias)
+        request_only = self._request_state_elsewhere()
 
         def call() -> Any:
             if not job.begin(time.perf_counter()):
@@ -231,6 +239,20 @@ class Lane:
                 )
                 for each in refused:
                     each.execute_wrappers.append(_outside_block(alias, each.alias))
+                # A database whose state (the tenant's schema) only the
+                # request's own connection has: a query on this thread's
+                # connection of it would read or write another schema's
+                # tables, where Django uses the tenant's. It is refused, never
+                # sent. (Only extra lanes have such databases here.)
+                stateless = (
+                    [each for each in wrappers if each.alias in request_only]
+                    if request_only
+                    else ()
+                )
+                for each in stateless:
+                    each.execute_wrappers.append(
+                        _without_request_state(alias, each.alias)
+                    )
                 try:
                     if local_ms is not None:
                         return run_with_local_timeout(
@@ -246,6 +268,8 @@ class Lane:
                         ) from exc
                     raise
                 finally:
+                    for each in stateless:
+                        each.execute_wrappers.pop()
                     for each in refused:
                         each.execute_wrappers.pop()
                     for each in wrappers:
@@ -278,6 +302,24 @@ def _outside_block(call_alias: str, alias: str) -> Callable[..., Any]:
             "inside it. Run that code on the block's connection - "
             "`await asgi_dbset.sync_to_lane(fn)()` inside the block - or make "
             "the call outside the block."
+        )
+
+    return refuse
+
+
+def _without_request_state(call_alias: str, alias: str) -> Callable[..., Any]:
+    """An execute wrapper refusing every query: see ``Lane._request_state_elsewhere``."""
+
+    def refuse(*ignored: Any) -> Any:
+        raise transaction.TransactionManagementError(
+            f"asgi_dbset: a call for database {call_alias!r}, run on a connection "
+            f"of its own, queried {alias!r} (from code it runs: a signal "
+            f"receiver, a router, a method); {alias!r}'s backend keeps "
+            "per-request state (the tenant's schema) on the request's own "
+            "connection only, so the query would have used another schema's "
+            "tables. Run that code on the request's connection: put the call in "
+            "a function of your own and `await sync_to_async(that_function)()`, "
+            "or make the call with parallelism 1."
         )
 
     return refuse
@@ -463,6 +505,9 @@ class PooledLane(Lane):
 
     def _executor(self, outer: object) -> Executor | None:
         return self.worker
+
+    def _request_state_elsewhere(self) -> frozenset[str]:
+        return budget.request_state_aliases()
 
     def _before(
         self,

@@ -22,8 +22,10 @@ import json, sys
 import django
 from django.conf import settings
 
+databases = json.loads(sys.argv[1])
 settings.configure(
-    DATABASES={"default": json.loads(sys.argv[1])},
+    # (One alias's settings; or, given as {"default": ..., ...}, every alias's.)
+    DATABASES=databases if "default" in databases else {"default": databases},
     INSTALLED_APPS=[
         "django.contrib.contenttypes",
         "django.contrib.auth",

@@ -13,10 +13,11 @@ database.
 from __future__ import annotations
 
 import pytest
+from django.db import connections
 
 from tests.one_database import run_with_one_database, suite_database
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
 TENANT_READS = """
 import asyncio
@@ -108,4 +109,129 @@ def test_gathered_reads_see_the_requests_tenant() -> None:
     assert figures["library"] == figures["stock"]
     assert figures["lanes"] == [0]
     assert figures["checked_out"] == 0
+    assert figures["budget"] == 0
+
+
+RECEIVER_WRITES = """
+import asyncio
+
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.db import connection, connections
+from django.db.models.signals import post_save
+
+from asgi_dbset import connection_set
+from asgi_dbset.budget import budget
+from tests.helpers import sleeping
+from tests.testapp.models import Author, Tally
+
+SCHEMA = "asgi_dbset_tenant"
+
+
+def make_tenant():
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+        cursor.execute(f"CREATE SCHEMA {SCHEMA}")
+        cursor.execute(
+            f"CREATE TABLE {SCHEMA}.testapp_author "
+            "(LIKE public.testapp_author INCLUDING ALL)"
+        )
+
+
+def drop_tenant():
+    connection.set_schema("public")
+    Author.objects.filter(name="audit").delete()
+    Tally.objects.using("other").all().delete()
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP SCHEMA {SCHEMA} CASCADE")
+
+
+def set_schema(name):
+    connection.set_schema(name)
+
+
+def audit(sender, instance, **kwargs):
+    # A receiver of a save on "other" writing the tenant's database.
+    Author.objects.create(name="audit")
+
+
+def audits():
+    # The audit rows in each schema (taken away: each run starts from none).
+    found = {}
+    for schema in (SCHEMA, "public"):
+        connection.set_schema(schema)
+        found[schema] = Author.objects.filter(name="audit").count()
+        Author.objects.filter(name="audit").delete()
+    connection.set_schema("public")
+    Tally.objects.using("other").all().delete()
+    return found
+
+
+async def request(parallelism):
+    async with ThreadSensitiveContext():
+        await sync_to_async(set_schema)(SCHEMA)
+
+        async def body():
+            await asyncio.gather(
+                # (Lane 0 busy meanwhile: the saves go to lanes of "other".)
+                sleeping(0.5).acount(),
+                Tally.objects.using("other").acreate(name="a"),
+                Tally.objects.using("other").acreate(name="b"),
+            )
+
+        error = None
+        try:
+            if parallelism is None:
+                await body()
+            else:
+                async with connection_set(parallelism=parallelism, lease_timeout=5.0):
+                    await body()
+        except Exception as exc:
+            error = type(exc).__name__
+        await sync_to_async(set_schema)("public")
+        await sync_to_async(connections.close_all)()
+    return error
+
+
+post_save.connect(audit, sender=Tally)
+make_tenant()
+connections.close_all()
+try:
+    stock = asyncio.run(request(None)), audits()
+    connections.close_all()
+    library = asyncio.run(request(3)), audits()
+finally:
+    drop_tenant()
+    connections.close_all()
+print(json.dumps({"stock": stock, "library": library, "budget": budget.total}))
+connections.close_all()
+"""
+
+
+def test_a_call_on_an_extra_lane_never_writes_the_tenants_database_elsewhere() -> None:
+    """The tenant's database runs on lane 0 only, but another database's
+    calls have extra lanes, and code they run (a post_save receiver) may
+    write the tenant's: on an extra lane's thread, that query went to a
+    connection without the tenant's schema - stock Django wrote the audit
+    rows into the tenant's table, the set at parallelism 3 into public's,
+    silently. It is refused now, with TransactionManagementError saying what
+    to write instead (no row in public's table)."""
+    tenant = suite_database(min_size=3)
+    tenant["ENGINE"] = "tests.tenant_backend"
+    other = connections["other"].settings_dict
+    databases = {
+        "default": tenant,
+        "other": {
+            **{
+                key: other[key]
+                for key in ("ENGINE", "NAME", "USER", "PASSWORD", "HOST", "PORT")
+            },
+            "OPTIONS": dict(other["OPTIONS"]),
+        },
+    }
+    figures = run_with_one_database(RECEIVER_WRITES, databases)
+    assert figures["stock"] == [None, {"asgi_dbset_tenant": 2, "public": 0}]
+    assert figures["library"] == [
+        "TransactionManagementError",
+        {"asgi_dbset_tenant": 0, "public": 0},
+    ]
     assert figures["budget"] == 0
