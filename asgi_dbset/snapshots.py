@@ -85,6 +85,10 @@ class Snapshot:
                 # Refused until the snapshot ends, as Django refuses a query
                 # after a close inside transaction.atomic().
                 raise SnapshotError(_closed_message(wrapper.alias))
+            # (Sync code of the request's thread - sync_to_async, which the
+            # set does not see - may have left a failure behind, as a call
+            # may: undone before this call, as after_call does.)
+            _undo_failure(wrapper)
             return False
         if getattr(wrapper, MARK, None) is not None:
             leave(wrapper)  # an earlier snapshot's transaction
@@ -180,10 +184,31 @@ class Snapshot:
             return
         if getattr(wrapper, _CLOSED, False):
             return  # (a connection opened since, outside the snapshot)
-        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-            conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
-        elif cursor_call:
+        if not _undo_failure(wrapper) and cursor_call:
             conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}; SAVEPOINT {_SAVEPOINT}")
+
+
+def _undo_failure(wrapper: BaseDatabaseWrapper) -> bool:
+    """On the wrapper's thread, in the snapshot: undo what a failure left on
+    it, as autocommit would have (True if there was one) - a failed
+    statement, and Django's mark of a failed ``atomic(savepoint=False)``.
+    Outside any atomic block, that is the outermost one, which Django's
+    ``delete()``, ``bulk_create()`` and the like enter: in autocommit it is a
+    transaction of its own, rolled back, and the next query runs; in the
+    snapshot's transaction it has no savepoint, and Django only marks the
+    connection (needs_rollback), refusing every later query of the request."""
+    conn = wrapper.connection
+    if conn is None or conn.closed:
+        return False
+    failed = conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+    marked = wrapper.needs_rollback and not wrapper.in_atomic_block
+    if not (failed or marked):
+        return False
+    with wrapper.wrap_database_errors:
+        conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+    if marked:
+        wrapper.needs_rollback = False
+    return True
 
 
 def leave(wrapper: BaseDatabaseWrapper) -> None:
@@ -199,6 +224,10 @@ def leave(wrapper: BaseDatabaseWrapper) -> None:
     if conn is None or conn.closed or conn.broken:
         return
     conn.rollback()  # (read only: there is nothing to commit)
+    if not wrapper.in_atomic_block:
+        # (A failed atomic(savepoint=False)'s mark goes with the rollback:
+        # see _undo_failure.)
+        wrapper.needs_rollback = False
     wrapper.set_autocommit(True)
 
 

@@ -718,3 +718,68 @@ async def test_commit_or_rollback_in_the_snapshot_changes_nothing(
     assert await reads_and_a_write_after(end, wrap, parallelism) == library
     assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
+
+
+def delete_every_author() -> str:
+    # (Django's delete() runs in transaction.atomic(savepoint=False).)
+    try:
+        Author.objects.all().delete()
+    except DatabaseError as exc:
+        return type(exc).__name__
+    return "deleted"
+
+
+async def refused_write(how: str) -> str:
+    try:
+        if how == "adelete":
+            await Author.objects.all().adelete()
+        elif how == "abulk_create":
+            await Author.objects.abulk_create([Author(name="refused")])
+        elif how == "acreate":
+            await Author.objects.acreate(name="refused")
+        else:
+            return await sync_to_async(delete_every_author)()
+    except DatabaseError as exc:
+        return type(exc).__name__
+    return "written"
+
+
+@pytest.mark.parametrize("parallelism", [1, 2])
+@pytest.mark.parametrize("how", ["adelete", "abulk_create", "sync delete()"])
+async def test_a_refused_write_in_djangos_own_atomic_leaves_the_request_usable(
+    how: str, parallelism: int
+) -> None:
+    """Django's delete() and bulk_create() write inside
+    ``transaction.atomic(savepoint=False)``: in autocommit, a transaction of
+    its own, rolled back on a failure. In the snapshot's transaction it has
+    no savepoint, so Django only marked the connection for rollback, and
+    every later query of the request - in the snapshot and after it -
+    raised TransactionManagementError. Now the write is refused as a plain
+    acreate() is, and the reads after it run as after that one."""
+    await Author.objects.acreate(name="first")
+
+    async def outcome(write: str) -> list[object]:
+        seen: list[object] = []
+
+        async def read() -> None:
+            try:
+                seen.append(await Author.objects.acount())
+            except DatabaseError as exc:
+                seen.append(type(exc).__name__)
+
+        async with ThreadSensitiveContext():
+            async with db_parallelism(parallelism, snapshot=True):
+                await read()
+                seen.append(await refused_write(write))
+                await read()
+                await read()
+            await read()
+            await sync_to_async(connections.close_all)()
+        return seen
+
+    expected = await outcome("acreate")
+    assert expected == [1, "SnapshotWriteError", 1, 1, 1]
+    refused = "SnapshotWriteError" if how.startswith("a") else "InternalError"
+    assert await outcome(how) == [1, refused, 1, 1, 1]
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
