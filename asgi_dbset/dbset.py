@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import Token
 from typing import Any
 
-from asgiref.sync import AsyncToSync
+from asgiref.sync import AsyncToSync, SyncToAsync
 from django.db import transaction
 
 from . import routing, stats
@@ -69,6 +69,25 @@ _OUTLIVED = (
 )
 
 
+_INSIDE_A_BLOCK = (
+    "asgi_dbset: a connection set opened inside an asgi_dbset.atomic() block "
+    "of another set would run the ORM calls made in it on connections of its "
+    "own, outside the block's transaction (stock Django runs them inside). "
+    "Inside the block, write `async with db_parallelism(n):`, which changes "
+    "the set in use, rather than open a connection_set() of its own; or open "
+    "the set outside the block."
+)
+
+
+def _lane0_key() -> object:
+    """What decides lane 0's thread for calls made here, in the order
+    hop.request_thread_executor reads it: the sync thread above, else the
+    thread-sensitive context (None: asgiref's thread of the loop). Sets opened
+    with the same key share that thread and its connections."""
+    outer = getattr(AsyncToSync.executors, "current", None)
+    return outer or SyncToAsync.thread_sensitive_context.get(None)
+
+
 class BlockSettings:
     """What a block form (``db_parallelism``) open in a set restores at its
     exit: the parallelism and statement timeout it found at its entry."""
@@ -92,6 +111,7 @@ class ConnectionSet:
     __slots__ = (
         "__weakref__",
         "_closed",
+        "_lane0_key",
         "_loop",
         "_outer",
         "_record_stock_calls",
@@ -164,6 +184,7 @@ class ConnectionSet:
         if transaction_pooled:
             self._scheduler.transaction_pooled = frozenset(transaction_pooled)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lane0_key: object = None
         self._token: Token[ConnectionSet | None] | None = None
         self._closed = False
         self._outer: object = _NO_CALLER
@@ -331,7 +352,20 @@ class ConnectionSet:
             )
         # A script may use sets without the app or the middleware installed.
         routing.ensure_installed()
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        key = _lane0_key()
+        block = current_block.get()
+        while block is not None:
+            other = block.dbset
+            # A block's transaction is on its set's lane; this set would run
+            # the calls made inside it on lanes of its own, outside it (where
+            # stock Django runs them inside): refused, for a set that shares
+            # the block's request thread (a new request's thread is apart).
+            if other._loop is loop and other._lane0_key == key:
+                raise transaction.TransactionManagementError(_INSIDE_A_BLOCK)
+            block = block.outer
+        self._loop = loop
+        self._lane0_key = key
         self._scheduler.bind(self._loop)
         self.opened_at = time.perf_counter()
         stats.incr("sets_opened")  # (sets_open is opened - closed)

@@ -20,7 +20,7 @@ from django.db import connections, transaction
 from django.db.models.signals import post_save
 
 import asgi_dbset
-from asgi_dbset import connection_set
+from asgi_dbset import connection_set, db_parallelism
 from asgi_dbset.budget import budget
 from tests.helpers import active_sleeps, sleeping, timed
 from tests.testapp.models import Author, Tally
@@ -975,4 +975,50 @@ async def test_a_block_of_another_database_while_a_call_waits_on_the_request_thr
 
     assert await outcome(None) == ("sibling", 1, 1)
     assert await outcome(4) == ("sibling", 1, 1)
+
+
+def stock_reads_inside_a_block() -> None:
+    """Rolled back, with what the reads inside the block saw."""
+    with transaction.atomic():
+        Author.objects.create(name="stock-inside")
+        seen = [Author.objects.filter(name="stock-inside").count() for _ in range(3)]
+        raise RollbackRequestedError(seen)
+
+
+@pytest.mark.parametrize("parallelism", [1, 4])
+async def test_a_connection_set_opened_inside_a_block_is_refused(
+    parallelism: int,
+) -> None:
+    """A connection_set() opened inside asgi_dbset.atomic() of another set
+    (the request's) ran the calls made in it on lanes of its own, outside the
+    block's transaction: gathered reads of a row the block had written found
+    none, where stock Django (transaction.atomic, one connection) finds it
+    each time. Now it is refused at once (at every parallelism, so a test
+    whose block runs on lane 0 fails as production would), and
+    db_parallelism(n), which it points to, reads inside the block."""
+    seen: list[int] = []
+    async with request_like(parallelism=parallelism):
+        try:
+            await sync_to_async(stock_reads_inside_a_block)()
+        except RollbackRequestedError as exc:
+            stock = exc.args[0]
+        with contextlib.suppress(RollbackRequestedError):
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="lib-inside")
+                with pytest.raises(transaction.TransactionManagementError) as raised:
+                    async with connection_set(parallelism=3, lease_timeout=5.0):
+                        await Author.objects.filter(name="lib-inside").acount()
+                async with db_parallelism(3):
+                    seen = await asyncio.gather(
+                        *(
+                            Author.objects.filter(name="lib-inside").acount()
+                            for _ in range(3)
+                        )
+                    )
+                raise RollbackRequestedError
+    assert stock == [1, 1, 1]
+    assert seen == stock
+    assert "db_parallelism(n)" in str(raised.value)
+    assert await anames("stock-inside") == await anames("lib-inside") == []
+    assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
