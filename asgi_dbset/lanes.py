@@ -30,7 +30,7 @@ from . import snapshots, stats
 from .budget import budget
 from .cancellation import Job
 from .context import current_block, current_set
-from .errors import SnapshotWriteError
+from .errors import SnapshotError, SnapshotWriteError
 from .hop import hop, request_thread_executor
 from .snapshots import Snapshot
 from .transactions import TransactionReports
@@ -217,10 +217,16 @@ class Lane:
                 self._before(
                     wrapper, wrappers, job, timeout_ms, clearance, scope or alias
                 )
+                held = getattr(wrapper, snapshots.MARK, None)
+                if held is not None and held is not snapshot and not held.ended:
+                    # The connection is in the snapshot of another set still
+                    # on (sets share lane 0's thread): leaving it would end
+                    # that set's snapshot under its calls; refused instead.
+                    raise SnapshotError(_SNAPSHOT_OF_ANOTHER_SET)
                 if snapshot is not None:
                     if snapshot.enter(wrapper):
                         self.exported = snapshot
-                elif getattr(wrapper, snapshots.MARK, None) is not None:
+                elif held is not None:
                     leave_snapshot(wrapper)
                 # Django's execute_wrapper(), without its generator: every
                 # query of the call passes job.guard - on any connection of
@@ -288,6 +294,19 @@ class Lane:
                             pass
 
         return await hop(loop, self._executor(outer), context, call)
+
+
+_SNAPSHOT_OF_ANOTHER_SET = (
+    "asgi_dbset: this call would run on the request's own connection (the "
+    "thread-sensitive thread, which every connection set of the request, or of "
+    "the script's thread, shares), and that connection is in the consistent "
+    "snapshot of another connection set still open (db_parallelism(..., "
+    "snapshot=True) or connection_set(snapshot=True)): running the call there "
+    "would end that snapshot under the other set's calls. Use one set: inside "
+    "the snapshot write `async with db_parallelism(n):`, which changes the set "
+    "in use, rather than open a connection_set() of its own; or make this set's "
+    "calls after the snapshot has ended."
+)
 
 
 def _outside_block(call_alias: str, alias: str) -> Callable[..., Any]:

@@ -649,6 +649,7 @@ class Scheduler:
         thread, after the calls already handed to it."""
         if self.snapshot is None:
             return
+        self.snapshot.ended = True
         self.snapshot = None
         lanes = [
             lane

@@ -63,10 +63,13 @@ class _Export:
 class Snapshot:
     """The snapshot of each alias a set's lanes share; thread-safe."""
 
-    __slots__ = ("_exports", "_lock")
+    __slots__ = ("_exports", "_lock", "ended")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        #: Set (on the set's loop) as its set ends it, before any lane leaves
+        #: it: a connection still marked with it afterwards may leave it.
+        self.ended = False
         # alias -> its export, from the moment a lane claims it
         self._exports: dict[str, _Export] = {}
 

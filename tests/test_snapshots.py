@@ -781,5 +781,64 @@ async def test_a_refused_write_in_djangos_own_atomic_leaves_the_request_usable(
     assert expected == [1, "SnapshotWriteError", 1, 1, 1]
     refused = "SnapshotWriteError" if how.startswith("a") else "InternalError"
     assert await outcome(how) == [1, refused, 1, 1, 1]
+
+
+def stock_repeatable_read_around_a_commit() -> list[int]:
+    """Stock Django's nearest thing to a snapshot: a REPEATABLE READ
+    transaction on the request's connection, read before and after a
+    concurrent commit."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        reads = [Author.objects.count()]
+        insert_author()
+        reads.append(Author.objects.count())
+    return reads
+
+
+async def test_another_set_on_the_requests_thread_never_ends_a_sets_snapshot() -> None:
+    """Two connection sets of one request's thread (a script's gathered
+    helpers, a connection_set() in a view) share lane 0's connection. A call
+    of the set without a snapshot ran there while the other set's snapshot
+    was on it, and ended it: lane 0 had exported the snapshot, so the
+    snapshot set's next reads failed with PostgreSQL's "invalid snapshot
+    identifier". Now that call is refused, and the snapshot reads on."""
+    await Author.objects.acreate(name="first")
+    stock = await sync_to_async(stock_repeatable_read_around_a_commit)()
+    await Author.objects.filter(name="concurrent").adelete()
+    in_snapshot = asyncio.Event()
+    other_done = asyncio.Event()
+    reads: list[Any] = []
+    other: list[Any] = []
+
+    async def snapshot_set() -> None:
+        async with connection_set(parallelism=3, snapshot=True, lease_timeout=5.0):
+            reads.append(await Author.objects.acount())  # lane 0 exports
+            in_snapshot.set()
+            await asyncio.wait_for(other_done.wait(), 10)
+            reads.append(await Author.objects.acount())
+
+    async def set_beside_it() -> None:
+        await asyncio.wait_for(in_snapshot.wait(), 10)
+        await asyncio.to_thread(insert_author)
+        try:
+            async with connection_set(parallelism=3, lease_timeout=5.0):
+                # (Three calls: one runs on lane 0.)
+                counts = asyncio.gather(*(Author.objects.acount() for _ in range(3)))
+                other.append(await counts)
+        except DatabaseError as exc:
+            other.append(exc)
+        finally:
+            other_done.set()
+
+    async with ThreadSensitiveContext():
+        try:
+            await asyncio.wait_for(asyncio.gather(snapshot_set(), set_beside_it()), 30)
+        finally:
+            await sync_to_async(connections.close_all)()
+    assert reads == stock == [1, 1]
+    assert len(other) == 1
+    assert isinstance(other[0], asgi_dbset.SnapshotError)
+    assert "db_parallelism(n)" in str(other[0])
     assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
