@@ -85,6 +85,9 @@ class Block:
     outer: Block | None
     #: The outermost block of its alias on its lane: leaving it frees the lane.
     holds_lane: bool
+    #: Left (committed or rolled back): a task created inside it that goes on
+    #: afterwards still has it in its context, but is no longer in it.
+    ended: bool = False
 
     def lane_for(self, dbset: ConnectionSet, alias: str) -> Lane | None:
         """The lane a call of *alias* in this set runs on here, if a block of
@@ -305,6 +308,7 @@ class AsyncAtomic:
             if exc is None or not dbset.closed:
                 raise
         finally:
+            block.ended = True
             current_block.reset(token)
             if block.holds_lane:
                 dbset.close_block(block.lane)

@@ -361,7 +361,9 @@ class ConnectionSet:
             # the calls made inside it on lanes of its own, outside it (where
             # stock Django runs them inside): refused, for a set that shares
             # the block's request thread (a new request's thread is apart).
-            if other._loop is loop and other._lane0_key == key:
+            # A block already left is no longer around the calls made here
+            # (a task created inside it that outlived it still sees it).
+            if not block.ended and other._loop is loop and other._lane0_key == key:
                 raise transaction.TransactionManagementError(_INSIDE_A_BLOCK)
             block = block.outer
         self._loop = loop

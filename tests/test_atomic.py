@@ -1022,3 +1022,66 @@ async def test_a_connection_set_opened_inside_a_block_is_refused(
     assert await anames("stock-inside") == await anames("lib-inside") == []
     assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
+
+
+async def test_a_task_started_in_a_block_opens_a_set_after_the_block_ended() -> None:
+    """A task created inside asgi_dbset.atomic() (asyncio copies the context,
+    the block with it) that goes on after the block has committed - a
+    fire-and-forget notification, say - is outside any block then: a
+    connection_set() it opens (a library helper's) must not be refused as
+    "opened inside a block", and reads the committed rows as stock Django's
+    task does (its queries, after transaction.atomic ended, see the commit)."""
+
+    async def later(
+        ended: asyncio.Event, stock: bool, prefix: str
+    ) -> list[int] | BaseException:
+        await asyncio.wait_for(ended.wait(), 10)
+        try:
+            if stock:
+                return [
+                    await sync_to_async(
+                        Author.objects.filter(name=f"{prefix}-task").count
+                    )()
+                    for _ in range(3)
+                ]
+            async with connection_set(parallelism=3, lease_timeout=5.0):
+                return list(
+                    await asyncio.gather(
+                        *(
+                            Author.objects.filter(name=f"{prefix}-task").acount()
+                            for _ in range(3)
+                        )
+                    )
+                )
+        except Exception as exc:
+            return exc
+
+    async def outcome(parallelism: int | None) -> list[int] | BaseException:
+        ended = asyncio.Event()
+        prefix = "stock" if parallelism is None else f"lib{parallelism}"
+        if parallelism is None:
+            async with ThreadSensitiveContext():
+                block = transaction.atomic()
+                await sync_to_async(block.__enter__)()
+                try:
+                    task = asyncio.create_task(later(ended, True, prefix))
+                    await Author.objects.acreate(name=f"{prefix}-task")
+                finally:
+                    await sync_to_async(block.__exit__)(None, None, None)
+                ended.set()
+                result = await asyncio.wait_for(task, 20)
+                await sync_to_async(connections.close_all)()
+                return result
+        async with request_like(parallelism=parallelism):
+            async with asgi_dbset.atomic():
+                task = asyncio.create_task(later(ended, False, prefix))
+                await Author.objects.acreate(name=f"{prefix}-task")
+            ended.set()
+            return await asyncio.wait_for(task, 20)
+
+    stock = await outcome(None)
+    assert stock == [1, 1, 1]
+    assert await outcome(1) == stock
+    assert await outcome(4) == stock
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
