@@ -204,8 +204,11 @@ class Lane:
         # nothing set on the lane leaks into the caller, even on cancellation.
         context = contextvars.copy_context()
         context.run(current_set.set, None)
-        elsewhere = self._blocks_elsewhere(alias)
-        request_only = self._request_state_elsewhere()
+        # Databases whose queries this lane's connections must not run (read
+        # on the loop, in the caller's context), each with its refusal.
+        refusals = dict.fromkeys(self._blocks_elsewhere(alias), _outside_block)
+        for each in self._request_state_elsewhere():
+            refusals[each] = _without_request_state
 
         def call() -> Any:
             if not job.begin(time.perf_counter()):
@@ -234,31 +237,21 @@ class Lane:
                 # those queries.
                 for each in wrappers:
                     each.execute_wrappers.append(job.guard)
-                # A database whose transaction block runs on another lane: a
-                # query on this thread's own connection of it would run outside
-                # that transaction, where Django runs it inside (a receiver
-                # writing there, say). It is refused, never sent.
+                # A database whose transaction block runs on another lane (a
+                # query on this thread's connection of it would run outside
+                # that transaction, where Django runs it inside: a receiver
+                # writing there, say), or whose state (the tenant's schema)
+                # only the request's own connection has (a query here would
+                # use another schema's tables): its queries are refused, never
+                # sent.
                 refused = (
-                    [each for each in wrappers if each.alias in elsewhere]
-                    if elsewhere
+                    [each for each in wrappers if each.alias in refusals]
+                    if refusals
                     else ()
                 )
                 for each in refused:
-                    each.execute_wrappers.append(_outside_block(alias, each.alias))
-                # A database whose state (the tenant's schema) only the
-                # request's own connection has: a query on this thread's
-                # connection of it would read or write another schema's
-                # tables, where Django uses the tenant's. It is refused, never
-                # sent. (Only extra lanes have such databases here.)
-                stateless = (
-                    [each for each in wrappers if each.alias in request_only]
-                    if request_only
-                    else ()
-                )
-                for each in stateless:
-                    each.execute_wrappers.append(
-                        _without_request_state(alias, each.alias)
-                    )
+                    refuse = refusals[each.alias](alias, each.alias)
+                    each.execute_wrappers.append(refuse)
                 try:
                     if local_ms is not None:
                         return run_with_local_timeout(
@@ -274,8 +267,6 @@ class Lane:
                         ) from exc
                     raise
                 finally:
-                    for each in stateless:
-                        each.execute_wrappers.pop()
                     for each in refused:
                         each.execute_wrappers.pop()
                     for each in wrappers:

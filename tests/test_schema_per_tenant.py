@@ -19,7 +19,8 @@ from tests.one_database import run_with_one_database, suite_database
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
-TENANT_READS = """
+# What both scripts start with: a tenant's schema with its own author table.
+TENANT = """
 import asyncio
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -27,13 +28,12 @@ from django.db import connection, connections
 
 from asgi_dbset import connection_set
 from asgi_dbset.budget import budget
-from tests.helpers import checked_out
 from tests.testapp.models import Author
 
 SCHEMA = "asgi_dbset_tenant"
 
 
-def make_tenant():
+def make_schema():
     with connection.cursor() as cursor:
         cursor.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
         cursor.execute(f"CREATE SCHEMA {SCHEMA}")
@@ -41,6 +41,27 @@ def make_tenant():
             f"CREATE TABLE {SCHEMA}.testapp_author "
             "(LIKE public.testapp_author INCLUDING ALL)"
         )
+
+
+def drop_schema():
+    connection.set_schema("public")
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP SCHEMA {SCHEMA} CASCADE")
+
+
+def set_schema(name):
+    # As the tenant middleware does, on the request's thread.
+    connection.set_schema(name)
+"""
+
+TENANT_READS = (
+    TENANT
+    + """
+from tests.helpers import checked_out
+
+
+def make_tenant():
+    make_schema()
     connection.set_schema(SCHEMA)
     Author.objects.create(name="the tenant's")
     connection.set_schema("public")
@@ -50,13 +71,7 @@ def make_tenant():
 def drop_tenant():
     connection.set_schema("public")
     Author.objects.filter(name="public's").delete()
-    with connection.cursor() as cursor:
-        cursor.execute(f"DROP SCHEMA {SCHEMA} CASCADE")
-
-
-def set_schema(name):
-    # As the tenant middleware does, on the request's thread.
-    connection.set_schema(name)
+    drop_schema()
 
 
 async def names():
@@ -97,6 +112,7 @@ print(json.dumps({
 }))
 connections.close_all()
 """
+)
 
 
 def test_gathered_reads_see_the_requests_tenant() -> None:
@@ -112,41 +128,20 @@ def test_gathered_reads_see_the_requests_tenant() -> None:
     assert figures["budget"] == 0
 
 
-RECEIVER_WRITES = """
-import asyncio
-
-from asgiref.sync import ThreadSensitiveContext, sync_to_async
-from django.db import connection, connections
+RECEIVER_WRITES = (
+    TENANT
+    + """
 from django.db.models.signals import post_save
 
-from asgi_dbset import connection_set
-from asgi_dbset.budget import budget
 from tests.helpers import sleeping
-from tests.testapp.models import Author, Tally
-
-SCHEMA = "asgi_dbset_tenant"
-
-
-def make_tenant():
-    with connection.cursor() as cursor:
-        cursor.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-        cursor.execute(f"CREATE SCHEMA {SCHEMA}")
-        cursor.execute(
-            f"CREATE TABLE {SCHEMA}.testapp_author "
-            "(LIKE public.testapp_author INCLUDING ALL)"
-        )
+from tests.testapp.models import Tally
 
 
 def drop_tenant():
     connection.set_schema("public")
     Author.objects.filter(name="audit").delete()
     Tally.objects.using("other").all().delete()
-    with connection.cursor() as cursor:
-        cursor.execute(f"DROP SCHEMA {SCHEMA} CASCADE")
-
-
-def set_schema(name):
-    connection.set_schema(name)
+    drop_schema()
 
 
 def audit(sender, instance, **kwargs):
@@ -193,7 +188,7 @@ async def request(parallelism):
 
 
 post_save.connect(audit, sender=Tally)
-make_tenant()
+make_schema()
 connections.close_all()
 try:
     stock = asyncio.run(request(None)), audits()
@@ -205,6 +200,7 @@ finally:
 print(json.dumps({"stock": stock, "library": library, "budget": budget.total}))
 connections.close_all()
 """
+)
 
 
 def test_a_call_on_an_extra_lane_never_writes_the_tenants_database_elsewhere() -> None:
