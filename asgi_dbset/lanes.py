@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -61,6 +61,7 @@ class NotClearedError(NotRunError):
 
 
 _NO_ALIASES: frozenset[str] = frozenset()
+_NO_REFUSALS: Mapping[str, Callable[[str, str], Callable[..., Any]]] = {}
 
 
 class Lane:
@@ -206,9 +207,16 @@ class Lane:
         context.run(current_set.set, None)
         # Databases whose queries this lane's connections must not run (read
         # on the loop, in the caller's context), each with its refusal.
-        refusals = dict.fromkeys(self._blocks_elsewhere(alias), _outside_block)
-        for each in self._request_state_elsewhere():
-            refusals[each] = _without_request_state
+        elsewhere = self._blocks_elsewhere(alias)
+        request_only = self._request_state_elsewhere()
+        refusals = (
+            {
+                **dict.fromkeys(elsewhere, _outside_block),
+                **dict.fromkeys(request_only, _without_request_state),
+            }
+            if elsewhere or request_only
+            else _NO_REFUSALS  # (most calls: no dict to build)
+        )
 
         def call() -> Any:
             if not job.begin(time.perf_counter()):
