@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,7 @@ class Job:
         "_query_conn",
         "_sending",
         "abandoned",
+        "ended",
         "generation",
         "started",
         "state",
@@ -94,6 +96,8 @@ class Job:
         self.generation = generation
         #: perf_counter() when its thread started it (0.0 until then).
         self.started = 0.0
+        #: perf_counter() when its thread ended it (0.0 until then).
+        self.ended = 0.0
         self._cancel_claimed = False
         # The psycopg connection running this job's query now, if any.
         self._query_conn: psycopg.Connection[Any] | None = None
@@ -124,8 +128,13 @@ class Job:
     def end(self) -> bool:
         """The thread is done with the job; True if its caller had abandoned
         it (then the thread tells the loop to free the lane)."""
+        # (Taken here, on the thread, so that a call's end never comes after
+        # the start of the next call its thread runs, however late the loop
+        # learns of it: query times on one lane never overlap.)
+        finished = time.perf_counter()
         with self._lock:
             self.state = Job.DONE
+            self.ended = finished
             ended, self._ended = self._ended, None
             abandoned = self.abandoned
         if ended is not None:

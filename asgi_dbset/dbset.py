@@ -697,18 +697,21 @@ class ConnectionSet:
         target = target_of(func, args, kwargs)
         alias = target.alias if target is not None else ""
         record = self.recorder.begin(0, alias, func, time.perf_counter())
-        started = 0.0
+        started = ended = 0.0
 
         def timed() -> Any:
-            nonlocal started
+            nonlocal started, ended
             started = time.perf_counter()
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                ended = time.perf_counter()
 
         timed.__name__ = getattr(func, "__name__", "?")
         try:
             return await run(timed)
         finally:
-            self.recorder.end(record, started)
+            self.recorder.end(record, started, ended)
 
     async def _run_aside(
         self,

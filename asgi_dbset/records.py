@@ -58,10 +58,11 @@ class Recorder:
             self.records.append(record)
         return record
 
-    def end(self, record: CallRecord, started: float) -> None:
-        """The call is over; *started* is when its thread started it (0.0 if it
-        never did). Its wait is counted here, once."""
-        record.ended = time.perf_counter()
+    def end(self, record: CallRecord, started: float, ended: float) -> None:
+        """The call is over; *started* and *ended* are when its thread started
+        and ended it (0.0 if it did not: then it ends now). Its wait is
+        counted here, once."""
+        record.ended = ended or time.perf_counter()
         if started:
             record.started = started
         self.wait_time += max(record.started - record.queued, 0.0)

@@ -855,7 +855,7 @@ class Scheduler:
             self._running.pop(job, None)
             raise
         except asyncio.CancelledError:
-            self.recorder.end(record, job.started)
+            self.recorder.end(record, job.started, job.ended)
             if job.give_up():
                 # It runs on: its thread frees the lane when it ends, and the
                 # query it runs is cancelled on the server meanwhile - unless
@@ -870,14 +870,14 @@ class Scheduler:
                 self._finish(lane, job)
             raise
         except BaseException:
-            self.recorder.end(record, job.started)
+            self.recorder.end(record, job.started, job.ended)
             if lane is self._lane0:
                 # (If it failed before its report, none will come; a report
                 # already posted stands.)
                 self._lane0.reports.withdraw(job.generation)
             self._finish(lane, job)
             raise
-        self.recorder.end(record, job.started)
+        self.recorder.end(record, job.started, job.ended)
         self._finish(lane, job)
         return result
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -73,6 +75,37 @@ async def test_figures_time_each_query_from_its_start_on_a_lane(
         assert figures["wait_ms"] > 200  # five calls waited for lane 0
     else:
         assert figures["gain"] > 1.5
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+async def test_a_call_ends_on_its_thread_however_late_the_loop_hears_of_it(
+    parallelism: int,
+) -> None:
+    # The loop is blocked (a view doing sync work) while lane 0's thread ends
+    # a call and starts the next: the first call's query time ends when its
+    # thread ended it, not when the loop came back to it, so the times of
+    # one lane's calls never overlap and one lane's gain stays at most 1.
+    async def block_the_loop() -> None:
+        await asyncio.sleep(0.03)
+        time.sleep(0.3)  # noqa: ASYNC251 (the point: the loop is blocked)
+
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=1) as dbset:
+            dbset.record_stock_calls = True
+            dbset.parallelism = parallelism
+            await asyncio.gather(
+                *(sleeping(0.05).acount() for _ in range(4)), block_the_loop()
+            )
+            figures = dbset.figures()
+            records = list(dbset.records)
+        await sync_to_async(connections.close_all)()
+    assert len(records) == 4
+    for lane in {r.lane for r in records}:
+        mine = sorted((r for r in records if r.lane == lane), key=lambda r: r.started)
+        for before, after in itertools.pairwise(mine):
+            assert before.ended <= after.started, (before, after)
+    if parallelism == 1:
+        assert figures["gain"] <= 1.0, figures
 
 
 async def test_calls_whose_lease_was_refused_keep_their_turn() -> None:
