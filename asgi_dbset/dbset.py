@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import Token
 from typing import Any
 
-from asgiref.sync import AsyncToSync, SyncToAsync
+from asgiref.sync import SyncToAsync
 from django.db import transaction
 
 from . import routing, stats
@@ -39,7 +39,7 @@ from .budget import budget
 from .context import current_block, current_set
 from .cursors import check_cursor
 from .errors import CallNotRunError
-from .hop import run_as_stock
+from .hop import run_as_stock, sync_thread_above
 from .lanes import Lane, with_statement_timeout
 from .records import CallRecord, Recorder
 from .scheduler import Scheduler
@@ -84,7 +84,7 @@ def _lane0_key() -> object:
     hop.request_thread_executor reads it: the sync thread above, else the
     thread-sensitive context (None: asgiref's thread of the loop). Sets opened
     with the same key share that thread and its connections."""
-    outer = getattr(AsyncToSync.executors, "current", None)
+    outer = sync_thread_above()
     return outer or SyncToAsync.thread_sensitive_context.get(None)
 
 
@@ -257,7 +257,7 @@ class ConnectionSet:
         # set itself) reads on in the same snapshot.
         if self._snapshot_holders or self._scheduler.snapshot is None:
             return
-        outer = getattr(AsyncToSync.executors, "current", None)
+        outer = sync_thread_above()
         try:
             await finish_shielded(self._scheduler.end_snapshot(outer))
         finally:
@@ -416,7 +416,7 @@ class ConnectionSet:
         if self._scheduler.snapshot is not None:
             # Its transactions end on their lanes before any connection goes
             # back (lane 0's too, which the set does not return).
-            outer = getattr(AsyncToSync.executors, "current", None)
+            outer = sync_thread_above()
             await self._scheduler.end_snapshot(outer)
         await self._scheduler.close()
 
@@ -521,7 +521,7 @@ class ConnectionSet:
             # Its databases are known only as it runs: outside a block, the
             # request's own connections of each, as on stock Django.
             pin = self._scheduler.lane0
-        outer = getattr(AsyncToSync.executors, "current", None)
+        outer = sync_thread_above()
         # A sync caller blocked until this call returns never waits for lane
         # 0's calls of another caller (a call that must run on an extra lane
         # waits for none of them).
@@ -593,7 +593,7 @@ class ConnectionSet:
         :meth:`_behind_own_caller`), or lane 0 is inside a transaction of the
         alias; else an extra lane of the block's own, if one can be had."""
         scheduler = self._scheduler
-        outer = getattr(AsyncToSync.executors, "current", None)
+        outer = sync_thread_above()
         if not self._routes() or self._behind_own_caller(outer):
             result = await run_as_stock(func, *args)
             scheduler.lane0_blocks += 1  # (until close_block)
@@ -647,7 +647,7 @@ class ConnectionSet:
         """Run *func* on *lane* (a transaction block's), after the calls
         already handed to it; :class:`CallNotRunError` once the set has
         closed (the block outlived it, and was rolled back)."""
-        outer = getattr(AsyncToSync.executors, "current", None)
+        outer = sync_thread_above()
         if lane is self._scheduler.lane0 and (
             not self._routes() or self._behind_own_caller(outer)
         ):

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import (
+    AsyncToSync,
     SyncToAsync,
     ThreadSensitiveContext,
     async_to_sync,
@@ -20,7 +21,7 @@ from django.db import connections
 from django.db.models.signals import post_save
 from django.utils import timezone
 
-from asgi_dbset import connection_set
+from asgi_dbset import connection_set, hop
 from asgi_dbset.hop import run_as_stock
 from tests.helpers import sleeping
 from tests.testapp.models import Tag
@@ -246,3 +247,37 @@ async def test_a_call_its_executor_cancels_before_it_runs_ends_as_under_sync_to_
     expected = await outcome(stock)
     assert expected == "cancelled"
     assert await outcome(lean) == expected
+
+
+def test_the_sync_thread_above_is_read_as_asgiref_stores_it() -> None:
+    # sync_thread_above() answers "nothing stored" from the Local's context
+    # variable alone (the Local's own read raises and catches for it); its
+    # answer is the Local's own everywhere: in a loop no sync thread awaits,
+    # under async_to_sync from a sync thread, and once that has returned.
+    assert hop._EXECUTORS_VAR is not None  # the fast path is in use here
+
+    def local() -> object:
+        return getattr(AsyncToSync.executors, "current", None)
+
+    seen: dict[str, tuple[object, object]] = {}
+
+    async def in_a_plain_loop() -> None:
+        seen["plain"] = (hop.sync_thread_above(), local())
+
+    async def under_async_to_sync() -> None:
+        seen["above"] = (hop.sync_thread_above(), local())
+
+    def sync_code() -> None:
+        async_to_sync(under_async_to_sync)()
+
+    asyncio.run(in_a_plain_loop())
+
+    async def from_a_thread() -> None:
+        await sync_to_async(sync_code, thread_sensitive=False)()
+        seen["after"] = (hop.sync_thread_above(), local())
+
+    asyncio.run(from_a_thread())
+    assert seen["plain"] == (None, None)
+    assert seen["above"][0] is not None
+    assert seen["above"][0] is seen["above"][1]
+    assert seen["after"] == (None, None)
