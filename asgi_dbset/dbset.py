@@ -38,7 +38,7 @@ from .aio import finish_shielded
 from .budget import budget
 from .context import current_block, current_set
 from .cursors import check_cursor
-from .errors import CallNotRunError
+from .errors import CallNotRunError, SnapshotError
 from .hop import run_as_stock, sync_thread_above
 from .lanes import Lane, with_statement_timeout
 from .records import CallRecord, Recorder
@@ -76,6 +76,18 @@ _INSIDE_A_BLOCK = (
     "Inside the block, write `async with db_parallelism(n):`, which changes "
     "the set in use, rather than open a connection_set() of its own; or open "
     "the set outside the block."
+)
+
+_INSIDE_A_SNAPSHOT = (
+    "asgi_dbset: a connection set opened inside the consistent snapshot of "
+    "another set (db_parallelism(..., snapshot=True) or "
+    "connection_set(snapshot=True)) would not read that snapshot: its calls on "
+    "lanes of its own would read the database live, and those on the "
+    "request's connection, which the snapshot holds, would raise SnapshotError "
+    "- which of the two, timing would decide. Inside the snapshot, write "
+    "`async with db_parallelism(n):`, which changes the set in use (every call "
+    "of it reads the snapshot), rather than open a connection_set() of its "
+    "own; or open the set after the snapshot has ended."
 )
 
 
@@ -366,6 +378,21 @@ class ConnectionSet:
             if not block.ended and other._loop is loop and other._lane0_key == key:
                 raise transaction.TransactionManagementError(_INSIDE_A_BLOCK)
             block = block.outer
+        around = current_set.get()
+        # The set in use here holds a snapshot that this set's calls would not
+        # read (some on lanes of its own, live; those on the shared lane 0,
+        # refused by Lane.run): refused at once, for a set that shares its
+        # request thread. A snapshot ended (its block left, its set closed:
+        # scheduler.snapshot is None) or a set on another request thread
+        # (another lane-0 key) is apart.
+        if (
+            around is not None
+            and around._scheduler.snapshot is not None
+            and not around._closed
+            and around._loop is loop
+            and around._lane0_key == key
+        ):
+            raise SnapshotError(_INSIDE_A_SNAPSHOT)
         self._loop = loop
         self._lane0_key = key
         self._scheduler.bind(self._loop)

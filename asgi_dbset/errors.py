@@ -33,7 +33,8 @@ class QueryRefusedError(OperationalError):
 class SnapshotError(OperationalError):
     """A lane could not join its set's snapshot: it was not exported, or code
     in the snapshot block closed the connection that was in it; or a call of
-    another set needed a connection that is in the snapshot."""
+    another set needed a connection that is in the snapshot, or a set was
+    opened inside another set's snapshot."""
 
     __module__ = "asgi_dbset"
 

@@ -13,7 +13,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -33,6 +34,7 @@ from psycopg.conninfo import make_conninfo
 import asgi_dbset
 from asgi_dbset import SnapshotWriteError, connection_set, db_parallelism
 from asgi_dbset.budget import budget
+from asgi_dbset.dbset import ConnectionSet
 from tests.helpers import checked_out, sleeping, timed
 from tests.testapp.models import Author, Book
 
@@ -840,5 +842,131 @@ async def test_another_set_on_the_requests_thread_never_ends_a_sets_snapshot() -
     assert len(other) == 1
     assert isinstance(other[0], asgi_dbset.SnapshotError)
     assert "db_parallelism(n)" in str(other[0])
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
+@contextlib.asynccontextmanager
+async def a_snapshot(how: str) -> AsyncIterator[ConnectionSet]:
+    """A set of the request's thread whose snapshot is on: its own
+    (connection_set(snapshot=True)) or a block's (db_parallelism)."""
+    if how == "set":
+        async with connection_set(
+            parallelism=3, snapshot=True, lease_timeout=5.0
+        ) as dbset:
+            yield dbset
+    else:
+        async with connection_set(parallelism=3, lease_timeout=5.0) as dbset:
+            async with db_parallelism(3, snapshot=True):
+                yield dbset
+
+
+@db_parallelism(3)
+async def _gathered_reads_view() -> list[int]:
+    return list(await asyncio.gather(*(Author.objects.acount() for _ in range(6))))
+
+
+@pytest.mark.parametrize("how", ["set", "block"])
+async def test_a_connection_set_opened_inside_a_snapshot_is_refused(how: str) -> None:
+    """Code inside a snapshot reads the snapshot (stock Django's nearest
+    thing, a REPEATABLE READ transaction, reads the same count before and
+    after a concurrent commit). A connection_set() opened inside another
+    set's snapshot ran its calls on lanes of its own: those that landed on
+    lane 0 (the request's connection, in the snapshot) raised SnapshotError,
+    the others read the concurrent commit live - timing decided which. Now
+    it is refused at once, before its body runs; db_parallelism(n) and a
+    decorated view there, which change the set in use, read the snapshot on
+    every lane."""
+    await Author.objects.acreate(name="first")
+    stock = await sync_to_async(stock_repeatable_read_around_a_commit)()
+    await Author.objects.filter(name="concurrent").adelete()
+    entered = False
+    reads: list[int] = []
+
+    async def an_inner_set() -> None:
+        nonlocal entered
+        async with connection_set(parallelism=3, lease_timeout=5.0):
+            entered = True
+            gathered = asyncio.gather(*(Author.objects.acount() for _ in range(6)))
+            await asyncio.wait_for(gathered, 20)
+
+    async with ThreadSensitiveContext():
+        try:
+            async with a_snapshot(how) as dbset:
+                reads.append(await Author.objects.acount())
+                await asyncio.to_thread(insert_author)
+                with pytest.raises(asgi_dbset.SnapshotError) as raised:
+                    await an_inner_set()
+                async with db_parallelism(3):
+                    reads.extend(
+                        await asyncio.wait_for(
+                            asyncio.gather(
+                                *(Author.objects.acount() for _ in range(6))
+                            ),
+                            20,
+                        )
+                    )
+                reads.extend(await asyncio.wait_for(_gathered_reads_view(), 20))
+                lanes = {record.lane for record in dbset.records}
+        finally:
+            await sync_to_async(connections.close_all)()
+    assert stock == [1, 1]
+    assert not entered
+    assert "db_parallelism(n)" in str(raised.value)
+    assert reads == [1] * 13  # every read of the snapshot, as stock's
+    assert len(lanes) > 1  # on more than one lane
+    assert await Author.objects.acount() == 2  # (live again after it)
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
+async def _gathered_counts() -> list[int]:
+    async with connection_set(parallelism=2, lease_timeout=5.0):
+        return list(
+            await asyncio.wait_for(
+                asyncio.gather(*(Author.objects.acount() for _ in range(4))), 20
+            )
+        )
+
+
+async def test_a_set_opened_after_a_snapshot_or_for_another_request_is_opened() -> None:
+    """The refusal is only inside a live snapshot of the request's thread: a
+    set opened once the snapshot has ended (its block left; a task created
+    in a snapshot set that outlives it), or on another request thread (a
+    ThreadSensitiveContext with an executor of its own: the set's lane 0 is
+    another thread, whose connection is in no snapshot), opens and reads the
+    database live, as stock Django does outside a transaction. (A nested
+    ThreadSensitiveContext() without an executor is the outer one - asgiref's
+    outer context wins - so its lane 0 is the request's thread: refused.)"""
+    await Author.objects.acreate(name="first")
+    closed = asyncio.Event()
+    thread = ThreadPoolExecutor(max_workers=1)
+
+    async def outliving() -> list[int]:
+        await asyncio.wait_for(closed.wait(), 20)
+        return await _gathered_counts()
+
+    async with ThreadSensitiveContext():
+        try:
+            async with connection_set(parallelism=3, lease_timeout=5.0):
+                async with db_parallelism(3, snapshot=True):
+                    snapshot = await Author.objects.acount()
+                    await asyncio.to_thread(insert_author)
+                    async with ThreadSensitiveContext(executor=thread):
+                        try:
+                            other_request = await _gathered_counts()
+                        finally:
+                            await sync_to_async(connections.close_all)()
+                after_block = await _gathered_counts()
+            async with connection_set(parallelism=3, snapshot=True, lease_timeout=5.0):
+                await Author.objects.acount()
+                task = asyncio.create_task(outliving())
+            closed.set()
+            outlived = await asyncio.wait_for(task, 20)
+        finally:
+            await sync_to_async(connections.close_all)()
+            thread.shutdown()
+    assert snapshot == 1
+    assert other_request == after_block == outlived == [2, 2, 2, 2]
     assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
