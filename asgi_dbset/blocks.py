@@ -94,7 +94,8 @@ class Block:
         this one's chain holds one for that alias."""
         block: Block | None = self
         while block is not None:
-            if block.dbset is dbset and block.alias == alias:
+            # (A block already left holds no lane: see of().)
+            if not block.ended and block.dbset is dbset and block.alias == alias:
                 return block.lane
             block = block.outer
         return None
@@ -109,7 +110,8 @@ class Block:
         lanes: list[Lane] = []
         block: Block | None = self
         while block is not None:
-            if block.dbset is dbset and block.lane not in lanes:
+            # (A block already left holds no lane: see of().)
+            if not block.ended and block.dbset is dbset and block.lane not in lanes:
                 lanes.append(block.lane)
             block = block.outer
         if len(lanes) > 1 and orm_call:
@@ -132,9 +134,15 @@ class Block:
         return lanes[0] if lanes else None
 
     def of(self, dbset: ConnectionSet, alias: str) -> Block | None:
+        """The block of *alias* in *dbset* around the caller, if any."""
         block: Block | None = self
         while block is not None:
-            if block.dbset is dbset and block.alias == alias:
+            # A block already left is around no call: a task created inside
+            # it that goes on afterwards still has it in its context, but its
+            # calls run outside it, as stock Django's after the block's commit
+            # - not on its old lane, which may be back in the pool or held by
+            # a new block of the set (whose rollback would undo them).
+            if not block.ended and block.dbset is dbset and block.alias == alias:
                 return block
             block = block.outer
         return None

@@ -663,7 +663,12 @@ class ConnectionSet:
         lane (of any alias)."""
         block = current_block.get()
         while block is not None:
-            if block.dbset is self and block.lane is not self._scheduler.lane0:
+            # (A block already left is around no call: Block.of.)
+            if (
+                not block.ended
+                and block.dbset is self
+                and block.lane is not self._scheduler.lane0
+            ):
                 return True
             block = block.outer
         return False
@@ -694,7 +699,9 @@ class ConnectionSet:
         """True inside a transaction block of this set (of any alias)."""
         block = current_block.get()
         while block is not None:
-            if block.dbset is self:
+            # A block left before the set closed committed or rolled back on
+            # its own: the calls made after it are not in it (Block.of).
+            if not block.ended and block.dbset is self:
                 return True
             block = block.outer
         return False

@@ -123,7 +123,8 @@ class Lane:
             return _NO_ALIASES
         found: set[str] = set()
         while block is not None:
-            if block.lane is not self and block.alias != alias:
+            # (A block already left is around no call: Block.of.)
+            if not block.ended and block.lane is not self and block.alias != alias:
                 found.add(block.alias)
             block = block.outer
         return frozenset(found)

@@ -1085,3 +1085,136 @@ async def test_a_task_started_in_a_block_opens_a_set_after_the_block_ended() -> 
     assert await outcome(4) == stock
     assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
+
+
+@pytest.mark.parametrize(
+    "then", ["new_block_rolls_back", "lanes_returned", "set_closed"]
+)
+async def test_a_task_started_in_a_block_runs_its_calls_outside_it_after_it_ended(
+    then: str,
+) -> None:
+    """A task created inside asgi_dbset.atomic() that makes its calls after
+    the block committed runs them outside it, as stock Django's task does
+    after transaction.atomic ended (autocommit, on the request's connection):
+    they see the commit, and their writes stay - not on the block's old lane,
+    where a new block of the request would hold them in its transaction (and
+    lose them to its rollback), nor on a lane gone back to the pool (a
+    connection left checked out), nor refused as made in a block that
+    outlived its set."""
+
+    def count(prefix: str) -> int:
+        return Author.objects.filter(name__startswith=prefix).count()
+
+    async def later(ended: asyncio.Event, stock: bool, prefix: str) -> list[Any]:
+        await asyncio.wait_for(ended.wait(), 10)
+        if stock:
+            return [
+                await sync_to_async(count)(prefix),
+                await sync_to_async(Author.objects.create)(name=f"{prefix}-task"),
+                await sync_to_async(count)(prefix),
+            ]
+        seen: list[Any] = [
+            await Author.objects.filter(name__startswith=prefix).acount()
+        ]
+        await Author.objects.acreate(name=f"{prefix}-task")
+        seen.append(await Author.objects.aget(name=f"{prefix}-task"))
+        seen.append(await asgi_dbset.sync_to_lane(count)(prefix))
+        seen.append(
+            [a.name async for a in Author.objects.filter(name__startswith=prefix)]
+        )
+        return seen
+
+    def stock_block_that_rolls_back(prefix: str) -> None:
+        with transaction.atomic():
+            Author.objects.create(name=f"{prefix}-block2")
+            raise RollbackRequestedError
+
+    async def outcome(stock: bool) -> tuple[list[Any], list[str]]:
+        ended = asyncio.Event()
+        prefix = "stock" if stock else "lib"
+        async with ThreadSensitiveContext():
+            if stock:
+                block = transaction.atomic()
+                await sync_to_async(block.__enter__)()
+                try:
+                    task = asyncio.create_task(later(ended, True, prefix))
+                    await Author.objects.acreate(name=f"{prefix}-block1")
+                finally:
+                    await sync_to_async(block.__exit__)(None, None, None)
+                ended.set()
+                if then == "new_block_rolls_back":
+                    with contextlib.suppress(RollbackRequestedError):
+                        await sync_to_async(stock_block_that_rolls_back)(prefix)
+                seen = await asyncio.wait_for(task, 20)
+                seen = [seen[0], seen[1].name, seen[2]]
+            else:
+                async with connection_set(parallelism=3, lease_timeout=5.0) as dbset:
+                    # (Extra lanes leased: the block takes one of its own.)
+                    await asyncio.gather(*(sleeping(0.2).acount() for _ in range(3)))
+                    async with asgi_dbset.atomic():
+                        task = asyncio.create_task(later(ended, False, prefix))
+                        await Author.objects.acreate(name=f"{prefix}-block1")
+                    if then == "new_block_rolls_back":
+                        with contextlib.suppress(RollbackRequestedError):
+                            async with asgi_dbset.atomic():
+                                await Author.objects.acreate(name=f"{prefix}-block2")
+                                ended.set()
+                                await asyncio.wait_for(asyncio.shield(task), 20)
+                                raise RollbackRequestedError
+                    elif then == "lanes_returned":
+                        dbset.return_idle_lanes()  # (as after a response)
+                        ended.set()
+                        await asyncio.wait_for(asyncio.shield(task), 20)
+                ended.set()  # set_closed: the task goes on after the request
+                got = await asyncio.wait_for(task, 20)
+                assert got[2] == got[0] + 1
+                seen = [got[0], got[1].name, got[2]]
+                assert got[3] == [f"{prefix}-block1", f"{prefix}-task"]
+            await sync_to_async(connections.close_all)()
+        return seen, [n.replace(prefix, "x") for n in await anames(prefix)]
+
+    stock = await outcome(True)
+    assert stock == ([1, "stock-task", 2], ["x-block1", "x-task"])
+    assert await outcome(False) == (
+        [1, "lib-task", 2],
+        ["x-block1", "x-task"],
+    )
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
+async def test_a_block_entered_by_a_task_after_its_creators_block_ended() -> None:
+    """A task created inside asgi_dbset.atomic() that enters a block of its
+    own after that block ended opens a new block (a lane of its own), not a
+    savepoint on the ended block's lane - a lane no block holds then, whose
+    transaction would take the request's other calls and roll them back with
+    the task's block. Stock Django: the request's other writes stay."""
+
+    async def later(ended: asyncio.Event, inside: asyncio.Event) -> None:
+        await asyncio.wait_for(ended.wait(), 10)
+        with contextlib.suppress(RollbackRequestedError):
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="lib-task")
+                inside.set()
+                await asyncio.sleep(0.3)  # the request's other calls meanwhile
+                raise RollbackRequestedError
+
+    ended, inside = asyncio.Event(), asyncio.Event()
+    async with request_like(parallelism=3):
+        async with asgi_dbset.atomic():
+            task = asyncio.create_task(later(ended, inside))
+            await Author.objects.acreate(name="lib-block1")
+        ended.set()
+        await asyncio.wait_for(inside.wait(), 10)
+        await asyncio.gather(
+            *(Author.objects.acreate(name=f"lib-other{i}") for i in range(3))
+        )
+        await asyncio.wait_for(task, 20)
+    assert await anames("lib") == [
+        "lib-block1",
+        "lib-other0",
+        "lib-other1",
+        "lib-other2",
+    ]
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
