@@ -44,7 +44,7 @@ from .lanes import Lane, with_statement_timeout
 from .records import CallRecord, Recorder
 from .scheduler import Scheduler
 from .snapshots import Snapshot
-from .targets import Target, target_of
+from .targets import Target, pinned, target_of
 from .transactions import EVERY_ALIAS
 from .validation import (
     MAX_LEASE_TIMEOUT,
@@ -536,8 +536,13 @@ class ConnectionSet:
             elif where is None and self._steps_aside():
                 stats.incr("saturated_calls")
                 return await self._run_aside(func, args, kwargs)
+            elif where is not None:
+                target = where
             else:
-                target = where or target_of(func, args, kwargs)
+                target = target_of(func, args, kwargs)
+                if target is not None:
+                    # Django asks the routers no second time, on the lane.
+                    func, kwargs = pinned(func, kwargs, target)
         if target is None:
             if self._record_stock_calls and not self._closed:
                 return await self._run_stock_recorded(func, args, kwargs)

@@ -9,6 +9,7 @@ way Django itself will (routers included) without running any query.
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,6 +253,90 @@ def _generator_alias(gen: types.GeneratorType[Any, None, None]) -> str:
     if isinstance(queryset, QuerySet | RawQuerySet):
         return str(queryset.db)
     return DEFAULT_DB_ALIAS
+
+
+_MISSING = object()
+
+# Model methods whose database Django asks the routers for unless ``using``
+# says it (their a* versions always pass ``using=``, None by default).
+_MODEL_USING = frozenset({"save", "delete", "refresh_from_db"})
+
+
+def _stand_in(owner: Any, alias: str) -> Any:
+    """A copy of the (raw) queryset *owner* pinned to *alias*: its ``db`` is
+    *alias*, not a fresh answer of the routers. (Not ``copy.copy()``: a
+    QuerySet's ``__getstate__`` evaluates it.)"""
+    if isinstance(owner, QuerySet):
+        owner.query  # noqa: B018  (applies a deferred filter once, here)
+    stand_in = object.__new__(type(owner))
+    stand_in.__dict__.update(owner.__dict__)
+    stand_in._db = alias
+    return stand_in
+
+
+def _on_stand_in(func: Any, owner: Any, alias: str) -> Callable[..., Any]:
+    stand_in = _stand_in(owner, alias)
+    method = types.MethodType(func.__func__, stand_in)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            # What the call set on the queryset (its result cache, _for_write)
+            # is set on the caller's, as if it had run there - but not _db.
+            state = owner.__dict__
+            for key, value in stand_in.__dict__.items():
+                if key != "_db" and state.get(key, _MISSING) is not value:
+                    state[key] = value
+
+    call.__name__ = func.__name__  # (the call's records name Django's method)
+    return call
+
+
+def pinned(
+    func: Callable[..., Any], kwargs: dict[str, Any], target: Target
+) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """*func* and *kwargs* run against ``target.alias``, the database the
+    routers named for the call as :func:`target_of` asked them, so that Django
+    does not ask them a second time on the lane's thread: a router whose
+    answer changes from call to call (Django's documented replica router,
+    ``random.choice``) would send the queries of a lane leased for one
+    database to a connection of another, opened on the lane's thread outside
+    the set's budget, outside the lane's blocks and snapshot. Stock Django
+    asks the routers once per call too, with the same hints. Calls whose
+    databases are not one alias the routers named (lane-0 calls, a second
+    database) run as they are."""
+    if not router.routers or target.lane0 or target.scope or target.also:
+        return func, kwargs
+    owner = getattr(func, "__self__", None)
+    if target.cursor is not None:
+        # aiterator(): pin the queryset its iterable will read, before the
+        # generator starts (afterwards it has asked for its database).
+        gen = target.cursor
+        frame = gen.gi_frame
+        if frame is not None and inspect.getgeneratorstate(gen) == inspect.GEN_CREATED:
+            iterable = frame.f_locals.get("self")
+            queryset = getattr(iterable, "queryset", None)
+            if isinstance(queryset, QuerySet | RawQuerySet) and not getattr(
+                queryset, "_db", None
+            ):
+                iterable.queryset = _stand_in(queryset, target.alias)  # type: ignore[union-attr]
+        return func, kwargs
+    if isinstance(owner, QuerySet | RawQuerySet):
+        if getattr(owner, "_db", None) or not isinstance(
+            getattr(func, "__func__", None), types.FunctionType
+        ):
+            return func, kwargs
+        return _on_stand_in(func, owner, target.alias), kwargs
+    if (
+        isinstance(owner, Model)
+        and getattr(func, "__name__", "") in _MODEL_USING
+        and "using" in kwargs
+        and kwargs["using"] is None
+        and kwargs.get("from_queryset") is None
+    ):
+        return func, {**kwargs, "using": target.alias}
+    return func, kwargs
 
 
 def target_of(

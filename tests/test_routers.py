@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
@@ -656,4 +657,177 @@ async def test_objects_saved_one_by_one_are_inside_the_block_of_their_database(
         await author.books.aadd(book, bulk=False)
     assert await sync_to_async(book_owners)() == stock
     assert stock["other"] == [(book.pk, author.pk)]
+    assert budget.total == 0
+
+
+# -- a router whose answer changes from call to call ----------------------------------
+
+
+class RoundRobinRouter:
+    """Django's documented replica router (``random.choice`` of the replicas on
+    every read), answering in turn rather than at random so that runs compare;
+    it keeps every answer it gave."""
+
+    def __init__(self) -> None:
+        self.answers: list[str] = []
+        self._turns = itertools.cycle(["default", "other"])
+
+    def db_for_read(self, model: Any, **hints: Any) -> str:
+        answer = next(self._turns)
+        self.answers.append(answer)
+        return answer
+
+    def db_for_write(self, model: Any, **hints: Any) -> str:
+        return "default"
+
+    def allow_relation(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+
+def served(answers: list[str]) -> list[str]:
+    """The rows the routers' *answers* select: each database's one author."""
+    return sorted("d" if answer == "default" else "o" for answer in answers)
+
+
+async def _first_name(queryset: Any) -> str:
+    names = [author.name async for author in queryset]
+    return str(names[0])
+
+
+async def reads_in_turn() -> list[str]:
+    names = Author.objects.values_list("name", flat=True)
+    return list(
+        await asyncio.gather(
+            *(names.aget() for _ in range(4)),
+            *(Author.objects.values_list("name", flat=True).afirst() for _ in range(4)),
+            *(_first_name(Author.objects.all()) for _ in range(4)),
+        )
+    )
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+async def test_a_router_answering_differently_each_call_is_asked_once_as_on_stock(
+    snapshot: bool,
+) -> None:
+    """Twelve gathered reads, each read where the routers said on the loop - the
+    alias of the lane it runs on - not where a second answer, on the lane's
+    thread, would send it (was: the router asked twice per call; half of a
+    lane's queries went to a connection of the other database that the lane's
+    thread opened, outside the set's budget and the lane's snapshot)."""
+    await Author.objects.using("default").acreate(name="d")
+    await Author.objects.using("other").acreate(name="o")
+    stock_router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock = await reads_in_turn()
+            await sync_to_async(connections.close_all)()
+    assert len(stock_router.answers) == 12
+    assert sorted(stock) == served(stock_router.answers) == ["d"] * 6 + ["o"] * 6
+    before = {alias: checked_out(alias) for alias in ("default", "other")}
+    router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with ThreadSensitiveContext():
+            try:
+                async with connection_set(
+                    parallelism=3, lease_timeout=5.0, snapshot=snapshot
+                ) as dbset:
+                    with_lanes = await reads_in_turn()
+                    # Lane 0 (the request's thread) holds one connection of
+                    # each database at most; the extra lanes, their budget.
+                    lent = {
+                        alias: checked_out(alias) - before[alias] for alias in before
+                    }
+                    held = {alias: budget.held(alias) for alias in before}
+                    aliases = sorted(record.alias for record in dbset.records)
+            finally:
+                await sync_to_async(connections.close_all)()
+    assert with_lanes == stock
+    assert router.answers == stock_router.answers
+    assert aliases == sorted(router.answers)
+    assert len({record.lane for record in dbset.records}) > 1
+    for alias in before:
+        assert lent[alias] <= held[alias] + 1, (lent, held)
+    assert budget.total == 0
+
+
+async def test_a_router_answering_differently_each_call_inside_a_block() -> None:
+    """Inside a block of "other": the reads the router sends to "other" see the
+    block's uncommitted row, the others read "default" outside it - as inside
+    Django's transaction.atomic(using="other"). (Was: a read sent to a lane of
+    "default" asked the router again there, was sent to "other", and refused:
+    "queried 'other' ... outside that block".)"""
+    await Author.objects.using("default").acreate(name="d")
+    await Author.objects.using("other").acreate(name="o")
+
+    def stock_block() -> list[int]:
+        with transaction.atomic(using="other"):
+            Author.objects.using("other").create(name="uncommitted")
+            counts = [Author.objects.count() for _ in range(10)]
+            transaction.set_rollback(True, using="other")
+        return counts
+
+    stock_router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock = await sync_to_async(stock_block)()
+            await sync_to_async(connections.close_all)()
+    assert stock == [1, 2] * 5
+    router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(3):
+            with contextlib.suppress(RollbackRequestedError):
+                async with asgi_dbset.atomic(using="other"):
+                    await Author.objects.using("other").acreate(name="uncommitted")
+                    with_lanes = await asyncio.wait_for(
+                        asyncio.gather(*(Author.objects.acount() for _ in range(10))),
+                        10,
+                    )
+                    raise RollbackRequestedError
+    assert with_lanes == stock
+    assert router.answers == stock_router.answers
+    assert await Author.objects.using("other").acount() == 1
+    assert budget.total == 0
+
+
+async def iterators_and_refreshes() -> tuple[list[list[str]], list[str]]:
+    first = await Author.objects.using("default").aget(name="d")
+    second = await Author.objects.using("default").aget(name="d")
+
+    async def names() -> list[str]:
+        return [author.name async for author in Author.objects.aiterator(1)]
+
+    *iterated, _, _ = await asyncio.gather(
+        *(names() for _ in range(4)),
+        first.arefresh_from_db(),
+        second.arefresh_from_db(),
+    )
+    return iterated, sorted(str(each._state.db) for each in (first, second))
+
+
+async def test_iterators_and_refreshes_ask_a_changing_router_as_often_as_stock() -> (
+    None
+):
+    """aiterator() and arefresh_from_db() with the round-robin router: the
+    routers are asked as many times as on stock Django (aiterator() itself asks
+    once on the loop, its rows once more), and every chunk of an iterator
+    comes from one database (was: 19 answers for stock's 10 - every chunk's
+    call asked again on the loop and on the lane's thread)."""
+    await Author.objects.using("default").acreate(pk=1, name="d")
+    await Author.objects.using("default").acreate(pk=2, name="d2")
+    await Author.objects.using("other").acreate(pk=1, name="o")
+    stock_router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock, stock_refreshed = await iterators_and_refreshes()
+            await sync_to_async(connections.close_all)()
+    assert len(stock_router.answers) == 10
+    assert stock_refreshed == ["default", "other"]
+    router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(3):
+            iterated, refreshed = await asyncio.wait_for(iterators_and_refreshes(), 10)
+    assert len(router.answers) == len(stock_router.answers)
+    assert refreshed == stock_refreshed
+    for rows in stock + iterated:
+        assert rows in (["d", "d2"], ["o"]), (stock, iterated)
     assert budget.total == 0
