@@ -203,6 +203,25 @@ def check_settings(
                     id="asgi_dbset.E009",
                 )
             )
+        if parallel and db.get("AUTOCOMMIT", True) is False:
+            # Without autocommit every connection of the alias is in a
+            # transaction of its own from its first query until the program
+            # commits on the request's thread: a write on an extra lane sits
+            # in the lane's transaction, unseen by the request's queries, and
+            # is rolled back when the lane's connection goes back to the pool.
+            errors.append(
+                Error(
+                    f"Database {alias!r} has AUTOCOMMIT = False: its calls on "
+                    "extra lanes would run in transactions of their own, which "
+                    "the request's transaction.commit() never commits (their "
+                    "writes are rolled back when the lane returns its "
+                    "connection, and the request's queries do not see them).",
+                    hint=f'Keep DATABASES[{alias!r}]["AUTOCOMMIT"] = True (the '
+                    "default) and group writes with transaction.atomic() / "
+                    'asgi_dbset.atomic(), or set ASGI_DBSET["MAX_PARALLELISM"] = 1.',
+                    id="asgi_dbset.E018",
+                )
+            )
         max_size = pool_max_size(alias)
         if _is_positive_int(budget) and max_size is not None and budget >= max_size:
             errors.append(

@@ -265,3 +265,13 @@ def test_the_transaction_pooled_checks_say_what_to_write() -> None:
     assert "DATABASES['default'][\"DISABLE_SERVER_SIDE_CURSORS\"] = True" in str(
         message.hint
     )
+
+
+def test_an_alias_without_autocommit() -> None:
+    # Its writes on extra lanes would sit in the lanes' own transactions, which
+    # the request's transaction.commit() never commits: refused at startup
+    # (tests/test_autocommit_off.py shows what it would lose).
+    assert ids(DATABASES=databases(AUTOCOMMIT=False)) == ["asgi_dbset.E018"]
+    # At parallelism 1 every call runs on the request's connection, as stock.
+    one = {"MAX_PARALLELISM": 1, "DEFAULT_PARALLELISM": 1}
+    assert ids(DATABASES=databases(AUTOCOMMIT=False), ASGI_DBSET=one) == []
