@@ -12,8 +12,10 @@ test database; stock (no set) against gathered calls at parallelism 3.
 from __future__ import annotations
 
 import pytest
+from django.conf import settings
 from psycopg import IsolationLevel
 
+from example_site.dbserver import django_database
 from tests.one_database import run_with_one_database, suite_database
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -101,6 +103,11 @@ print(json.dumps({"stock": stock, "lanes": lanes, "checked_out": checked_out()})
 )
 def test_database_settings_hold_on_extra_lanes(level: IsolationLevel) -> None:
     database = suite_database(min_size=3)
+    # Settings Django applies to the server's own connections: straight to the
+    # server, also in the PgBouncer cell (PgBouncer refuses libpq's `options`
+    # startup parameter, on stock Django as here).
+    server = django_database(settings.DATABASE_URL)
+    database.update(HOST=server["HOST"], PORT=server["PORT"])
     database["OPTIONS"].update(
         isolation_level=int(level),
         options="-c search_path=nowhere,public -c statement_timeout=4321",
