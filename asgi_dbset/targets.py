@@ -261,6 +261,9 @@ _MISSING = object()
 # says it (their a* versions always pass ``using=``, None by default).
 _MODEL_USING = frozenset({"save", "delete", "refresh_from_db"})
 
+# QuerySet methods that clear its result cache once they have written.
+_CLEARS_CACHE = frozenset({"update", "delete"})
+
 
 def _stand_in(owner: Any, alias: str) -> Any:
     """A copy of the (raw) queryset *owner* pinned to *alias*: its ``db`` is
@@ -277,17 +280,26 @@ def _stand_in(owner: Any, alias: str) -> Any:
 def _on_stand_in(func: Any, owner: Any, alias: str) -> Callable[..., Any]:
     stand_in = _stand_in(owner, alias)
     method = types.MethodType(func.__func__, stand_in)
+    before = dict(stand_in.__dict__)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
-            return method(*args, **kwargs)
+            result = method(*args, **kwargs)
         finally:
             # What the call set on the queryset (its result cache, _for_write)
-            # is set on the caller's, as if it had run there - but not _db.
+            # is set on the caller's, as if it had run there - but not _db, and
+            # only what this call changed: a gathered call on the same
+            # queryset may have filled its result cache since the stand-in was
+            # copied, and this one's stale None must not undo it.
             state = owner.__dict__
             for key, value in stand_in.__dict__.items():
-                if key != "_db" and state.get(key, _MISSING) is not value:
+                if key != "_db" and before.get(key, _MISSING) is not value:
                     state[key] = value
+        if func.__name__ in _CLEARS_CACHE:
+            # They end by clearing the result cache (None before and after on
+            # the stand-in, so not copied above): the caller's too, as stock.
+            state["_result_cache"] = None
+        return result
 
     call.__name__ = func.__name__  # (the call's records name Django's method)
     return call
@@ -323,17 +335,31 @@ def pinned(
                 iterable.queryset = _stand_in(queryset, target.alias)  # type: ignore[union-attr]
         return func, kwargs
     if isinstance(owner, QuerySet | RawQuerySet):
-        if getattr(owner, "_db", None) or not isinstance(
-            getattr(func, "__func__", None), types.FunctionType
+        base = QuerySet if isinstance(owner, QuerySet) else RawQuerySet
+        if (
+            getattr(owner, "_db", None)
+            or not isinstance(getattr(func, "__func__", None), types.FunctionType)
+            # A subclass's own db property may not answer _db (nor the
+            # routers): pinned, its calls would go to another database.
+            or type(owner).db is not base.db
         ):
             return func, kwargs
         return _on_stand_in(func, owner, target.alias), kwargs
+    name = getattr(func, "__name__", "")
     if (
         isinstance(owner, Model)
-        and getattr(func, "__name__", "") in _MODEL_USING
+        and name in _MODEL_USING
+        # Django's own method: an override may take using=None as its own
+        # default (save(using=using or "audit")), which an alias would undo.
+        and getattr(func, "__func__", None) is getattr(Model, name)
         and "using" in kwargs
         and kwargs["using"] is None
-        and kwargs.get("from_queryset") is None
+        # refresh_from_db(from_queryset=qs): target_of read qs.db; Django's
+        # using= runs qs.using(alias), which asks the routers no second time.
+        and (
+            kwargs.get("from_queryset") is None
+            or isinstance(kwargs["from_queryset"], QuerySet)
+        )
     ):
         return func, {**kwargs, "using": target.alias}
     return func, kwargs

@@ -31,10 +31,16 @@ import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connections, transaction
 from django.db.models import (
+    Max,
+    Model,
     Prefetch,
+    QuerySet,
+    Value,
     aprefetch_related_objects,
     prefetch_related_objects,
 )
+from django.db.models.expressions import RawSQL
+from django.db.models.functions import Concat
 from django.db.models.signals import post_save
 from django.test import override_settings
 
@@ -830,4 +836,166 @@ async def test_iterators_and_refreshes_ask_a_changing_router_as_often_as_stock()
     assert refreshed == stock_refreshed
     for rows in stock + iterated:
         assert rows in (["d", "d2"], ["o"]), (stock, iterated)
+    assert budget.total == 0
+
+
+# -- what a call on a queryset pinned to the routed alias leaves on it ---------------
+
+# (A read that takes 0.3 s on the server: it ends after a gathered fast one.)
+_SLOW = RawSQL("(SELECT 1 FROM pg_sleep(0.3))", ())
+
+
+async def fetch_beside_a_slow_aggregate() -> tuple[list[str], Any, list[str]]:
+    authors = Author.objects.all()
+
+    async def names() -> list[str]:
+        return [author.name async for author in authors]
+
+    fetched, aggregated = await asyncio.wait_for(
+        asyncio.gather(names(), authors.aaggregate(slow=Max(_SLOW))), 10
+    )
+    # Evaluated, the queryset iterates in async code without a query.
+    return fetched, aggregated, [author.name for author in authors]
+
+
+@override_settings(DATABASE_ROUTERS=[StatelessRouter()])
+async def test_a_gathered_call_keeps_the_result_cache_another_filled() -> None:
+    """A slow aaggregate() gathered with an `async for` over the same queryset:
+    the queryset stays evaluated, as on stock Django. (Was: the aggregate's
+    stand-in, copied before the read filled the cache, set its None back on
+    the queryset when it ended; the next sync iteration queried, in async
+    code: SynchronousOnlyOperation.)"""
+    await Author.objects.acreate(name="d")
+    async with ThreadSensitiveContext():
+        stock = await fetch_beside_a_slow_aggregate()
+        await sync_to_async(connections.close_all)()
+    assert stock == (["d"], {"slow": 1}, ["d"])
+    async with request_with(3) as dbset:
+        assert await fetch_beside_a_slow_aggregate() == stock
+        assert len({record.lane for record in dbset.records}) == 2
+    assert budget.total == 0
+
+
+async def fetch_beside_a_slow_update() -> tuple[list[str], int, list[str]]:
+    authors = Author.objects.all()
+
+    async def names() -> list[str]:
+        return [author.name async for author in authors]
+
+    slow = authors.aupdate(
+        name=Concat(Value("x"), RawSQL("(SELECT '' FROM pg_sleep(0.3))", ()))
+    )
+    fetched, updated = await asyncio.wait_for(asyncio.gather(names(), slow), 10)
+    # The update cleared the cache: the queryset reads the updated row.
+    return fetched, updated, [author.name async for author in authors]
+
+
+@override_settings(DATABASE_ROUTERS=[StatelessRouter()])
+async def test_an_update_clears_the_result_cache_a_gathered_read_filled() -> None:
+    """aupdate() ends by clearing the queryset's result cache, as on stock
+    Django, even one a gathered `async for` filled while it ran (its stand-in's
+    cache was None before and after)."""
+    await Author.objects.acreate(name="d")
+    async with ThreadSensitiveContext():
+        stock = await fetch_beside_a_slow_update()
+        await sync_to_async(connections.close_all)()
+    assert stock == (["d"], 1, ["x"])
+    await Author.objects.aupdate(name="d")
+    async with request_with(3):
+        assert await fetch_beside_a_slow_update() == stock
+    assert budget.total == 0
+
+
+async def refreshes_from_a_queryset() -> list[tuple[str, str]]:
+    first = await Author.objects.using("default").aget(name="d")
+    second = await Author.objects.using("default").aget(name="d")
+    await asyncio.gather(
+        first.arefresh_from_db(from_queryset=Author.objects.all()),
+        second.arefresh_from_db(from_queryset=Author.objects.all()),
+    )
+    return [(author.name, str(author._state.db)) for author in (first, second)]
+
+
+async def test_a_refresh_from_a_queryset_asks_a_changing_router_once_as_on_stock() -> (
+    None
+):
+    """arefresh_from_db(from_queryset=...) with the round-robin router: as many
+    answers as stock, each refresh read where its lane's answer said. (Was:
+    from_queryset was not pinned; its get() asked again on the lane's
+    thread: 4 answers for stock's 2.)"""
+    await Author.objects.using("default").acreate(pk=1, name="d")
+    await Author.objects.using("other").acreate(pk=1, name="o")
+    stock_router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock = await refreshes_from_a_queryset()
+            await sync_to_async(connections.close_all)()
+    assert sorted(stock) == [("d", "default"), ("o", "other")]
+    router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(3) as dbset:
+            refreshed = await asyncio.wait_for(refreshes_from_a_queryset(), 10)
+            aliases = sorted(record.alias for record in dbset.records)
+    assert sorted(refreshed) == sorted(stock)
+    assert router.answers == stock_router.answers
+    assert aliases == ["default", "default", "default", "other"]
+    assert budget.total == 0
+
+
+async def test_an_overridden_save_keeps_its_own_default_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model whose save() reads using=None as "its own database": asave()
+    writes there, as on stock Django. (Was: the set passed save() the routers'
+    alias, and the rows went to "default".)"""
+
+    def save(self: Author, *args: Any, using: str | None = None, **kwargs: Any) -> None:
+        Model.save(self, *args, using=using or "other", **kwargs)
+
+    monkeypatch.setattr(Author, "save", save)
+
+    async def saved() -> dict[str, list[str]]:
+        await asyncio.gather(*(Author(name=f"a{n}").asave() for n in range(3)))
+        return {
+            alias: sorted([a.name async for a in Author.objects.using(alias)])
+            for alias in ("default", "other")
+        }
+
+    with override_settings(DATABASE_ROUTERS=[StatelessRouter()]):
+        async with ThreadSensitiveContext():
+            stock = await saved()
+            await sync_to_async(connections.close_all)()
+        assert stock == {"default": [], "other": ["a0", "a1", "a2"]}
+        await Author.objects.using("other").adelete()
+        async with request_with(3):
+            assert await asyncio.wait_for(saved(), 10) == stock
+    assert budget.total == 0
+
+
+class OtherFirst(QuerySet[Author]):
+    """A queryset whose own db property sends its reads to "other"."""
+
+    @property
+    def db(self) -> str:
+        return str(self._db or "other")
+
+
+@override_settings(DATABASE_ROUTERS=[StatelessRouter()])
+async def test_a_queryset_with_its_own_db_property_reads_where_it_says() -> None:
+    """Stock Django reads where the subclass's db property says ("other"); so
+    does the set. (Was: the set pinned _db to the routers' "default", which the
+    property answers first: every count read "default".)"""
+    await Author.objects.using("other").acreate(name="o")
+
+    async def counts() -> list[int]:
+        return list(
+            await asyncio.gather(*(OtherFirst(Author).acount() for _ in range(3)))
+        )
+
+    async with ThreadSensitiveContext():
+        stock = await counts()
+        await sync_to_async(connections.close_all)()
+    assert stock == [1, 1, 1]
+    async with request_with(3):
+        assert await asyncio.wait_for(counts(), 10) == stock
     assert budget.total == 0
