@@ -382,7 +382,14 @@ def target_of(
                 return _anywhere(alias)
         return Target(alias)
     if isinstance(owner, RawQuerySet):
-        return Target(str(owner.db))
+        alias = str(owner.db)
+        lookups = getattr(owner, "_prefetch_related_lookups", ())
+        if lookups and name in _FETCHES and owner.model is not None:
+            # Its prefetch_related() lookups too, as a QuerySet's above.
+            target = _prefetch_target(owner.model, alias, None, lookups)
+            if target.alias != alias or target.lane0:
+                return _anywhere(alias)
+        return Target(alias)
     if isinstance(owner, Model):
         using = kwargs.get("using")
         if using:

@@ -513,6 +513,55 @@ async def test_a_prefetch_inside_a_block_of_its_related_database_sees_its_rows()
     assert budget.total == 0
 
 
+_RAW_AUTHORS = "SELECT * FROM testapp_author"
+
+
+def stock_raw_prefetch_in_a_block(pk: int) -> list[list[str]]:
+    with contextlib.suppress(RollbackRequestedError):
+        with transaction.atomic(using="other"):
+            Book.objects.create(title="uncommitted", author_id=pk)
+            raw = Author.objects.raw(_RAW_AUTHORS).prefetch_related("books")
+            seen = [sorted(b.title for b in a.books.all()) for a in raw]
+            raise RollbackRequestedError
+    return seen
+
+
+async def raw_prefetch_in_a_block(pk: int) -> list[list[list[str]]]:
+    async def read() -> list[list[str]]:
+        raw = Author.objects.raw(_RAW_AUTHORS).prefetch_related("books")
+        return [sorted(b.title for b in a.books.all()) async for a in raw]
+
+    with contextlib.suppress(RollbackRequestedError):
+        async with asgi_dbset.atomic(using="other"):
+            await Book.objects.acreate(title="uncommitted", author_id=pk)
+            seen = await asyncio.wait_for(
+                asyncio.gather(*(read() for _ in range(3))), 10
+            )
+            raise RollbackRequestedError
+    return list(seen)
+
+
+@override_settings(DATABASE_ROUTERS=[BooksElsewhereRouter()])
+async def test_a_raw_querysets_prefetch_inside_a_block_of_its_related_database() -> (
+    None
+):
+    """raw(...).prefetch_related("books"), authors on "default", books on
+    "other": as a QuerySet's, the prefetch reads inside the block of "other"
+    and sees its uncommitted book, as on stock Django. (Was: a raw queryset's
+    target ignored its prefetch lookups; the call went to a lane of
+    "default", whose prefetch query on "other" was refused.)"""
+    (author,) = await sync_to_async(seed_books_elsewhere)(1)
+    async with ThreadSensitiveContext():
+        stock = await sync_to_async(stock_raw_prefetch_in_a_block)(author.pk)
+        await sync_to_async(connections.close_all)()
+    assert stock == [sorted(["book of author0", "uncommitted"])]
+    async with request_with(3):
+        library = await raw_prefetch_in_a_block(author.pk)
+    assert library == [stock] * 3
+    assert [b.title async for b in Book.objects.filter(title="uncommitted")] == []
+    assert budget.total == 0
+
+
 def stock_prefetch_using_in_a_block(pk: int) -> list[str]:
     with contextlib.suppress(RollbackRequestedError):
         with transaction.atomic(using="other"):
