@@ -196,12 +196,11 @@ def _related_model(model: type[Model], attr: str) -> type[Model] | None:
 
 
 def _prefetch_aliases(
-    model: type[Model], alias: str, first: Model | None, lookups: tuple[Any, ...]
+    model: type[Model], alias: str, lookups: tuple[Any, ...]
 ) -> set[str] | None:
     """The databases Django's ``prefetch_related_objects`` queries for
-    *lookups* on instances of *model* read from *alias* (*first*: the first
-    of them, when known, which Django gives the routers as hint); None when
-    that cannot be told before it runs."""
+    *lookups* on instances of *model* read from *alias*; None when that cannot
+    be told before it runs."""
     found: set[str] = set()
     no_routers = not router.routers
     for lookup in lookups:
@@ -214,7 +213,7 @@ def _prefetch_aliases(
             through = lookup
         else:
             return None
-        current, db, hint = model, alias, first
+        current, db = model, alias
         parts = through.split(LOOKUP_SEP)
         for level, attr in enumerate(parts):
             related = _related_model(current, attr)
@@ -222,23 +221,27 @@ def _prefetch_aliases(
                 return None
             if level == len(parts) - 1 and queryset is not None and queryset._db:
                 db = str(queryset._db)
-            elif hint is not None:
-                # Django's related querysets ask the routers with the first
-                # instance as hint (by default: the database it came from).
-                db = str(router.db_for_read(related, instance=hint))
             elif no_routers:
-                db = db  # (the rows read at the level above: their database)
+                # Django's related querysets ask the routers with the first
+                # instance as hint: without routers, the database it came
+                # from - the rows read at the level above.
+                db = db
             else:
-                return None  # (the routers' hint is a row not read yet)
+                # The routers decide on the thread that runs the call, asked
+                # there again (twice per lookup), and their answer may change
+                # from call to call (a replica router's random.choice): an
+                # answer asked here would lease a lane whose thread then opens
+                # a connection of another database, outside the set's budget.
+                return None
             found.add(db)
-            current, hint = related, None
+            current = related
     return found
 
 
 def _prefetch_target(
-    model: type[Model], alias: str, first: Model | None, lookups: tuple[Any, ...]
+    model: type[Model], alias: str, lookups: tuple[Any, ...]
 ) -> Target:
-    aliases = _prefetch_aliases(model, alias, first, lookups)
+    aliases = _prefetch_aliases(model, alias, lookups)
     if aliases is None or len(aliases) > 1:
         return _anywhere(alias)
     return Target(aliases.pop() if aliases else alias)
@@ -317,10 +320,16 @@ def pinned(
     the set's budget, outside the lane's blocks and snapshot. Stock Django
     asks the routers once per call too, with the same hints. Calls whose
     databases are not one alias the routers named (lane-0 calls, a second
-    database) run as they are."""
-    if not router.routers or target.lane0 or target.scope or target.also:
+    database) run as they are - but a (raw) queryset's own rows are read
+    where the routers named, as on stock, even when its prefetches send the
+    call to lane 0 (their querysets ask the routers there, as on stock)."""
+    if not router.routers or target.also:
         return func, kwargs
     owner = getattr(func, "__self__", None)
+    # A lane-0 call's databases are Django's to decide on lane 0, except a
+    # queryset's own: target.alias is the one answer asked for them, as stock.
+    if (target.lane0 or target.scope) and not isinstance(owner, QuerySet | RawQuerySet):
+        return func, kwargs
     if target.cursor is not None:
         # aiterator(): pin the queryset its iterable will read, before the
         # generator starts (afterwards it has asked for its database).
@@ -377,7 +386,7 @@ def target_of(
         lookups = getattr(owner, "_prefetch_related_lookups", ())
         if lookups and name in _FETCHES:
             # The rows' related querysets go where the routers send them.
-            target = _prefetch_target(owner.model, alias, None, lookups)
+            target = _prefetch_target(owner.model, alias, lookups)
             if target.alias != alias or target.lane0:
                 return _anywhere(alias)
         return Target(alias)
@@ -386,7 +395,7 @@ def target_of(
         lookups = getattr(owner, "_prefetch_related_lookups", ())
         if lookups and name in _FETCHES and owner.model is not None:
             # Its prefetch_related() lookups too, as a QuerySet's above.
-            target = _prefetch_target(owner.model, alias, None, lookups)
+            target = _prefetch_target(owner.model, alias, lookups)
             if target.alias != alias or target.lane0:
                 return _anywhere(alias)
         return Target(alias)
@@ -417,10 +426,11 @@ def target_of(
         first = next(iter(instances), None) if instances else None
         if not isinstance(first, Model):
             return Target(DEFAULT_DB_ALIAS)  # (no query, or Django's own error)
-        # Each lookup's queryset goes where the routers send its model, with
-        # the first instance as hint, or where a Prefetch's queryset says.
+        # Each lookup's queryset goes where a Prefetch's queryset says, else
+        # where the routers send its model with the first instance as hint
+        # (without routers: the database that instance came from).
         alias = str(first._state.db or DEFAULT_DB_ALIAS)
-        return _prefetch_target(type(first), alias, first, args[1:])
+        return _prefetch_target(type(first), alias, args[1:])
     if args and isinstance(args[0], types.GeneratorType):
         return Target(_generator_alias(args[0]), cursor=args[0])
     return None

@@ -605,10 +605,15 @@ async def test_a_prefetch_querysets_database_is_the_one_it_reads() -> None:
 
 @override_settings(DATABASE_ROUTERS=[BooksElsewhereRouter()])
 async def test_gathered_prefetches_run_on_lanes_of_the_related_database() -> None:
+    """A Prefetch whose queryset names its database runs on a lane of it. (A
+    plain "books" lookup runs on lane 0 with routers configured: the routers
+    decide its database on the thread that runs it - see
+    test_prefetches_ask_a_changing_router_as_on_stock_and_only_on_lane_0.)"""
     authors = await sync_to_async(seed_books_elsewhere)(4)
 
     async def titles(author: Author) -> list[str]:
-        await aprefetch_related_objects([author], "books")
+        books = Prefetch("books", queryset=Book.objects.using("other"))
+        await aprefetch_related_objects([author], books)
         return [b.title for b in author.books.all()]
 
     async def listed(author: Author) -> list[str]:
@@ -988,6 +993,74 @@ async def test_a_refresh_from_a_queryset_asks_a_changing_router_once_as_on_stock
     assert sorted(refreshed) == sorted(stock)
     assert router.answers == stock_router.answers
     assert aliases == ["default", "default", "default", "other"]
+    assert budget.total == 0
+
+
+async def gathered_prefetches(how: str) -> list[tuple[str, list[str]]]:
+    """Four gathered prefetches of "books": of authors read from "default"
+    (aprefetch_related_objects), of a queryset's rows, or of aiterator()'s."""
+    if how == "objects":
+        authors = [await Author.objects.using("default").aget(pk=1) for _ in range(4)]
+
+        async def prefetched(author: Author) -> list[tuple[str, list[str]]]:
+            await aprefetch_related_objects([author], "books")
+            return [(author.name, [book.title for book in author.books.all()])]
+
+        found = await asyncio.gather(*(prefetched(a) for a in authors))
+    else:
+
+        async def listed() -> list[tuple[str, list[str]]]:
+            authors = Author.objects.filter(pk=1).prefetch_related("books")
+            rows = authors.aiterator(1) if how == "aiterator" else authors
+            return [(a.name, [b.title for b in a.books.all()]) async for a in rows]
+
+        found = await asyncio.gather(*(listed() for _ in range(4)))
+    return [row for rows in found for row in rows]
+
+
+@pytest.mark.parametrize("how", ["objects", "queryset", "aiterator"])
+async def test_prefetches_ask_a_changing_router_as_on_stock_and_only_on_lane_0(
+    how: str,
+) -> None:
+    """Prefetches with the round-robin router, authors and books under the same
+    keys on both databases: the routers decide each lookup's database on the
+    thread that runs it, asked there as on stock, so the call runs on lane 0
+    (the request's own connections): no lane's thread opens a connection of
+    another database outside the set's budget, and the routers are asked as
+    often as on stock. (Was: aprefetch_related_objects asked the router on the
+    loop, leased a lane of that answer, whose thread asked again and opened a
+    connection of the other database: 12 answers for stock's 8, one author's
+    books read from "other" where stock read "default" for all four; a
+    prefetching queryset asked for its rows twice: 16 answers for stock's 12.)"""
+    for alias in ("default", "other"):
+        author = await Author.objects.using(alias).acreate(pk=1, name=alias[0])
+        await Book.objects.using(alias).acreate(title=f"b{alias[0]}", author=author)
+    stock_router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock = await gathered_prefetches(how)
+            await sync_to_async(connections.close_all)()
+    before = {alias: checked_out(alias) for alias in ("default", "other")}
+    router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(3):
+            library = await asyncio.wait_for(gathered_prefetches(how), 10)
+            lent = {alias: checked_out(alias) - before[alias] for alias in before}
+            held = {alias: budget.held(alias) for alias in before}
+    assert len(router.answers) == len(stock_router.answers)
+    for alias in before:
+        assert lent[alias] <= held[alias] + 1, (lent, held)
+    if how == "objects":
+        assert stock == [("d", ["bd"])] * 4
+        assert library == stock
+        return
+    # Each queryset's rows and each row's books: one database's, where that
+    # call's answer said (lane 0 asks for the books while the loop asks for
+    # the next call's rows: the answers come in another order than on stock).
+    assert len(library) == len(stock) == 4
+    for name, titles in stock + library:
+        assert name in ("d", "o")
+        assert titles in (["bd"], ["bo"])
     assert budget.total == 0
 
 
