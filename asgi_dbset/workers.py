@@ -62,14 +62,19 @@ class Worker(Executor):
             if item is _STOP:
                 return
             future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:  # handed to the waiting coroutine
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # handed to the waiting coroutine
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+                    del result
+            # An idle worker holds nothing of its last job (as the stdlib's
+            # ThreadPoolExecutor drops its work item): the callable - a lane's
+            # call, closing over the request's set, context and block - and
+            # the future with the call's result go now, not at the next job.
+            del item, future, fn, args, kwargs
 
 
 class WorkerPool:

@@ -537,6 +537,40 @@ async def test_a_client_disconnect_inside_a_streams_transaction(
     assert budget.total == 0
 
 
+def _alive(*names: str) -> dict[str, int]:
+    """Objects of the classes *names* that are still alive after a collection."""
+    gc.collect()
+    alive = dict.fromkeys(names, 0)
+    for obj in gc.get_objects():
+        name = type(obj).__name__
+        if name in alive:
+            alive[name] += 1
+    return alive
+
+
+@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous")
+async def test_nothing_of_a_finished_request_stays_alive(
+    django_app: DBSetMiddleware,
+) -> None:
+    """A long-running process keeps no request after it is served: stock
+    Django's threads drop each call they ran, and so must the lanes' worker
+    threads (an idle worker kept its last job - a call closing over the
+    request's set, block and context - until its next one: per idle worker,
+    a closed set with its records and the call's result, for as long as the
+    worker stayed idle)."""
+    names = ("ASGIRequest", "ConnectionSet", "Block")
+    for prefix in ("stock", "lib"):
+        stock = prefix == "stock"
+        app = get_asgi_application() if stock else django_app
+        path = "/stream-sync/" if stock else "/stream-atomic/"
+        for i in range(3):  # (each of the set's lanes runs a last job)
+            outcome = await _outcome(app, path, f"prefix={prefix}{i}", stock=stock)
+            assert outcome[1:4:2] == (None, 0), outcome
+        await asyncio.sleep(0.1)  # (the lanes' threads finish their jobs)
+        assert _alive(*names) == dict.fromkeys(names, 0), prefix
+    assert budget.total == 0
+
+
 # -- Starlette: background tasks and streaming responses -----------------------------
 
 
