@@ -99,7 +99,9 @@ class DBSetMiddleware:
                             send = _with_server_timing(send, dbset)
                         try:
                             await self.app(scope, receive, send)
-                        except Exception:
+                        except BaseException:
+                            # (Cancelled too: the server's shutdown, a timeout
+                            # in front of the app - no request_finished then.)
                             failed = True
                             raise
                         finally:
@@ -111,7 +113,8 @@ class DBSetMiddleware:
                     if failed:
                         # Django's handler returns them with request_finished,
                         # which it does not send when an exception leaves it
-                        # (a streaming body that raised): the request's thread
+                        # (a streaming body that raised, a cancelled request):
+                        # the request's thread
                         # would keep its pooled connection for good. After the
                         # set has stopped the calls still running there (a
                         # sibling of the call that raised), not behind them.

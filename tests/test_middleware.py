@@ -537,6 +537,46 @@ async def test_a_client_disconnect_inside_a_streams_transaction(
     assert budget.total == 0
 
 
+async def _left_by_a_cancelled_request(app: Any, *, stock: bool) -> int:
+    """Pooled connections a request leaves checked out when the server cancels
+    its task while its view's query runs on the request's thread (see
+    :func:`_outcome` for *stock*)."""
+    before = checked_out()
+    async with contextlib.AsyncExitStack() as stack:
+        if stock:
+            await stack.enter_async_context(ThreadSensitiveContext())
+        task = asyncio.create_task(request(app, "/plain/", "sleep=1"))
+        await asyncio.sleep(0.4)  # (its first query is on the server)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 20)
+        await _settled()
+        for _ in range(100):  # (connections go back from the threads)
+            if checked_out() == before:
+                break
+            await asyncio.sleep(0.02)
+        left = checked_out() - before
+        if stock:
+            await sync_to_async(connections.close_all)()
+    return left
+
+
+# Django's handler leaves the request's body file unclosed when it is
+# cancelled, on stock as with the library.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_a_request_the_server_cancels_returns_its_connection(
+    django_app: DBSetMiddleware,
+) -> None:
+    """The server cancels a request's task while its view's query runs (a
+    shutdown, a timeout in front of the app): Django's handler sends no
+    request_finished, so stock's request thread keeps its pooled connection
+    for good; the middleware returns it, once the set has stopped the query."""
+    assert await _left_by_a_cancelled_request(get_asgi_application(), stock=True) == 1
+    assert await _left_by_a_cancelled_request(django_app, stock=False) == 0
+    assert await asyncio.to_thread(idle_in_transaction) == 0
+    assert budget.total == 0
+
+
 def _alive(*names: str) -> dict[str, int]:
     """Objects of the classes *names* that are still alive after a collection."""
     gc.collect()
