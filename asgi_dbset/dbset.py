@@ -736,6 +736,10 @@ class ConnectionSet:
         target = target_of(func, args, kwargs)
         alias = target.alias if target is not None else ""
         record = self.recorder.begin(0, alias, func, time.perf_counter())
+        if target is not None:
+            # The routers were asked for the record's alias: Django asks them
+            # no second time, as stock Django asks them once per call.
+            func, kwargs = pinned(func, kwargs, target)
         started = ended = 0.0
 
         def timed() -> Any:

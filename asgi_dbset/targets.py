@@ -264,6 +264,10 @@ _MISSING = object()
 # says it (their a* versions always pass ``using=``, None by default).
 _MODEL_USING = frozenset({"save", "delete", "refresh_from_db"})
 
+# QuerySet methods that stock Django answers from the rows the queryset has
+# already read, when it has (no query, and no router asked for its database).
+_FROM_CACHE = frozenset({"_fetch_all", "count", "exists", "contains"})
+
 # QuerySet methods that clear its result cache once they have written.
 _CLEARS_CACHE = frozenset({"update", "delete"})
 
@@ -382,6 +386,19 @@ def target_of(
     owner = getattr(func, "__self__", None)
     name = getattr(func, "__name__", "")
     if isinstance(owner, QuerySet):
+        if (
+            name in _FROM_CACHE
+            and getattr(owner, "_result_cache", None) is not None
+            and (
+                not getattr(owner, "_prefetch_related_lookups", ())
+                or getattr(owner, "_prefetch_done", False)
+            )
+        ):
+            # Answered from its result cache: asking the routers for its
+            # database here would ask them once more than stock Django does (a
+            # router whose answer changes per call would answer the next call
+            # otherwise). It runs as stock, querying nothing.
+            return None
         alias = _queryset_alias(owner, name in _WRITES)
         lookups = getattr(owner, "_prefetch_related_lookups", ())
         if lookups and name in _FETCHES:

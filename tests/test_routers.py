@@ -1121,3 +1121,47 @@ async def test_a_queryset_with_its_own_db_property_reads_where_it_says() -> None
     async with request_with(3):
         assert await asyncio.wait_for(counts(), 10) == stock
     assert budget.total == 0
+
+
+async def reads_of_a_read_queryset() -> tuple[list[str], int, bool, bool, list[str]]:
+    """A queryset read once, then counted, tested and iterated again (stock
+    Django answers those from its rows, asking the routers nothing), then
+    two fresh reads."""
+    authors = Author.objects.all()
+    names = [author.name async for author in authors]
+    count = await authors.acount()
+    exists = await authors.aexists()
+    contains = await authors.acontains(await Author.objects.using("default").aget())
+    again = [author.name async for author in authors]
+    fresh = [await _first_name(Author.objects.all()) for _ in range(2)]
+    return names + again, count, exists, contains, fresh
+
+
+@pytest.mark.parametrize("record", [False, True])
+async def test_calls_answered_from_the_result_cache_ask_no_router_as_on_stock(
+    record: bool,
+) -> None:
+    """With the round-robin router: acount(), aexists(), acontains() and a
+    second ``async for`` of a queryset already read ask the routers nothing,
+    as on stock, so the reads after them get the answers stock's get. Was:
+    the set asked the routers for each of them on the loop (5 answers more
+    than stock's), and the fresh reads after read "default" where stock read
+    "other". *record*: a set that records the calls it runs as stock (the
+    middleware's SERVER_TIMING / HISTORY) at parallelism 1 asked the routers
+    for the record, then Django asked them again for each call."""
+    for alias in ("default", "other"):
+        await Author.objects.using(alias).acreate(pk=1, name=alias[0])
+    stock_router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock = await reads_of_a_read_queryset()
+            await sync_to_async(connections.close_all)()
+    router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(1 if record else 3) as dbset:
+            dbset.record_stock_calls = record
+            library = await asyncio.wait_for(reads_of_a_read_queryset(), 10)
+    assert stock == (["d", "d"], 1, True, True, ["o", "d"])
+    assert library == stock
+    assert router.answers == stock_router.answers
+    assert budget.total == 0
