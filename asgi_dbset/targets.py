@@ -9,10 +9,11 @@ way Django itself will (routers included) without running any query.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, router
@@ -57,13 +58,17 @@ class Target:
     many-to-many ``acreate`` whose link table lives apart from its model).
     ``lane0``: the databases the call queries cannot be told before it runs
     (see :func:`_anywhere`): outside a transaction block it runs on lane 0,
-    with the request's own connections, as stock Django runs it."""
+    with the request's own connections, as stock Django runs it.
+    ``routed``: for a lane-0 prefetch, asks the routers (once) which one
+    database its querysets read - used only inside blocks of several
+    databases on different lanes, where the call could not run otherwise."""
 
     alias: str
     cursor: types.GeneratorType[Any, None, None] | None = None
     scope: str | None = None
     also: str | None = None
     lane0: bool = False
+    routed: Callable[[], str | None] | None = field(default=None, compare=False)
 
 
 def _anywhere(alias: str) -> Target:
@@ -245,6 +250,32 @@ def _prefetch_target(
     if aliases is None or len(aliases) > 1:
         return _anywhere(alias)
     return Target(aliases.pop() if aliases else alias)
+
+
+def _routed_alias(first: Model, lookups: tuple[Any, ...]) -> str | None:
+    """The one database the routers name now for the querysets of
+    ``prefetch_related_objects(instances, *lookups)`` (*first*: the first
+    instance, Django's hint), or None: several, or a level below the first
+    (whose hint is a row not read yet)."""
+    found: set[str] = set()
+    for lookup in lookups:
+        queryset = None
+        if isinstance(lookup, Prefetch):
+            through, queryset = lookup.prefetch_through, lookup.queryset
+        elif isinstance(lookup, str):
+            through = lookup
+        else:
+            return None
+        related = _related_model(type(first), through)
+        if related is None or LOOKUP_SEP in through:
+            return None
+        if queryset is not None and queryset._prefetch_related_lookups:
+            return None
+        if queryset is not None and queryset._db:
+            found.add(str(queryset._db))
+        else:
+            found.add(str(router.db_for_read(related, instance=first)))
+    return found.pop() if len(found) == 1 else None
 
 
 def _generator_alias(gen: types.GeneratorType[Any, None, None]) -> str:
@@ -447,7 +478,12 @@ def target_of(
         # where the routers send its model with the first instance as hint
         # (without routers: the database that instance came from).
         alias = str(first._state.db or DEFAULT_DB_ALIAS)
-        return _prefetch_target(type(first), alias, args[1:])
+        target = _prefetch_target(type(first), alias, args[1:])
+        if target.lane0 and router.routers:
+            return replace(
+                target, routed=functools.partial(_routed_alias, first, args[1:])
+            )
+        return target
     if args and isinstance(args[0], types.GeneratorType):
         return Target(_generator_alias(args[0]), cursor=args[0])
     return None

@@ -1165,3 +1165,57 @@ async def test_calls_answered_from_the_result_cache_ask_no_router_as_on_stock(
     assert library == stock
     assert router.answers == stock_router.answers
     assert budget.total == 0
+
+
+def stock_prefetch_in_two_blocks(pk: int) -> list[str]:
+    with contextlib.suppress(RollbackRequestedError):
+        with transaction.atomic(using="default"):
+            with transaction.atomic(using="other"):
+                Book.objects.create(title="uncommitted", author_id=pk)
+                author = Author.objects.get(pk=pk)
+                prefetch_related_objects([author], "books")
+                seen = sorted(b.title for b in author.books.all())
+                raise RollbackRequestedError
+    return seen
+
+
+async def prefetch_in_two_blocks(pk: int) -> tuple[list[str], str]:
+    with contextlib.suppress(RollbackRequestedError):
+        async with asgi_dbset.atomic(using="default"):
+            async with asgi_dbset.atomic(using="other"):
+                await Book.objects.acreate(title="uncommitted", author_id=pk)
+                author = await Author.objects.aget(pk=pk)
+                await aprefetch_related_objects([author], "books")
+                seen = sorted(b.title for b in author.books.all())
+                # A queryset's own rows ("default") and its books ("other")
+                # are in blocks on two lanes: one call cannot be in both.
+                with pytest.raises(transaction.TransactionManagementError) as refused:
+                    [
+                        a
+                        async for a in Author.objects.filter(pk=pk).prefetch_related(
+                            "books"
+                        )
+                    ]
+                raise RollbackRequestedError
+    return seen, str(refused.value)
+
+
+@override_settings(DATABASE_ROUTERS=[BooksElsewhereRouter()])
+async def test_a_prefetch_inside_blocks_of_two_databases_runs_in_its_own() -> None:
+    """Blocks of "default" and "other" (two lanes at parallelism 3), the
+    author's books on "other": stock's prefetch reads them inside the block of
+    "other", uncommitted book included; so does the set's, on that block's
+    lane. (Was: since prefetches with routers run on lane 0, refused with
+    TransactionManagementError.) A prefetching queryset, whose own rows are
+    on "default", stays refused, loudly."""
+    (author,) = await sync_to_async(seed_books_elsewhere)(1)
+    async with ThreadSensitiveContext():
+        stock = await sync_to_async(stock_prefetch_in_two_blocks)(author.pk)
+        await sync_to_async(connections.close_all)()
+    async with request_with(3):
+        library, refused = await asyncio.wait_for(prefetch_in_two_blocks(author.pk), 10)
+    assert stock == sorted(["book of author0", "uncommitted"])
+    assert library == stock
+    assert "several databases" in refused
+    assert [b.title async for b in Book.objects.filter(title="uncommitted")] == []
+    assert budget.total == 0
