@@ -173,6 +173,7 @@ class Lane:
         local_timeout: bool = False,
         scope: str | None = None,
         cursor_call: bool = False,
+        untimed: frozenset[str] = frozenset(),
     ) -> Any:
         """Run ``func(*args, **kwargs)`` as *job* on this lane's thread.
 
@@ -189,7 +190,9 @@ class Lane:
         transaction pooler), the statement timeout holds for the call's own
         transaction only (:func:`run_with_local_timeout`). *scope*: what the
         clearance must clear, if not *alias* (see ``Target.scope``);
-        *cursor_call*: the call runs a chunk of an open cursor.
+        *cursor_call*: the call runs a chunk of an open cursor; *untimed*:
+        databases behind a transaction pooler, whose connections the call
+        opens besides *alias*'s get no session timeout.
         """
         if local_timeout and timeout_ms is not None:
             # (No session setting at all. A call of any alias - sync_to_lane -
@@ -261,6 +264,20 @@ class Lane:
                 for each in refused:
                     refuse = refusals[each.alias](alias, each.alias)
                     each.execute_wrappers.append(refuse)
+                # The timeout bounds every query of the call, not only those of
+                # *alias*: another database's connection (opened by the call
+                # when it first queries it) gets it at its first query, and
+                # loses it when the call ends.
+                timed = (
+                    [w for w in wrappers if w is not wrapper and w.alias not in untimed]
+                    if timeout_ms is not None and len(wrappers) > 1
+                    else ()
+                )
+                if timed:
+                    assert timeout_ms is not None
+                    each_timed = _timed_statements(timeout_ms)
+                    for each in timed:
+                        each.execute_wrappers.append(each_timed)
                 try:
                     if local_ms is not None:
                         return run_with_local_timeout(
@@ -276,6 +293,9 @@ class Lane:
                         ) from exc
                     raise
                 finally:
+                    for each in timed:
+                        each.execute_wrappers.pop()
+                        reset_statement_timeout(each)
                     for each in refused:
                         each.execute_wrappers.pop()
                     for each in wrappers:
@@ -307,6 +327,23 @@ _SNAPSHOT_OF_ANOTHER_SET = (
     "in use, rather than open a connection_set() of its own; or make this set's "
     "calls after the snapshot has ended."
 )
+
+
+def _timed_statements(timeout_ms: int) -> Callable[..., Any]:
+    """An execute wrapper setting the statement timeout on the connection
+    before its query (once per connection: see set_statement_timeout)."""
+
+    def timed(
+        execute: Callable[..., Any],
+        sql: str,
+        params: Any,
+        many: bool,
+        context: dict[str, Any],
+    ) -> Any:
+        set_statement_timeout(context["connection"], timeout_ms)
+        return execute(sql, params, many, context)
+
+    return timed
 
 
 def _outside_block(call_alias: str, alias: str) -> Callable[..., Any]:
@@ -558,6 +595,18 @@ class PooledLane(Lane):
         wrappers: list[BaseDatabaseWrapper],
         timeout_ms: int | None,
     ) -> None:
+        # A connection of a database other than the lane's that the call
+        # opened here (a sync_to_lane function reading two databases, a
+        # receiver) is no lane the budget counts: held until the lane goes
+        # back, lanes holding one pool's connections would wait for another's
+        # that lanes of other requests hold while they wait for the first -
+        # until the pool's timeout. So it goes back when the call ends, unless
+        # a transaction, a snapshot or a statement timeout still lives on it.
+        others = [
+            w for w in wrappers if w.alias != self.alias and w.connection is not None
+        ]
+        if others:
+            _return_all([w for w in others if _between_calls(w)], _return_connection)
         self._wrappers = [w for w in wrappers if w.connection is not None]
         conn = wrapper.connection
         if conn is None or conn.closed or conn.broken:
@@ -813,6 +862,23 @@ def _return_all(
             )
         finally:
             _clear(wrapper)
+
+
+def _between_calls(wrapper: BaseDatabaseWrapper) -> bool:
+    """True when nothing of *wrapper*'s connection outlives the call that
+    used it: no transaction, snapshot or statement timeout (returning it
+    then takes no query and loses nothing the next call could need)."""
+    conn = wrapper.connection
+    return (
+        conn is not None
+        and not conn.closed
+        and not conn.broken
+        and wrapper.autocommit
+        and not wrapper.in_atomic_block
+        and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        and getattr(wrapper, snapshots.MARK, None) is None
+        and getattr(wrapper, _TIMEOUT_ATTR, None) is None
+    )
 
 
 def _put_back(wrapper: BaseDatabaseWrapper) -> None:

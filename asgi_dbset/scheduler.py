@@ -845,6 +845,7 @@ class Scheduler:
                 local_timeout=alias in self.transaction_pooled,
                 scope=call.target.scope,
                 cursor_call=call.target.cursor is not None,
+                untimed=self.transaction_pooled,
             )
         except NotRunError:
             self.recorder.forget(record)

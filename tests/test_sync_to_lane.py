@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
-from django.db import connections, transaction
+from django.conf import settings
+from django.db import OperationalError, connections, transaction
 from rest_framework import serializers
 
 import asgi_dbset
@@ -565,3 +566,127 @@ async def test_a_durable_block_inside_runs_with_a_statement_timeout() -> None:
 
     await body()
     assert await Author.objects.acount() == 2
+
+
+# -- functions that query two databases ------------------------------------------------
+
+
+def first_then_second(first: str, second: str, meet: threading.Barrier) -> int:
+    """A query of *first* (the lane's alias), then, once every call holds its
+    first connection (or the barrier gives up), one of *second*."""
+    seen = Author.objects.using(first).count()
+    try:
+        meet.wait()
+    except threading.BrokenBarrierError:
+        pass  # (fewer lanes than calls: the order no longer matters)
+    return seen + Author.objects.using(second).count()
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+async def test_a_second_database_s_connection_is_not_held_once_the_call_ends() -> None:
+    """Two requests at once, each gathering five functions that read both
+    databases, one starting with `default`, the other with `other`. Stock
+    Django: each request's thread holds one connection of each pool. On
+    lanes, each function opens its second database's connection on the
+    lane's thread, which no budget counts: held by the lane until the set
+    closed, the lanes of one request held every connection of one pool while
+    waiting for the other pool, whose connections the other request's lanes
+    held - until the pool's timeout failed them. Returned when each call
+    ends, they go to the waiting lanes, and both requests finish."""
+
+    async def request(
+        wrap: Callable[..., Any], first: str, second: str, meet: Any
+    ) -> Any:
+        run = wrap(first_then_second)
+        return await asyncio.gather(*[run(first, second, meet) for _ in range(5)])
+
+    async def two_requests(parallelism: int | None) -> Any:
+        meet = threading.Barrier(10, timeout=2.0)
+
+        def wrap(using: str) -> Callable[..., Any]:
+            if parallelism is None:
+                return sync_to_async
+            return lambda f: sync_to_lane(f, using=using)
+
+        return await asyncio.wait_for(
+            asyncio.gather(
+                in_request(
+                    lambda: request(wrap("default"), "default", "other", meet),
+                    parallelism,
+                ),
+                in_request(
+                    lambda: request(wrap("other"), "other", "default", meet),
+                    parallelism,
+                ),
+            ),
+            60,
+        )
+
+    async def rows() -> None:
+        await Author.objects.acreate(name="here")
+        await Author.objects.using("other").acreate(name="there")
+
+    # (In a request, whose connections go back: no thread outside the two
+    # requests holds one.)
+    await in_request(rows, None)
+    stock, took_stock = await timed(two_requests(None))
+    lanes, took = await timed(two_requests(5))
+    assert stock == lanes == [[2] * 5, [2] * 5]
+    assert took < 8, (took, took_stock)
+    assert budget.total == 0
+
+
+def slow_count(alias: str) -> int | str:
+    try:
+        return int(sleeping(2).using(alias).count())
+    except OperationalError as exc:
+        return type(exc.__cause__).__name__
+
+
+def idle_timeouts(alias: str) -> set[str]:
+    """statement_timeout of every idle connection in *alias*'s pool."""
+    pool = connections[alias].pool  # type: ignore[attr-defined]
+    conns = [pool.getconn(5) for _ in range(pool.get_stats()["pool_available"])]
+    try:
+        return {str(c.execute("SHOW statement_timeout").fetchone()[0]) for c in conns}
+    finally:
+        for conn in conns:
+            pool.putconn(conn)
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+async def test_the_statement_timeout_bounds_queries_of_a_second_database() -> None:
+    """A set's statement timeout bounds each query it runs (docs/settings.md):
+    a function on a `default` lane querying `other`, or the reverse, is
+    cancelled there as its query made as an ORM call of the set would be. The
+    connections go back to their pools without it. (Behind a transaction
+    pooler a sync_to_lane function runs untimed, its own transactions
+    unchanged.)"""
+
+    async def body() -> list[Any]:
+        return list(
+            await asyncio.gather(
+                *[sync_to_lane(slow_count)("other") for _ in range(2)],
+                *[sync_to_lane(slow_count, using="other")("default") for _ in range(2)],
+                return_exceptions=True,
+            )
+        )
+
+    async def in_timed_set() -> list[Any]:
+        async with ThreadSensitiveContext():
+            try:
+                async with connection_set(
+                    parallelism=3, statement_timeout=0.2, lease_timeout=5.0
+                ):
+                    return await asyncio.wait_for(body(), 30)
+            finally:
+                await sync_to_async(connections.close_all)()
+
+    results, took = await timed(in_timed_set())
+    if settings.PGBOUNCER is None:
+        assert results == ["QueryCanceled"] * 4, results
+        assert took < 1.5, took
+    else:
+        assert results == [0] * 4, results
+    for alias in ("default", "other"):
+        assert await asyncio.to_thread(idle_timeouts, alias) == {"0"}
