@@ -46,7 +46,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
 from .aio import finish_shielded, open_or_undo
 from .api import active_set, connection_set
-from .context import current_block, current_set
+from .context import blocks_around, current_block, current_set
 from .dbset import ConnectionSet
 from .errors import CallNotRunError
 from .hop import run_as_stock
@@ -92,12 +92,9 @@ class Block:
     def lane_for(self, dbset: ConnectionSet, alias: str) -> Lane | None:
         """The lane a call of *alias* in this set runs on here, if a block of
         this one's chain holds one for that alias."""
-        block: Block | None = self
-        while block is not None:
-            # (A block already left holds no lane: see of().)
-            if not block.ended and block.dbset is dbset and block.alias == alias:
+        for block in blocks_around(self):
+            if block.dbset is dbset and block.alias == alias:
                 return block.lane
-            block = block.outer
         return None
 
     def lane_for_any_alias(
@@ -108,12 +105,9 @@ class Block:
         runs on here: the one lane the blocks of this set in this chain hold.
         Blocks of several databases on different lanes cannot share one call."""
         lanes: list[Lane] = []
-        block: Block | None = self
-        while block is not None:
-            # (A block already left holds no lane: see of().)
-            if not block.ended and block.dbset is dbset and block.lane not in lanes:
+        for block in blocks_around(self):
+            if block.dbset is dbset and block.lane not in lanes:
                 lanes.append(block.lane)
-            block = block.outer
         if len(lanes) > 1 and orm_call:
             raise transaction.TransactionManagementError(
                 "asgi_dbset: this ORM call (a prefetch_related() whose querysets "
@@ -135,16 +129,9 @@ class Block:
 
     def of(self, dbset: ConnectionSet, alias: str) -> Block | None:
         """The block of *alias* in *dbset* around the caller, if any."""
-        block: Block | None = self
-        while block is not None:
-            # A block already left is around no call: a task created inside
-            # it that goes on afterwards still has it in its context, but its
-            # calls run outside it, as stock Django's after the block's commit
-            # - not on its old lane, which may be back in the pool or held by
-            # a new block of the set (whose rollback would undo them).
-            if not block.ended and block.dbset is dbset and block.alias == alias:
+        for block in blocks_around(self):
+            if block.dbset is dbset and block.alias == alias:
                 return block
-            block = block.outer
         return None
 
 

@@ -36,7 +36,7 @@ from django.db import transaction
 from . import routing, stats
 from .aio import finish_shielded
 from .budget import budget
-from .context import current_block, current_set
+from .context import blocks_around, current_block, current_set
 from .cursors import check_cursor
 from .errors import CallNotRunError, SnapshotError
 from .hop import run_as_stock, sync_thread_above
@@ -366,31 +366,27 @@ class ConnectionSet:
         routing.ensure_installed()
         loop = asyncio.get_running_loop()
         key = _lane0_key()
-        block = current_block.get()
-        while block is not None:
-            other = block.dbset
+
+        def shares_request_thread(other: ConnectionSet) -> bool:
+            # (A set of a new request - its own thread - is apart.)
+            return other._loop is loop and other._lane0_key == key
+
+        for block in blocks_around(current_block.get()):
             # A block's transaction is on its set's lane; this set would run
             # the calls made inside it on lanes of its own, outside it (where
-            # stock Django runs them inside): refused, for a set that shares
-            # the block's request thread (a new request's thread is apart).
-            # A block already left is no longer around the calls made here
-            # (a task created inside it that outlived it still sees it).
-            if not block.ended and other._loop is loop and other._lane0_key == key:
+            # stock Django runs them inside): refused.
+            if shares_request_thread(block.dbset):
                 raise transaction.TransactionManagementError(_INSIDE_A_BLOCK)
-            block = block.outer
         around = current_set.get()
         # The set in use here holds a snapshot that this set's calls would not
         # read (some on lanes of its own, live; those on the shared lane 0,
-        # refused by Lane.run): refused at once, for a set that shares its
-        # request thread. A snapshot ended (its block left, its set closed:
-        # scheduler.snapshot is None) or a set on another request thread
-        # (another lane-0 key) is apart.
+        # refused by Lane.run): refused at once. A snapshot ended (its block
+        # left, its set closed: scheduler.snapshot is None) is apart.
         if (
             around is not None
             and around._scheduler.snapshot is not None
             and not around._closed
-            and around._loop is loop
-            and around._lane0_key == key
+            and shares_request_thread(around)
         ):
             raise SnapshotError(_INSIDE_A_SNAPSHOT)
         self._loop = loop
@@ -677,17 +673,11 @@ class ConnectionSet:
     def _in_block_on_extra_lane(self) -> bool:
         """True inside a transaction block of this set that holds an extra
         lane (of any alias)."""
-        block = current_block.get()
-        while block is not None:
-            # (A block already left is around no call: Block.of.)
-            if (
-                not block.ended
-                and block.dbset is self
-                and block.lane is not self._scheduler.lane0
-            ):
-                return True
-            block = block.outer
-        return False
+        lane0 = self._scheduler.lane0
+        return any(
+            block.dbset is self and block.lane is not lane0
+            for block in blocks_around(current_block.get())
+        )
 
     async def run_on_lane(
         self, lane: Lane, alias: str, func: Callable[..., Any], args: tuple[Any, ...]
@@ -713,14 +703,7 @@ class ConnectionSet:
 
     def _block_here(self) -> bool:
         """True inside a transaction block of this set (of any alias)."""
-        block = current_block.get()
-        while block is not None:
-            # A block left before the set closed committed or rolled back on
-            # its own: the calls made after it are not in it (Block.of).
-            if not block.ended and block.dbset is self:
-                return True
-            block = block.outer
-        return False
+        return any(block.dbset is self for block in blocks_around(current_block.get()))
 
     def cancel_abandoned(self, lane: Lane, alias: str) -> None:
         """A block of *alias* on *lane* is left on an exception: cancel the

@@ -29,7 +29,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from . import snapshots, stats
 from .budget import budget
 from .cancellation import Job
-from .context import current_block, current_set
+from .context import blocks_around, current_block, current_set
 from .errors import SnapshotError, SnapshotWriteError
 from .hop import hop, request_thread_executor
 from .snapshots import Snapshot
@@ -121,13 +121,11 @@ class Lane:
         block = current_block.get()
         if block is None:
             return _NO_ALIASES
-        found: set[str] = set()
-        while block is not None:
-            # (A block already left is around no call: Block.of.)
-            if not block.ended and block.lane is not self and block.alias != alias:
-                found.add(block.alias)
-            block = block.outer
-        return frozenset(found)
+        return frozenset(
+            each.alias
+            for each in blocks_around(block)
+            if each.lane is not self and each.alias != alias
+        )
 
     def _request_state_elsewhere(self) -> frozenset[str]:
         """The databases whose queries only the request's own connection may

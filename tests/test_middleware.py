@@ -413,11 +413,7 @@ async def _outcome(
             raised = type(exc).__name__
         await _settled()
         elapsed = loop.time() - started
-        for _ in range(100):  # (connections go back from the lanes' threads)
-            if checked_out() == before:
-                break
-            await asyncio.sleep(0.02)
-        left = checked_out() - before
+        left = await _left_since(before)
         if stock:
             await sync_to_async(connections.close_all)()
     with warnings.catch_warnings():
@@ -426,6 +422,16 @@ async def _outcome(
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
     return chunks, raised, elapsed, left
+
+
+async def _left_since(before: int) -> int:
+    """Pooled connections checked out beyond *before*, once those on their way
+    back (from the lanes' and the request's threads, bounded) are back."""
+    for _ in range(100):
+        if checked_out() == before:
+            break
+        await asyncio.sleep(0.02)
+    return checked_out() - before
 
 
 async def _settled(timeout: float = 10.0) -> None:
@@ -551,11 +557,7 @@ async def _left_by_a_cancelled_request(app: Any, *, stock: bool) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, 20)
         await _settled()
-        for _ in range(100):  # (connections go back from the threads)
-            if checked_out() == before:
-                break
-            await asyncio.sleep(0.02)
-        left = checked_out() - before
+        left = await _left_since(before)
         if stock:
             await sync_to_async(connections.close_all)()
     return left
