@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 from asgiref.sync import async_to_sync, iscoroutinefunction
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
+from . import block_threads
 from .aio import finish_shielded, open_or_undo
 from .api import active_set, connection_set
 from .context import blocks_around, current_block, current_set
@@ -174,7 +175,8 @@ class AsyncAtomic:
         # What each entry made (per task: one instance may be entered by
         # several tasks at once, as a decorator is).
         self._entered: dict[
-            asyncio.Task[Any] | None, list[tuple[Block, Any, ConnectionSet | None]]
+            asyncio.Task[Any] | None,
+            list[tuple[Block, Any, Any, ConnectionSet | None]],
         ] = {}
 
     def __repr__(self) -> str:
@@ -264,7 +266,9 @@ class AsyncAtomic:
             dbset, alias, lane, entered, task, outer, holds_lane=enclosing is None
         )
         token = current_block.set(block)
-        self._entered.setdefault(task, []).append((block, token, own))
+        # Sync code in the block (sync_to_async) runs on the block's lane.
+        threads = block_threads.enter(block)
+        self._entered.setdefault(task, []).append((block, token, threads, own))
 
     async def __aexit__(
         self,
@@ -280,7 +284,7 @@ class AsyncAtomic:
                 "entered it. Enter and leave it in one coroutine (`async with`), "
                 "and await the tasks it starts inside it."
             )
-        block, token, own = stack.pop()
+        block, token, threads, own = stack.pop()
         if not stack:
             del self._entered[task]
         dbset = block.dbset
@@ -305,6 +309,7 @@ class AsyncAtomic:
         finally:
             block.ended = True
             current_block.reset(token)
+            block_threads.leave(threads)
             if block.holds_lane:
                 dbset.close_block(block.lane)
             if own is not None:

@@ -30,7 +30,6 @@ from collections.abc import Awaitable, Callable
 from contextvars import Token
 from typing import Any
 
-from asgiref.sync import SyncToAsync
 from django.db import transaction
 
 from . import routing, stats
@@ -39,7 +38,7 @@ from .budget import budget
 from .context import blocks_around, current_block, current_set
 from .cursors import check_cursor
 from .errors import CallNotRunError, SnapshotError
-from .hop import run_as_stock, sync_thread_above
+from .hop import run_as_stock, sync_thread_above, thread_sensitive_context
 from .lanes import Lane, with_statement_timeout
 from .records import CallRecord, Recorder
 from .scheduler import Scheduler
@@ -97,7 +96,7 @@ def _lane0_key() -> object:
     thread-sensitive context (None: asgiref's thread of the loop). Sets opened
     with the same key share that thread and its connections."""
     outer = sync_thread_above()
-    return outer or SyncToAsync.thread_sensitive_context.get(None)
+    return outer or thread_sensitive_context()
 
 
 class BlockSettings:

@@ -62,6 +62,38 @@ def sync_thread_above() -> Executor | None:
     return getattr(AsyncToSync.executors, "current", None)
 
 
+class BlockContext:
+    """What ``SyncToAsync.thread_sensitive_context`` holds inside an
+    ``asgi_dbset.atomic()`` block on an extra lane: asgiref's key for the
+    executor of thread-sensitive sync code, which runs on the block's lane
+    (see :mod:`.blocks`). The library's own hops to the request's thread see
+    through it to *request_context*, the request's ``ThreadSensitiveContext``.
+    """
+
+    __slots__ = ("__weakref__", "_exited", "request_context")
+
+    def __init__(self, request_context: object) -> None:
+        self.request_context = request_context
+        # (asgiref 3.13 reads it: a context that has exited refuses calls.)
+        self._exited = False
+
+
+def asgiref_context() -> object:
+    """``SyncToAsync.thread_sensitive_context`` as set here: the request's
+    ``ThreadSensitiveContext``, a block's key, or None. (Typed ``object``:
+    asgiref types the variable as its own class, which a key is not.)"""
+    return SyncToAsync.thread_sensitive_context.get(None)
+
+
+def thread_sensitive_context() -> Any:
+    """The request's ``ThreadSensitiveContext`` for calls made here, if any:
+    ``SyncToAsync.thread_sensitive_context``, seen through a block's key."""
+    context = asgiref_context()
+    if type(context) is BlockContext:
+        return context.request_context
+    return context
+
+
 def request_thread_executor(outer: object) -> Executor | None:
     """The executor ``SyncToAsync(thread_sensitive=True)`` would run a call on
     for the current caller: the sync thread above (*outer*,
@@ -77,7 +109,7 @@ def request_thread_executor(outer: object) -> Executor | None:
     """
     if outer:
         return outer  # type: ignore[return-value]
-    context = SyncToAsync.thread_sensitive_context.get(None)
+    context = thread_sensitive_context()
     if context is None or getattr(context, "_exited", False):
         return None
     executors = SyncToAsync.context_to_thread_executor
@@ -120,7 +152,18 @@ async def hop(
     """
     __traceback_hide__ = True  # (Django's debug page skips this frame)
     if executor is None:
-        return await SyncToAsync(entering(context, fn))()
+        key = asgiref_context()
+        if type(key) is not BlockContext:
+            return await SyncToAsync(entering(context, fn))()
+        # Inside a block on an extra lane: asgiref chooses as for the request,
+        # never the block's lane (which would take this call off lane 0).
+        token = SyncToAsync.thread_sensitive_context.set(
+            key.request_context  # type: ignore[arg-type]
+        )
+        try:
+            return await SyncToAsync(entering(context, fn))()
+        finally:
+            SyncToAsync.thread_sensitive_context.reset(token)
     task_context: list[asyncio.Task[Any]] = []
     handling = sys.exc_info()[1]
     # The call's outcome comes back in one callback on the loop, straight into

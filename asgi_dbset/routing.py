@@ -30,7 +30,7 @@ from asgiref.sync import sync_to_async as stock_sync_to_async
 from . import cursors
 from .context import current_set
 from .cursors import check_cursor
-from .hop import run_as_stock
+from .hop import BlockContext, asgiref_context, run_as_stock
 
 #: The modules whose ``sync_to_async`` global is routed.
 MODULES = (
@@ -114,6 +114,9 @@ def request_path_sync_to_async(
         or context is not None
         or executor is not None
         or current_set.get() is None
+        # Inside a block on an extra lane, asgiref runs it on the block's
+        # lane, inside the block's transaction (see .block_threads).
+        or type(asgiref_context()) is BlockContext
     ):
         return _asgirefs(func, thread_sensitive, context, executor)
     # SyncToAsync's own check, kept: an async method given by mistake (an

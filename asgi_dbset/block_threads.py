@@ -1,0 +1,162 @@
+"""Sync code inside ``asgi_dbset.atomic()`` runs on the block's lane.
+
+On stock Django, sync code run inside ``transaction.atomic()`` - a service
+function under ``sync_to_async``, a signal's sync receivers under ``asend()``,
+``acreate_user()`` - runs on the request's thread, inside the transaction that
+thread's connection holds: it sees the block's rows, its writes commit or roll
+back with the block, and it never waits for the block's own row locks. A block
+that holds an extra lane has its transaction on that lane's connection, which
+only the lane's thread may use. So inside it, asgiref's thread-sensitive
+``sync_to_async`` runs the code on the block's lane, after the block's calls
+already handed to it - as the request's one thread would run it after them:
+
+- on entering a block that holds an extra lane, asgiref's thread-sensitive
+  context (``SyncToAsync.thread_sensitive_context``) becomes a
+  :class:`~.hop.BlockContext` whose executor, in asgiref's own map, is
+  :data:`ON_BLOCK_LANES`; on leaving, it is the request's again;
+- asgiref asks that executor to run the code (on the loop, in the caller's
+  context), and it runs it as one call of the set on the lane of the blocks
+  around the caller; no block around it any more (a task that outlived the
+  block), or blocks only on lane 0: on the request's thread, as before;
+  blocks of several databases on different lanes: refused, as one function
+  cannot be inside transactions of two connections;
+- the library's own hops to the request's thread see through the block's key
+  (:func:`~.hop.thread_sensitive_context`): lane 0 stays the request's thread.
+
+Not covered: code under ``async_to_sync`` (a sync view's) - asgiref then runs
+thread-sensitive code on that sync thread before asking any context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, InvalidStateError
+from contextvars import Token
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from asgiref.sync import SyncToAsync
+from django.db import transaction
+
+from .context import blocks_around, current_block, current_set
+from .hop import BlockContext, asgiref_context, request_thread_executor
+
+if TYPE_CHECKING:
+    from .blocks import Block
+
+T = TypeVar("T")
+
+# The tasks running sync code on block lanes (asyncio keeps only weak
+# references to tasks).
+_running: set[asyncio.Future[Any]] = set()
+
+
+class BlockLaneExecutor(Executor):
+    """asgiref's executor for thread-sensitive sync code inside blocks on
+    extra lanes; decides per call, in the caller's context (see the module
+    docstring). One for the process: what it decides comes from the context."""
+
+    def __repr__(self) -> str:
+        return f"<BlockLaneExecutor running={len(_running)}>"
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        dbset = current_set.get()
+        lanes: list[Any] = []
+        inner: Block | None = None
+        for block in blocks_around(current_block.get()):
+            if block.dbset is dbset and block.lane not in lanes:
+                lanes.append(block.lane)
+                inner = inner or block
+        if len(lanes) > 1:
+            raise transaction.TransactionManagementError(
+                "asgi_dbset: sync code (sync_to_async) inside asgi_dbset.atomic() "
+                "blocks of several databases, which run on different connections: "
+                "one function cannot run inside all of them. Call it outside the "
+                "inner block, or split it into one function per database."
+            )
+        if inner is None or inner.lane.index == 0:
+            # No block around the caller any more (a task that outlived it),
+            # or the block is on the request's own connection: the request's
+            # thread, as asgiref would choose without the block.
+            return _request_thread().submit(fn, *args, **kwargs)
+        return _on_lane(inner, fn, args, kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass  # (it owns no thread: the lanes' workers are the set's)
+
+
+#: The executor of every block's key.
+ON_BLOCK_LANES = BlockLaneExecutor()
+
+
+def enter(block: Block) -> Token[Any] | None:
+    """*block* has been entered: if it holds an extra lane, thread-sensitive
+    sync code in its context runs there from now on. Returns what
+    :func:`leave` takes (None: nothing changed)."""
+    if block.lane.index == 0:
+        return None
+    request_context = asgiref_context()
+    if request_context is None or type(request_context) is BlockContext:
+        # No request thread of asgiref's to stand in for (code outside a
+        # request), or a block around this one has set the key already.
+        return None
+    key = BlockContext(request_context)
+    # (asgiref's map holds its keys weakly: the entry goes with the block's
+    # context.)
+    SyncToAsync.context_to_thread_executor[key] = ON_BLOCK_LANES  # type: ignore[index]
+    return SyncToAsync.thread_sensitive_context.set(key)  # type: ignore[arg-type]
+
+
+def leave(token: Token[Any] | None) -> None:
+    """The block :func:`enter` returned *token* for has been left."""
+    if token is not None:
+        SyncToAsync.thread_sensitive_context.reset(token)
+
+
+def _request_thread() -> Executor:
+    executor = request_thread_executor(None)
+    if executor is None:
+        # The request's context has exited: asgiref refuses such a call.
+        raise RuntimeError(
+            "ThreadSensitiveContext has exited. Tasks created inside a context "
+            "with an executor must finish before it exits."
+        )
+    return executor
+
+
+def _on_lane(
+    block: Block, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Future[T]:
+    """Run ``fn(*args, **kwargs)`` as a call of *block*'s set on its lane;
+    the future asgiref waits on has its outcome."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # (its caller gave up before it started, as asgiref's)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the caller through asgiref
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    task = asyncio.ensure_future(
+        block.dbset.run_on_lane(block.lane, block.alias, run, ())
+    )
+    _running.add(task)
+    task.add_done_callback(functools.partial(_ran, future))
+    return future
+
+
+def _ran(future: Future[Any], task: asyncio.Future[Any]) -> None:
+    _running.discard(task)
+    exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+    if exc is None or future.done():
+        return
+    # The lane never ran it (the set closed, the block's lane was lost).
+    try:
+        future.set_exception(exc)
+    except InvalidStateError:  # (cancelled by its caller meanwhile)
+        pass

@@ -1,0 +1,224 @@
+"""Sync code inside ``asgi_dbset.atomic()``: asgiref's ``sync_to_async``, and
+Django's own hops to the request's thread (a signal's sync receivers under
+``asend``), run inside the block's transaction at every parallelism.
+
+On stock Django, sync code run inside ``transaction.atomic()`` is inside its
+transaction: it sees the block's rows, and its writes go with the block's
+commit or rollback. The library keeps that when the block holds an extra lane
+of its own (parallelism above 1) by running such code on the block's lane,
+whose connection holds the transaction. Each pattern is written both ways:
+the stock form (a sync function with ``transaction.atomic()``), and the
+library's at parallelism 4 with the block on an extra lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import transaction
+from django.dispatch import Signal
+
+import asgi_dbset
+from asgi_dbset.context import current_block
+from tests.test_atomic import RollbackRequestedError, anames, names, request_like
+from tests.testapp.models import Author
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+
+
+def on_an_extra_lane() -> bool:
+    block = current_block.get()
+    assert block is not None
+    return block.lane.index != 0
+
+
+# -- a service function inside the block ----------------------------------------
+
+
+def service(prefix: str) -> int:
+    """Sync ORM code: counts the rows it sees, adds one."""
+    seen = Author.objects.filter(name__startswith=prefix).count()
+    Author.objects.create(name=f"{prefix}service{seen}")
+    return seen
+
+
+def stock_order(prefix: str, fail: bool) -> int:
+    with transaction.atomic():
+        Author.objects.create(name=f"{prefix}order")
+        seen = service(prefix)
+        if fail:
+            raise RollbackRequestedError
+    return seen
+
+
+async def library_order(prefix: str, fail: bool) -> tuple[int, bool]:
+    async with asgi_dbset.atomic():
+        await Author.objects.acreate(name=f"{prefix}order")
+        seen = await sync_to_async(service)(prefix)
+        extra = on_an_extra_lane()
+        if fail:
+            raise RollbackRequestedError
+    return seen, extra
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_sync_to_async_inside_a_block_is_inside_its_transaction(
+    fail: bool,
+) -> None:
+    try:
+        stock_seen = await sync_to_async(stock_order)("stock", fail)
+    except RollbackRequestedError:
+        stock_seen = None
+    stock_rows = await anames("stock")
+
+    async with request_like(parallelism=4):
+        try:
+            seen, extra = await library_order("lib", fail)
+        except RollbackRequestedError:
+            seen = None
+            # (Where the block ran is checked on the committing path.)
+            extra = True
+    lib_rows = await anames("lib")
+
+    assert extra, "the block must hold an extra lane for this test to mean anything"
+    assert stock_seen == (None if fail else 1)
+    assert seen == stock_seen
+    assert [r.removeprefix("lib") for r in lib_rows] == [
+        r.removeprefix("stock") for r in stock_rows
+    ]
+    assert lib_rows == ([] if fail else ["liborder", "libservice1"])
+
+
+def lock_then_update(prefix: str) -> int:
+    # The row the block locked: on stock Django this runs inside the block's
+    # transaction, so it does not wait for the lock.
+    return Author.objects.filter(name=f"{prefix}locked").update(name=f"{prefix}done")
+
+
+async def test_gathered_sync_code_inside_a_block_does_not_wait_for_its_locks() -> None:
+    def stock() -> list[int]:
+        with transaction.atomic():
+            Author.objects.select_for_update().get(name="stocklocked")
+            updated = lock_then_update("stock")
+            return [updated, Author.objects.filter(name__startswith="stock").count()]
+
+    await Author.objects.acreate(name="stocklocked")
+    stock_result = await sync_to_async(stock)()
+
+    await Author.objects.acreate(name="liblocked")
+    async with request_like(parallelism=4):
+
+        async def library() -> list[int]:
+            async with asgi_dbset.atomic():
+                await Author.objects.select_for_update().aget(name="liblocked")
+                updated, count = await asyncio.gather(
+                    sync_to_async(lock_then_update)("lib"),
+                    Author.objects.filter(name__startswith="lib").acount(),
+                )
+                assert on_an_extra_lane()
+                return [updated, count]
+
+        # (Before, the update waited on the request's connection for the
+        # block's row lock, and the block for the update: for ever.)
+        lib_result = await asyncio.wait_for(library(), 5)
+
+    assert stock_result == [1, 1]
+    assert lib_result == stock_result
+    assert await anames("lib") == ["libdone"]
+
+
+# -- Django's own hops: a signal's sync receivers ---------------------------------
+
+order_placed = Signal()
+
+
+def write_audit(sender: Any, prefix: str, **kwargs: Any) -> None:
+    Author.objects.create(name=f"{prefix}audit")
+
+
+async def test_a_signals_sync_receiver_under_asend_is_inside_the_block() -> None:
+    order_placed.connect(write_audit)
+    try:
+
+        def stock() -> None:
+            with transaction.atomic():
+                Author.objects.create(name="stockorder")
+                order_placed.send(sender=None, prefix="stock")
+                raise RollbackRequestedError
+
+        with pytest.raises(RollbackRequestedError):
+            await sync_to_async(stock)()
+
+        async def library() -> None:
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="liborder")
+                await order_placed.asend(sender=None, prefix="lib")
+                assert on_an_extra_lane()
+                raise RollbackRequestedError
+
+        async with request_like(parallelism=4):
+            with pytest.raises(RollbackRequestedError):
+                await library()
+    finally:
+        order_placed.disconnect(write_audit)
+
+    assert await anames("stock") == []
+    assert await anames("lib") == []
+
+
+# -- what cannot be inside the block ---------------------------------------------
+
+
+async def test_sync_code_of_a_task_that_outlives_the_block_runs_outside_it() -> None:
+    go_on = asyncio.Event()
+
+    async def later() -> list[str]:
+        await go_on.wait()
+        return await sync_to_async(names)("lib")
+
+    async with request_like(parallelism=4):
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="lib1")
+            task = asyncio.create_task(later())
+            assert on_an_extra_lane()
+        go_on.set()
+        # After the commit, on the request's thread, as on stock Django.
+        assert await asyncio.wait_for(task, 10) == ["lib1"]
+
+
+async def test_sync_code_inside_blocks_of_two_databases_on_two_lanes_is_refused() -> (
+    None
+):
+    async with request_like(parallelism=4):
+        async with asgi_dbset.atomic():
+            async with asgi_dbset.atomic(using="other"):
+                block = current_block.get()
+                assert block is not None
+                assert block.outer is not None
+                assert block.lane is not block.outer.lane
+                assert block.lane.index != 0
+                assert block.outer.lane.index != 0
+                with pytest.raises(
+                    transaction.TransactionManagementError,
+                    match="several databases",
+                ):
+                    await sync_to_async(names)("lib")
+
+
+async def test_at_parallelism_1_sync_code_is_on_the_requests_connection_as_before() -> (
+    None
+):
+    async def library() -> None:
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="lib1")
+            assert not on_an_extra_lane()
+            assert await sync_to_async(names)("lib") == ["lib1"]
+            raise RollbackRequestedError
+
+    async with request_like(parallelism=1):
+        with pytest.raises(RollbackRequestedError):
+            await library()
+    assert await anames("lib") == []
