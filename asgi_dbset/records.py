@@ -47,13 +47,13 @@ class Recorder:
     def begin(
         self, lane: int, alias: str, func: Callable[..., Any], queued: float
     ) -> CallRecord:
-        """Count a call handed to a lane now (its start is taken again when its
-        thread starts it: see :meth:`end`)."""
+        """Count a call handed to a lane now in the set's figures (its start
+        is taken again when its thread starts it, and the process-wide count
+        is taken when it ends: see :meth:`end`)."""
         record = CallRecord(
             lane, alias, getattr(func, "__name__", "?"), queued, time.perf_counter()
         )
         self.calls += 1
-        stats.incr("calls")
         if len(self.records) < MAX_RECORDS:
             self.records.append(record)
         return record
@@ -63,6 +63,11 @@ class Recorder:
         and ended it (0.0 if it did not: then it ends now). Its wait is
         counted here, once."""
         record.ended = ended or time.perf_counter()
+        # Counted once it is over, never at begin(): a call begun, then
+        # forgotten (its lease refused) and begun again on lane 0 would take
+        # the process-wide counter - an OpenTelemetry counter, which must
+        # never go down - one down and up again.
+        stats.incr("calls")
         if started:
             record.started = started
         self.wait_time += max(record.started - record.queued, 0.0)
@@ -72,7 +77,6 @@ class Recorder:
         0's report kept it off its lane): it is queued again and counted when
         it runs."""
         self.calls -= 1
-        stats.incr("calls", -1)
         for i, kept in enumerate(self.records):
             if kept is record:  # (by identity: two records may be equal)
                 del self.records[i]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +15,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from asgi_dbset import connection_set, get_pool_stats, get_stats
 from asgi_dbset.budget import budget
-from asgi_dbset.opentelemetry import instrument, instrumented, uninstrument
+from asgi_dbset.opentelemetry import _LIBRARY, instrument, instrumented, uninstrument
 from tests.helpers import sleeping, take_every_pooled_connection
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
@@ -154,6 +155,60 @@ async def test_refused_leases_count_as_pool_timeouts(
     (refused,) = metrics["asgi_dbset.leases.refused"].data.data_points
     assert refused.value == get_stats()["lease_failures"] >= 1
     await asyncio.sleep(0.05)  # the refusal's back-off
+
+
+# The library's counters, exported as OpenTelemetry counters: monotonic.
+COUNTERS = [
+    name
+    for name, key, _, _ in _LIBRARY
+    if key not in ("lanes_open", "sets_open")  # (the two up-down counters)
+]
+
+
+async def _refused_lease_gather() -> list[int]:
+    """Two gathered counts while the pool has no connection to lend: the
+    second call's extra lane is refused and the call runs after the first on
+    lane 0 (with the library), or on the shared thread (stock)."""
+    pool, held = await take_every_pooled_connection()
+    try:
+        return list(await asyncio.gather(sleeping(0.4).acount(), sleeping(0).acount()))
+    finally:
+        for conn in held:
+            pool.putconn(conn)
+
+
+async def test_the_librarys_counters_never_go_down(
+    reader: InMemoryMetricReader,
+) -> None:
+    """A call whose extra lane is refused queues again for lane 0: it must
+    not be counted out meanwhile. A counter that goes down between two
+    collections is a counter reset to Prometheus (rate() and increase() add
+    its whole value again) and a negative delta to a delta exporter."""
+    stock = await _refused_lease_gather()
+    seen: dict[str, list[float]] = {name: [] for name in COUNTERS}
+
+    async def sample() -> None:
+        while True:
+            metrics = collect(reader)
+            for name in COUNTERS:
+                (point,) = metrics[name].data.data_points
+                seen[name].append(point.value)
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        async with connection_set(parallelism=2, lease_timeout=0.1):
+            library = await _refused_lease_gather()
+    finally:
+        sampler.cancel()
+    await asyncio.sleep(0.05)  # the refusal's back-off
+    assert library == stock == [0, 0]
+    assert get_stats()["lease_failures"] >= 1  # (the pattern happened)
+    for name, values in seen.items():
+        drops = [(a, b) for a, b in itertools.pairwise(values) if b < a]
+        assert not drops, f"{name} went down: {drops} in {values}"
+    (calls,) = collect(reader)["asgi_dbset.calls"].data.data_points
+    assert calls.value == get_stats()["calls"]
 
 
 async def test_uninstrument_stops_the_metrics() -> None:
