@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connections
+from django.db.models import QuerySet
 from opentelemetry.sdk.metrics import ExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from asgi_dbset import connection_set, get_pool_stats, get_stats
 from asgi_dbset.budget import budget
@@ -257,3 +262,63 @@ async def test_a_failing_metrics_pipeline_never_fails_a_request_or_keeps_a_conne
     assert len({record.lane for record in dbset.records}) == 3
     # (The suite's leak check then finds every connection back in its pool.)
     assert budget.total == 0
+
+
+class TracedQuerySet(QuerySet[Any]):
+    """A queryset whose count() opens a span on the thread that runs it, as
+    an instrumentation of the database driver does for each query."""
+
+    def count(self) -> int:
+        with TRACER.start_as_current_span("count"):
+            THREADS.add(threading.get_ident())
+            return super().count()
+
+
+SPANS = InMemorySpanExporter()
+_TRACER_PROVIDER = TracerProvider()
+_TRACER_PROVIDER.add_span_processor(SimpleSpanProcessor(SPANS))
+TRACER = _TRACER_PROVIDER.get_tracer("tests")
+THREADS: set[int] = set()
+
+
+async def _traced_counts(parallelism: int | None) -> tuple[list[int], Any, list[Any]]:
+    """Three gathered counts inside a request's span: their results, the
+    request's span and the counts' spans."""
+    SPANS.clear()
+    THREADS.clear()
+    querysets = [sleeping(0.1), sleeping(0.1), sleeping(0.1)]
+    for queryset in querysets:
+        queryset.__class__ = TracedQuerySet
+    async with ThreadSensitiveContext():
+        with TRACER.start_as_current_span("request") as request_span:
+            if parallelism is None:
+                counts = await asyncio.gather(*(qs.acount() for qs in querysets))
+            else:
+                async with connection_set(parallelism=parallelism, lease_timeout=5.0):
+                    counts = await asyncio.gather(*(qs.acount() for qs in querysets))
+        await sync_to_async(connections.close_all)()
+    return (
+        list(counts),
+        request_span,
+        [span for span in SPANS.get_finished_spans() if span.name == "count"],
+    )
+
+
+async def test_spans_on_lanes_are_children_of_the_requests_span() -> None:
+    """A call runs on a lane's thread in a copy of its caller's context: the
+    span an instrumentation opens there has the request's span as parent, as
+    on stock Django's one thread."""
+    stock, stock_request, stock_spans = await _traced_counts(None)
+    assert len(THREADS) == 1
+    library, library_request, library_spans = await _traced_counts(3)
+    assert len(THREADS) == 3  # (three lanes, three threads)
+    assert library == stock == [0, 0, 0]
+    for request_span, spans in (
+        (stock_request, stock_spans),
+        (library_request, library_spans),
+    ):
+        assert len(spans) == 3
+        for span in spans:
+            assert span.parent is not None
+            assert span.parent.span_id == request_span.get_span_context().span_id
+            assert span.context.trace_id == request_span.get_span_context().trace_id
