@@ -201,7 +201,8 @@ def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
 
     Idempotent; :func:`uninstrument` stops them. Pools that exist now are
     timed at once, pools Django creates later from the next collection on
-    (``DBSetMiddleware`` opens every pool at startup, so with it, all are).
+    (``DBSetMiddleware`` opens every pool at startup when the server sends
+    lifespan events, so with it, all are; daphne sends none).
     """
     global _active, _global_made
     with _lock:
