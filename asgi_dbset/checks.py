@@ -7,6 +7,7 @@ so a bad configuration stops the server before it serves a request.
 from __future__ import annotations
 
 import difflib
+import inspect
 import threading
 import types
 from collections.abc import Iterator, Sequence
@@ -275,31 +276,130 @@ def _check_pool(alias: str, pool: object) -> CheckMessage | None:
     pool, at the first query - checked here, so they fail at startup."""
     where = f'DATABASES[{alias!r}]["OPTIONS"]["pool"]'
     example = '{"min_size": 4, "max_size": 20}'
+    sizes_hint = (
+        f"For example {where} = {example} (max_size at least min_size, "
+        "which defaults to 4), or True for psycopg_pool's defaults."
+    )
     if pool is True:
         return None
     if not isinstance(pool, dict):
         problem = f"must be True or a dict of psycopg_pool.ConnectionPool arguments, not {pool!r}"
-    else:
-        min_size = pool.get("min_size", POOL_MIN_SIZE)
-        max_size = pool.get("max_size")
-        sizes = (min_size,) if max_size is None else (min_size, max_size)
-        if not all(_is_whole(size) for size in sizes):
-            problem = (
-                "needs whole numbers for min_size and max_size, not "
-                f"min_size={min_size!r}, max_size={max_size!r}"
+        return _pool_error(where, problem, sizes_hint)
+    # Django passes these arguments to ConnectionPool itself: given again
+    # here, the pool's creation fails ("got multiple values for keyword
+    # argument") at the first query.
+    for key, hint in _django_pool_arguments(alias).items():
+        if key in pool:
+            problem = f"has {key!r}, which Django passes to the pool itself"
+            return _pool_error(where, problem, f"Remove {key!r}: {hint}")
+    known = _pool_parameters()
+    for key in pool:
+        if known is not None and key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            problem = f"has {key!r}, which is no psycopg_pool.ConnectionPool argument"
+            hint = (
+                f"Did you mean {close[0]!r}?"
+                if close
+                else f"Its arguments are: {', '.join(sorted(known))}."
             )
-        elif min_size < 0:
-            problem = f"has min_size {min_size}; it cannot be negative"
-        elif max_size is not None and max_size < min_size:
-            problem = f"has max_size {max_size} below its min_size {min_size}"
-        elif (min_size if max_size is None else max_size) == 0:
-            problem = "has max_size 0: it would have no connection"
-        else:
-            return None
+            return _pool_error(where, problem, hint)
+    min_size = pool.get("min_size", POOL_MIN_SIZE)
+    max_size = pool.get("max_size")
+    sizes = (min_size,) if max_size is None else (min_size, max_size)
+    if not all(_is_whole(size) for size in sizes):
+        problem = (
+            "needs whole numbers for min_size and max_size, not "
+            f"min_size={min_size!r}, max_size={max_size!r}"
+        )
+    elif min_size < 0:
+        problem = f"has min_size {min_size}; it cannot be negative"
+    elif max_size is not None and max_size < min_size:
+        problem = f"has max_size {max_size} below its min_size {min_size}"
+    elif (min_size if max_size is None else max_size) == 0:
+        problem = "has max_size 0: it would have no connection"
+    else:
+        return _check_pool_numbers(where, pool)
+    return _pool_error(where, problem, sizes_hint)
+
+
+def _check_pool_numbers(where: str, pool: dict[Any, Any]) -> CheckMessage | None:
+    """E017 for the pool's other numbers: psycopg_pool refuses num_workers
+    below 1 when the pool is made; a timeout that is no number fails every
+    getconn(), and a lifetime that is no number every connection the pool's
+    workers open (each getconn() then waits the pool's whole timeout)."""
+    workers = pool.get("num_workers", 3)
+    if not _is_whole(workers) or workers < 1:
+        problem = (
+            f"has num_workers {workers!r}; it must be a whole number of at least 1"
+        )
+        return _pool_error(
+            where, problem, 'For example "num_workers": 3 (the default).'
+        )
+    for key in _POOL_SECONDS:
+        value = pool.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problem = f"has {key} {value!r}; it must be a number of seconds"
+            return _pool_error(
+                where, problem, f'For example "{key}": {_POOL_SECONDS[key]}.'
+            )
+    waiting = pool.get("max_waiting", 0)
+    if not _is_whole(waiting):
+        problem = f"has max_waiting {waiting!r}; it must be a whole number"
+        return _pool_error(
+            where, problem, "0 (the default) lets any number of requests wait."
+        )
+    return None
+
+
+# psycopg_pool.ConnectionPool's arguments in seconds, with their defaults.
+_POOL_SECONDS = {
+    "timeout": 30.0,
+    "max_lifetime": 3600.0,
+    "max_idle": 600.0,
+    "reconnect_timeout": 300.0,
+}
+
+
+def _django_pool_arguments(alias: str) -> dict[str, str]:
+    """The ConnectionPool arguments Django's backend passes itself, each with
+    what to write instead."""
+    import django
+
+    arguments = {
+        "kwargs": f"the connection's parameters go in DATABASES[{alias!r}] "
+        '(NAME, USER, HOST, ...) and its "OPTIONS".',
+        "open": "Django opens the pool itself, at the first query (DBSetMiddleware "
+        "at startup, when the server sends lifespan events).",
+        "configure": "Django configures every new connection itself (its time zone, "
+        f'OPTIONS["assume_role"]); for a session setting write DATABASES[{alias!r}]'
+        '["OPTIONS"]["options"] = "-c name=value".',
+    }
+    if django.VERSION < (6, 1):
+        # (Django 6.1 takes a check of the pool options over its own:
+        # ticket 37075.)
+        arguments["check"] = (
+            f'DATABASES[{alias!r}]["CONN_HEALTH_CHECKS"] = True makes Django pass '
+            "check=ConnectionPool.check_connection (Django 6.1 also takes a check "
+            "of your own here)."
+        )
+    return arguments
+
+
+def _pool_parameters() -> frozenset[str] | None:
+    """The keyword arguments of psycopg_pool.ConnectionPool (None when
+    psycopg_pool is missing: Django says so at the first query)."""
+    try:
+        from psycopg_pool import ConnectionPool
+    except ImportError:
+        return None
+    parameters = inspect.signature(ConnectionPool.__init__).parameters
+    return frozenset(name for name in parameters if name != "self")
+
+
+def _pool_error(where: str, problem: str, hint: str) -> CheckMessage:
     return Error(
         f"{where} {problem}; psycopg_pool refuses it at the first query.",
-        hint=f"For example {where} = {example} (max_size at least min_size, "
-        "which defaults to 4), or True for psycopg_pool's defaults.",
+        hint=hint,
         id="asgi_dbset.E017",
     )
 

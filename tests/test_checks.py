@@ -8,12 +8,16 @@ import sys
 import warnings
 from typing import Any
 
+import psycopg
 import pytest
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.db import connections
+from django.db.backends.postgresql.base import DatabaseWrapper
 from django.test import override_settings
+from psycopg_pool import ConnectionPool
 
 from asgi_dbset import DBSetMiddleware
 from asgi_dbset.budget import budget
@@ -275,3 +279,89 @@ def test_an_alias_without_autocommit() -> None:
     # At parallelism 1 every call runs on the request's connection, as stock.
     one = {"MAX_PARALLELISM": 1, "DEFAULT_PARALLELISM": 1}
     assert ids(DATABASES=databases(AUTOCOMMIT=False), ASGI_DBSET=one) == []
+
+
+def _reset_nothing(conn: psycopg.Connection[Any]) -> None:
+    """A pool ``reset`` callback (psycopg_pool calls it as a connection comes back)."""
+
+
+# Pool options as users write them, each either refused by the checks or
+# taken by Django's backend at the first query; the test below finds which.
+POOL_OPTIONS_AT_THE_FIRST_QUERY = [
+    {"min_size": 0, "max_size": 4},
+    {
+        "min_size": 1,
+        "max_size": 4,
+        "timeout": 5,
+        "max_waiting": 10,
+        "max_lifetime": 60,
+        "max_idle": 30.5,
+        "reconnect_timeout": 10,
+        "num_workers": 1,
+        "name": "e017",
+        "reset": _reset_nothing,
+        "close_returns": False,
+        "connection_class": psycopg.Connection,
+    },
+    {"check": ConnectionPool.check_connection},  # Django 6.1 takes it, 5.2 does not
+    {"configure": _reset_nothing},
+    {"kwargs": {"application_name": "x"}},
+    {"open": True},
+    {"max_sise": 8},
+    {"num_workers": 0},
+    {"timeout": "5"},
+    {"max_lifetime": None},
+]
+
+
+# A small pool that never waits long, under each case's options.
+PROBE_POOL = {"min_size": 0, "max_size": 2, "timeout": 2}
+
+
+def _first_query(pool: dict[str, Any]) -> str | None:
+    """Make a pool with *pool* options as Django's backend does at a
+    database's first query, and run it; None if it worked, else the error."""
+    settings_dict = copy.deepcopy(connections["default"].settings_dict)
+    # (A pool of its own, made and dropped here.)
+    settings_dict["OPTIONS"]["pool"] = {**PROBE_POOL, **pool}
+    wrapper = DatabaseWrapper(settings_dict, alias="e017_probe")
+    try:
+        with wrapper.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        made = DatabaseWrapper._connection_pools.pop("e017_probe", None)
+        if made is not None:
+            if wrapper.connection is not None:
+                made.putconn(wrapper.connection)
+                wrapper.connection = None
+            made.close(timeout=1.0)
+    return None
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("pool", POOL_OPTIONS_AT_THE_FIRST_QUERY, ids=repr)
+def test_pool_options_are_refused_at_startup_exactly_when_djangos_first_query_fails(
+    pool: dict[str, Any],
+) -> None:
+    # Stock Django makes the pool (and refuses its options) at the first
+    # query; the checks must refuse at startup what fails there, and nothing
+    # else.
+    failure = _first_query(pool)
+    found = ids(DATABASES=databases(pool={**PROBE_POOL, **pool}))
+    assert found == (["asgi_dbset.E017"] if failure else []), failure
+
+
+def test_a_pool_argument_django_passes_itself_says_what_to_write() -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Overriding setting", UserWarning)
+        with override_settings(DATABASES=databases(pool={"configure": print})):
+            (message,) = check_settings()
+    assert "'configure', which Django passes to the pool itself" in message.msg
+    assert '["options"] = "-c name=value"' in str(message.hint)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Overriding setting", UserWarning)
+        with override_settings(DATABASES=databases(pool={"max_sise": 8})):
+            (message,) = check_settings()
+    assert message.hint == "Did you mean 'max_size'?"
