@@ -301,10 +301,14 @@ class AsyncAtomic:
             # lane is free only afterwards, even if this task is cancelled.
             await finish_shielded(dbset.run_on_lane(block.lane, block.alias, leave, ()))
         except CallNotRunError:
-            # The set closed first (a task that outlived its request) and
-            # rolled the block back: leaving on an exception goes on with it;
-            # leaving normally raises, as the block could not commit.
-            if exc is None or not dbset.closed:
+            # The block's transaction is gone already: the set closed first
+            # (a task that outlived its request) and rolled it back, or the
+            # block's connection died (the server ended the transaction with
+            # it; its lane is broken). Leaving on an exception goes on with
+            # that exception, as Django's atomic() does when its rollback
+            # fails on a dead connection; leaving normally raises, as the
+            # block could not commit.
+            if exc is None or not (dbset.closed or block.lane.broken):
                 raise
         finally:
             block.ended = True
