@@ -252,6 +252,29 @@ def check_settings(
                     id="asgi_dbset.W004",
                 )
             )
+        waiting = pool.get("max_waiting", 0) if isinstance(pool, dict) else 0
+        if parallel and waiting and max_size is not None and max_size >= 2:
+            # The pool refuses a getconn() at once when max_waiting others
+            # wait; the connections extra lanes hold are ones requests'
+            # own would have had on stock Django, so requests queue sooner
+            # and a request stock Django serves may be refused. The library
+            # cannot keep stock's outcome there: it says so at startup.
+            errors.append(
+                Warning(
+                    f"The pool of database {alias!r} has max_waiting {waiting}: it "
+                    "refuses a request's connection at once (psycopg_pool."
+                    "TooManyRequests, an OperationalError) while that many "
+                    "requests wait. Extra lanes hold connections requests would "
+                    "have had on stock Django, so under load requests wait sooner, "
+                    "and some that stock Django serves are refused.",
+                    hint=f'Leave DATABASES[{alias!r}]["OPTIONS"]["pool"]["max_waiting"] '
+                    "at 0 (requests then wait up to the pool's timeout, a wait the "
+                    "lanes shorten as they go back), or set "
+                    'ASGI_DBSET["MAX_PARALLELISM"] = 1. To accept it: '
+                    'SILENCED_SYSTEM_CHECKS = ["asgi_dbset.W006"].',
+                    id="asgi_dbset.W006",
+                )
+            )
     return errors
 
 
