@@ -82,3 +82,99 @@ def test_max_waiting_refuses_requests_stock_django_serves_and_the_checks_say_so(
     assert figures["lanes"] == ["ok"] * 3 + ["OperationalError: TooManyRequests"]
     assert figures["checks"] == ["asgi_dbset.W006"]
     assert figures["checked_out"] == 0
+
+
+EXPIRING = """
+import asyncio
+import threading
+import time
+
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.db import connections
+
+from asgi_dbset import connection_set, get_stats
+from tests.helpers import checked_out, sleeping
+from tests.testapp.models import Author
+
+resets = []
+
+
+def reset(conn):
+    resets.append(threading.current_thread().name)
+
+
+# (A callable: not in the JSON the settings came from.)
+connections["default"].settings_dict["OPTIONS"]["pool"]["reset"] = reset
+
+
+async def twice(gather):
+    out = []
+    for _ in range(2):
+        out.append(await gather())
+        await asyncio.sleep(0.7)  # the connections held past max_lifetime and max_idle
+    return out
+
+
+async def request(parallelism):
+    calls = lambda: [*(sleeping(0.1).acount() for _ in range(3)), Author.objects.acount()]
+    async with ThreadSensitiveContext():
+        try:
+            if parallelism is None:  # stock Django: no set
+
+                async def one_by_one():
+                    return [await call for call in calls()]
+
+                return await twice(one_by_one)
+            async with connection_set(parallelism=parallelism, lease_timeout=0.1):
+
+                async def gathered():
+                    return list(await asyncio.gather(*calls()))
+
+                return await twice(gathered)
+        finally:
+            await sync_to_async(connections.close_all)()
+
+
+async def main():
+    await Author.objects.acreate(name="x")
+    stock = await asyncio.wait_for(request(None), 30)
+    lanes = await asyncio.wait_for(asyncio.gather(request(3), request(3)), 30)
+    after = await asyncio.wait_for(request(3), 30)
+    await Author.objects.all().adelete()
+    await sync_to_async(connections.close_all)()
+    return stock, lanes, after
+
+
+stock, lanes, after = asyncio.run(main())
+# (With a reset, the pool takes a connection back in its worker, after
+# putconn() returned; and it replaces an expired one: polled a little.)
+for _ in range(30):
+    if checked_out() == 0:
+        break
+    time.sleep(0.1)
+print(json.dumps({
+    "stock": stock,
+    "lanes": lanes,
+    "after": after,
+    "lanes_leased": get_stats()["lanes_leased"],
+    "resets": len(resets),
+    "checked_out": checked_out(),
+}))
+"""
+
+
+def test_expiring_connections_min_size_0_one_worker_and_a_reset_as_on_stock() -> None:
+    # Lanes hold their connections past the pool's max_lifetime and max_idle
+    # (the pool replaces them as they come back), on a pool that starts empty
+    # and grows with one worker, with a reset callback on every return: the
+    # same rows as stock, and every connection back.
+    database = suite_database(
+        min_size=0, max_size=6, max_lifetime=0.5, max_idle=0.5, num_workers=1
+    )
+    figures = run_with_one_database(EXPIRING, database)
+    assert figures["stock"] == [[1, 1, 1, 1]] * 2
+    assert figures["lanes"] == [figures["stock"]] * 2
+    assert figures["after"] == figures["stock"]
+    assert figures["lanes_leased"] >= 2
+    assert figures["resets"] > 0
+    assert figures["checked_out"] == 0
