@@ -88,6 +88,12 @@ if TYPE_CHECKING:
 _NO_GENERATIONS: set[int] = set()
 _NO_TURNS: dict[int, asyncio.Future[None]] = {}
 
+#: How long a set whose calls have all ended keeps its idle extra lanes for
+#: the next call, unless requests wait for a connection (seconds): long
+#: enough for a view's next gather after a few lines of code, short next to
+#: a call to another service or a streaming body's pause.
+_IDLE_GRACE = 0.01
+
 # A set's cursor pins before its first (most sets never have one).
 _NO_CURSORS: Mapping[Any, Lane] = types.MappingProxyType({})
 
@@ -355,13 +361,13 @@ class Scheduler:
         "_background",
         "_closed",
         "_cursors",
+        "_idle_timer",
         "_lane0",
         "_lane0_next",
         "_lane0_passed",
         "_lane0_turns",
         "_lanes",
         "_loop",
-        "_next_index",
         "_queue",
         "_return_when_idle",
         "_running",
@@ -398,7 +404,6 @@ class Scheduler:
         self._lane0_next = 0
         self._lane0_passed: set[int] = _NO_GENERATIONS  # (made on first use)
         self._lane0_turns: dict[int, asyncio.Future[None]] = _NO_TURNS
-        self._next_index = 1
         self._queue: list[Call] = []
         self._seq = itertools.count()
         # The lane each open aiterator() cursor runs on; made on the first pin.
@@ -409,6 +414,8 @@ class Scheduler:
         # Extra lanes return_idle_lanes() found busy or leasing: each goes back
         # once idle (a tuple: empty, and falsy, in every other set).
         self._return_when_idle: tuple[Lane, ...] = ()
+        # Returns the extra lanes once the set has been idle for _IDLE_GRACE.
+        self._idle_timer: asyncio.TimerHandle | None = None
         #: Transaction blocks holding an extra lane of their own now.
         self.blocks = 0
         #: Transaction blocks open on lane 0 (kept by the set): lane 0 is
@@ -568,6 +575,9 @@ class Scheduler:
         """Run one call on a lane (on *pin*, if given): ``(True, result)``; or
         ``(False, None)`` when the set closed before a lane took it, or had
         closed when it was made (the caller runs it as stock, or refuses it)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()  # (the set is not idle: it keeps its lanes)
+            self._idle_timer = None
         call = Call(next(self._seq), target, time.perf_counter(), pin=pin)
         return await self._serve(call, func, args, kwargs, outer)
 
@@ -888,6 +898,43 @@ class Scheduler:
         if job is not None:
             self._running.pop(job, None)
         self._assign()
+        self._when_idle()
+
+    def _when_idle(self) -> None:
+        """After a call ends or a lease is done. Once no call of the set runs
+        or waits, its idle extra lanes go back to
+        their pools - at once if requests wait for a connection, else after
+        _IDLE_GRACE with no call made meanwhile - so that no connection sits
+        idle out of the pool while the app waits for something else (another
+        service, a streaming body's next chunk). Calls made later lease again."""
+        lanes = self._lanes
+        if (
+            len(lanes) == 1
+            or self._queue
+            or self._idle_timer is not None
+            or self._closed
+            or any(lane.jobs for lane in lanes)
+        ):
+            return
+        if any(
+            pool_is_contended(alias)
+            for alias in {lane.alias or "" for lane in lanes[1:]}
+        ):
+            self._return_idle_extra_lanes()
+        elif self._loop is not None:
+            self._idle_timer = self._loop.call_later(
+                _IDLE_GRACE, self._return_idle_extra_lanes
+            )
+
+    def _return_idle_extra_lanes(self) -> None:
+        self._idle_timer = None
+        if self._closed or self._queue or self.snapshot is not None:
+            # (A snapshot's lanes keep their transactions, with the snapshot,
+            # until the response: see return_idle_lanes.)
+            return
+        for lane in self._lanes[1:]:
+            if self._returnable(lane):
+                self._return_lane(lane)
 
     def _abandoned_end(self, lane: Lane, job: Job) -> None:
         # On the loop, told by the lane's thread: an abandoned job has ended.
@@ -932,8 +979,7 @@ class Scheduler:
             except BaseException:
                 budget.release(alias)
                 raise
-            lane = PooledLane(self._next_index, alias, worker, self._lane0.reports)
-            self._next_index += 1
+            lane = PooledLane(self._free_index(), alias, worker, self._lane0.reports)
             self._lanes.append(lane)
             stats.incr("lanes_open")
             # (While lane 0 runs a call, the lane's calls wait for its report:
@@ -947,6 +993,16 @@ class Scheduler:
             lease.add_done_callback(functools.partial(self._lease_done, lane))
             added = True
         return added
+
+    def _free_index(self) -> int:
+        """The lowest lane number no lane of the set has now: a lane returned
+        while the set was idle and leased again keeps its number (and the
+        records count it once), so the numbers stay within the parallelism."""
+        taken = {lane.index for lane in self._lanes}
+        index = 1
+        while index in taken:
+            index += 1
+        return index
 
     def _lease_done(self, lane: PooledLane, lease: asyncio.Future[None]) -> None:
         exc = BaseException("cancelled") if lease.cancelled() else lease.exception()
@@ -967,6 +1023,7 @@ class Scheduler:
                 # then may have a lane (nothing else would wake them).
                 self._loop.call_later(backoff, self._assign)
         self._assign()
+        self._when_idle()  # (leased for calls another lane took meanwhile)
 
     def _return_lane(self, lane: Lane) -> None:
         """Give an idle extra lane's connection back to its pool, its worker to
@@ -1042,6 +1099,8 @@ class Scheduler:
         the set's background work; calls still queued run as stock Django."""
         self._closed = True
         self._lane0.reports.close()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         for call in self._queue:
             call.dropped = True
             if call.future is not None and not call.future.done():
@@ -1076,6 +1135,8 @@ class Scheduler:
         if self.holds_lanes():
             return False
         self._closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         if self._lane0.reports.due >= 0:
             self._lane0.reports.close()  # (a wake-up asked for earlier, if any)
         return True

@@ -18,7 +18,7 @@ from django.db import connections
 
 from asgi_dbset import connection_set
 from asgi_dbset.budget import budget
-from tests.helpers import checked_out
+from tests.helpers import checked_out, sleeping
 from tests.testapp.models import Author, Book, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -58,4 +58,41 @@ async def test_no_lane_holds_a_connection_while_lane_0_is_busy_elsewhere() -> No
     # connection was out of the pool; the reads then ran on lanes.
     assert max(out[:40]) == before, out
     assert lanes_used >= 2
+    assert budget.total == 0
+
+
+async def test_idle_extra_lanes_go_back_while_the_view_waits_for_something_else() -> (
+    None
+):
+    # A view gathers reads, then waits for something that is not the database
+    # (an HTTP call to another service, say), then reads again. Stock Django
+    # holds the request's one connection meanwhile.
+    async def view() -> tuple[list[int], int]:
+        first = await asyncio.gather(
+            sleeping(0.05).acount(), sleeping(0.05).acount(), sleeping(0.05).acount()
+        )
+        await asyncio.sleep(0.3)  # the other service
+        held = checked_out() - base
+        second = await asyncio.gather(
+            Author.objects.acount(), Book.objects.acount(), Tag.objects.acount()
+        )
+        return [*first, *second], held
+
+    # (Connections out of the pool before: the test's own.)
+    base = checked_out()
+    async with ThreadSensitiveContext():
+        stock_counts, stock_held = await view()
+        await sync_to_async(connections.close_all)()
+
+    async with ThreadSensitiveContext():
+        async with connection_set(parallelism=3, lease_timeout=5.0) as dbset:
+            counts, held = await view()
+            lanes_used = dbset.lanes_used
+        await sync_to_async(connections.close_all)()
+
+    assert counts == stock_counts
+    assert stock_held == 1
+    assert lanes_used == 3  # (the reads did run in parallel)
+    # While the view waited, its idle extra lanes were back in the pool.
+    assert held == stock_held
     assert budget.total == 0
