@@ -40,6 +40,11 @@ logger = logging.getLogger("asgi_dbset")
 
 _thread = threading.local()
 
+#: Held while the library wraps a pool's getconn/putconn (a lane's thread
+#: bounding its lease, OpenTelemetry's exporter timing the pool): each reads
+#: the method and writes its wrapper in one step, so neither wrapper is lost.
+POOL_PATCH_LOCK = threading.Lock()
+
 # The longest a pooled lane's thread waits for lane 0's report before it gives
 # the call back to the set (lane 0 reports when it starts its call; this only
 # bounds a thread that lane 0's own work keeps waiting).
@@ -511,15 +516,18 @@ def _bounded_getconn(pool: Any) -> None:
     """
     if getattr(pool.getconn, "_asgi_dbset_bounded", False):
         return
-    original = pool.getconn
+    with POOL_PATCH_LOCK:  # (no other wrapper of getconn is lost meanwhile)
+        if getattr(pool.getconn, "_asgi_dbset_bounded", False):
+            return
+        original = pool.getconn
 
-    def getconn(timeout: float | None = None) -> Any:
-        if timeout is None:
-            timeout = getattr(_thread, "lease_timeout", None)
-        return original(timeout)
+        def getconn(timeout: float | None = None) -> Any:
+            if timeout is None:
+                timeout = getattr(_thread, "lease_timeout", None)
+            return original(timeout)
 
-    getconn._asgi_dbset_bounded = True  # type: ignore[attr-defined]
-    pool.getconn = getconn
+        getconn._asgi_dbset_bounded = True  # type: ignore[attr-defined]
+        pool.getconn = getconn
 
 
 class PooledLane(Lane):

@@ -44,6 +44,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from . import __version__, stats
+from .lanes import POOL_PATCH_LOCK
 
 logger = logging.getLogger("asgi_dbset")
 
@@ -277,6 +278,13 @@ def time_pools() -> None:
 def _time_pool(alias: str, pool: Any) -> None:
     if getattr(pool, "_asgi_dbset_timed", False):
         return
+    with POOL_PATCH_LOCK:
+        if not getattr(pool, "_asgi_dbset_timed", False):
+            _wrap_pool(alias, pool)
+
+
+def _wrap_pool(alias: str, pool: Any) -> None:
+    # (Under POOL_PATCH_LOCK: a lane's thread may be wrapping getconn too.)
     getconn, putconn = pool.getconn, pool.putconn
     attributes = {POOL_NAME: alias}
     # When each connection out of the pool left it (by id: connections are
