@@ -506,13 +506,16 @@ class RequestLane(Lane):
             reset_statement_timeout(wrapper)
 
 
-def _bounded_getconn(pool: Any) -> None:
+def _bounded_getconn(pool: Any, alias: str) -> None:
     """Make ``pool.getconn()`` wait at most the lane's lease timeout when it is
-    called from a lane thread; other threads keep the pool's own timeout.
+    called from a lane thread; other threads keep the pool's own timeout, and
+    when they find the pool empty while sets hold extra lanes of *alias*,
+    those sets return their idle ones (``scheduler.on_pool_pressure``).
 
     Django opens a pooled connection with ``pool.getconn()`` and no timeout,
-    so this is the one place where a lane can bound its wait without copying
-    Django's connect logic.
+    so this is the one place where a lane can bound its wait, and a request
+    be seen waiting for its own connection, without copying Django's connect
+    logic.
     """
     if getattr(pool.getconn, "_asgi_dbset_bounded", False):
         return
@@ -524,10 +527,24 @@ def _bounded_getconn(pool: Any) -> None:
         def getconn(timeout: float | None = None) -> Any:
             if timeout is None:
                 timeout = getattr(_thread, "lease_timeout", None)
+                if timeout is None and budget.held(alias) and _empty(pool):
+                    # A request's own connection (not a lease) would wait,
+                    # maybe behind idle lanes: they go back first.
+                    from .scheduler import on_pool_pressure
+
+                    on_pool_pressure(alias)
             return original(timeout)
 
         getconn._asgi_dbset_bounded = True  # type: ignore[attr-defined]
         pool.getconn = getconn
+
+
+def _empty(pool: Any) -> bool:
+    """True when *pool* has no connection to hand out and may open no more."""
+    stats = pool.get_stats()
+    return not stats.get("pool_available", 0) and stats.get("pool_size", 0) >= getattr(
+        pool, "max_size", 0
+    )
 
 
 class PooledLane(Lane):
@@ -637,7 +654,7 @@ class PooledLane(Lane):
                 self.reports.wait_reported(after_report, _CLEARANCE_WAIT)
             wrapper = connections[alias]
             self._wrappers = [wrapper]
-            _bounded_getconn(wrapper.pool)  # type: ignore[attr-defined]
+            _bounded_getconn(wrapper.pool, alias)  # type: ignore[attr-defined]
             # Bound only this lease: a connection to another alias that a call
             # opens later on this thread waits as stock Django would.
             _thread.lease_timeout = lease_timeout

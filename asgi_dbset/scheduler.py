@@ -48,6 +48,7 @@ import functools
 import inspect
 import itertools
 import logging
+import threading
 import time
 import types
 import weakref
@@ -88,11 +89,10 @@ if TYPE_CHECKING:
 _NO_GENERATIONS: set[int] = set()
 _NO_TURNS: dict[int, asyncio.Future[None]] = {}
 
-#: How long a set whose calls have all ended keeps its idle extra lanes for
-#: the next call, unless requests wait for a connection (seconds): long
-#: enough for a view's next gather after a few lines of code, short next to
-#: a call to another service or a streaming body's pause.
-_IDLE_GRACE = 0.01
+# The sets holding extra lanes now, per alias of a lane, told (on their
+# loops) when a request finds that alias's pool empty: see on_pool_pressure.
+_holders: dict[str, weakref.WeakSet[Scheduler]] = {}
+_holders_lock = threading.Lock()  # (request threads read them; loops change them)
 
 # A set's cursor pins before its first (most sets never have one).
 _NO_CURSORS: Mapping[Any, Lane] = types.MappingProxyType({})
@@ -358,10 +358,11 @@ class Scheduler:
     used on its event loop only."""
 
     __slots__ = (
+        "__weakref__",
         "_background",
         "_closed",
         "_cursors",
-        "_idle_timer",
+        "_holder",
         "_lane0",
         "_lane0_next",
         "_lane0_passed",
@@ -397,6 +398,8 @@ class Scheduler:
         self.recorder = recorder
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # Told of pool pressure (see on_pool_pressure) since its first lease.
+        self._holder = False
         self._lane0 = RequestLane()
         self._lanes: list[Lane] = [self._lane0]
         # Lane 0's calls go to its thread in the order of their generations:
@@ -414,8 +417,6 @@ class Scheduler:
         # Extra lanes return_idle_lanes() found busy or leasing: each goes back
         # once idle (a tuple: empty, and falsy, in every other set).
         self._return_when_idle: tuple[Lane, ...] = ()
-        # Returns the extra lanes once the set has been idle for _IDLE_GRACE.
-        self._idle_timer: asyncio.TimerHandle | None = None
         #: Transaction blocks holding an extra lane of their own now.
         self.blocks = 0
         #: Transaction blocks open on lane 0 (kept by the set): lane 0 is
@@ -575,9 +576,6 @@ class Scheduler:
         """Run one call on a lane (on *pin*, if given): ``(True, result)``; or
         ``(False, None)`` when the set closed before a lane took it, or had
         closed when it was made (the caller runs it as stock, or refuses it)."""
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()  # (the set is not idle: it keeps its lanes)
-            self._idle_timer = None
         call = Call(next(self._seq), target, time.perf_counter(), pin=pin)
         return await self._serve(call, func, args, kwargs, outer)
 
@@ -901,36 +899,33 @@ class Scheduler:
         self._when_idle()
 
     def _when_idle(self) -> None:
-        """After a call ends or a lease is done. Once no call of the set runs
-        or waits, its idle extra lanes go back to
-        their pools - at once if requests wait for a connection, else after
-        _IDLE_GRACE with no call made meanwhile - so that no connection sits
-        idle out of the pool while the app waits for something else (another
-        service, a streaming body's next chunk). Calls made later lease again."""
+        """After a call ends or a lease is done: once no call waits and no
+        extra lane runs one, the idle extra lanes go back to their pools if
+        requests are waiting for a connection of theirs now (later, such a
+        request tells the set itself: :func:`on_pool_pressure`). An idle lane
+        holds a pooled connection that a request's own connection may need -
+        while the app waits for another service, awaits its queries one at a
+        time (lane 0 runs those) or streams a body that pauses - which stock
+        Django would not hold. Calls made later lease again."""
         lanes = self._lanes
         if (
             len(lanes) == 1
             or self._queue
-            or self._idle_timer is not None
             or self._closed
-            or any(lane.jobs for lane in lanes)
+            or any(lane.jobs for lane in lanes[1:])
         ):
             return
         if any(
             pool_is_contended(alias)
             for alias in {lane.alias or "" for lane in lanes[1:]}
         ):
-            self._return_idle_extra_lanes()
-        elif self._loop is not None:
-            self._idle_timer = self._loop.call_later(
-                _IDLE_GRACE, self._return_idle_extra_lanes
-            )
+            self.return_idle_extra_lanes()
 
-    def _return_idle_extra_lanes(self) -> None:
-        self._idle_timer = None
+    def return_idle_extra_lanes(self) -> None:
+        """Return the extra lanes idle now, unless calls wait (they may take
+        them) or a snapshot holds them (its lanes keep its transactions until
+        the response: see return_idle_lanes)."""
         if self._closed or self._queue or self.snapshot is not None:
-            # (A snapshot's lanes keep their transactions, with the snapshot,
-            # until the response: see return_idle_lanes.)
             return
         for lane in self._lanes[1:]:
             if self._returnable(lane):
@@ -981,6 +976,9 @@ class Scheduler:
                 raise
             lane = PooledLane(self._free_index(), alias, worker, self._lane0.reports)
             self._lanes.append(lane)
+            with _holders_lock:
+                _holders.setdefault(alias, weakref.WeakSet()).add(self)
+            self._holder = True
             stats.incr("lanes_open")
             # (While lane 0 runs a call, the lane's calls wait for its report:
             # so does the lease.)
@@ -1099,8 +1097,8 @@ class Scheduler:
         the set's background work; calls still queued run as stock Django."""
         self._closed = True
         self._lane0.reports.close()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        if self._holder:
+            _forget(self)
         for call in self._queue:
             call.dropped = True
             if call.future is not None and not call.future.done():
@@ -1135,8 +1133,8 @@ class Scheduler:
         if self.holds_lanes():
             return False
         self._closed = True
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        if self._holder:
+            _forget(self)
         if self._lane0.reports.due >= 0:
             self._lane0.reports.close()  # (a wake-up asked for earlier, if any)
         return True
@@ -1215,3 +1213,30 @@ def _lane_returned(lane: PooledLane) -> None:
     """Count a lane whose connections went back, out of the budget."""
     budget.release(lane.alias or "")
     stats.incr("lanes_open", -1)
+
+
+def on_pool_pressure(alias: str) -> None:
+    """On a request's thread, when its ``getconn()`` finds *alias*'s pool
+    with no connection to hand out while sets hold extra lanes of it: each
+    such set returns its idle ones, on its loop, so the request waits for a
+    lane's connection rather than for the end of another request."""
+    with _holders_lock:
+        holders = _holders.get(alias)
+        if not holders:
+            return
+        schedulers = list(holders)
+    for scheduler in schedulers:
+        loop = scheduler._loop
+        if loop is None or scheduler._closed:
+            continue
+        try:
+            loop.call_soon_threadsafe(scheduler.return_idle_extra_lanes)
+        except RuntimeError:  # (its loop has closed)
+            pass
+
+
+def _forget(scheduler: Scheduler) -> None:
+    """*scheduler* has closed: nothing to tell it any more."""
+    with _holders_lock:
+        for holders in _holders.values():
+            holders.discard(scheduler)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from typing import Any
 
@@ -12,6 +13,7 @@ from django.db import connections
 from django.db.models import BooleanField
 from django.db.models.expressions import RawSQL
 
+from asgi_dbset import ConnectionSet, connection_set
 from tests.testapp.models import Author
 
 
@@ -69,3 +71,15 @@ async def take_every_pooled_connection(alias: str = "default") -> tuple[Any, lis
     while checked_out(alias) < pool.max_size:
         held.append(await asyncio.to_thread(pool.getconn, 5))
     return pool, held
+
+
+async def set_unless_stock(
+    stack: contextlib.AsyncExitStack, parallelism: int | None
+) -> ConnectionSet | None:
+    """A connection set of *parallelism* entered on *stack*; None (stock
+    Django, no set) when *parallelism* is None."""
+    if parallelism is None:
+        return None
+    return await stack.enter_async_context(
+        connection_set(parallelism=parallelism, lease_timeout=5.0)
+    )

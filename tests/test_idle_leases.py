@@ -10,6 +10,8 @@ report too: no pooled connection sits idle out of the pool meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 
 import pytest
@@ -18,7 +20,7 @@ from django.db import connections
 
 from asgi_dbset import connection_set
 from asgi_dbset.budget import budget
-from tests.helpers import checked_out, sleeping
+from tests.helpers import checked_out, set_unless_stock, sleeping
 from tests.testapp.models import Author, Book, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -61,38 +63,69 @@ async def test_no_lane_holds_a_connection_while_lane_0_is_busy_elsewhere() -> No
     assert budget.total == 0
 
 
-async def test_idle_extra_lanes_go_back_while_the_view_waits_for_something_else() -> (
-    None
-):
-    # A view gathers reads, then waits for something that is not the database
-    # (an HTTP call to another service, say), then reads again. Stock Django
-    # holds the request's one connection meanwhile.
-    async def view() -> tuple[list[int], int]:
-        first = await asyncio.gather(
-            sleeping(0.05).acount(), sleeping(0.05).acount(), sleeping(0.05).acount()
-        )
-        await asyncio.sleep(0.3)  # the other service
-        held = checked_out() - base
-        second = await asyncio.gather(
-            Author.objects.acount(), Book.objects.acount(), Tag.objects.acount()
-        )
-        return [*first, *second], held
+def another_request(filled: threading.Event, got: threading.Event) -> float:
+    """Another request's thread: waits until the pool has no connection left
+    for it, then opens its own (as Django does at its first query) and
+    returns how long that took."""
+    filled.wait(10)
+    started = time.monotonic()
+    connections["default"].ensure_connection()
+    waited = time.monotonic() - started
+    got.set()
+    connections["default"].close()
+    return waited
 
-    # (Connections out of the pool before: the test's own.)
+
+@pytest.mark.parametrize("meanwhile", ["another_service", "one_query_at_a_time"])
+async def test_idle_extra_lanes_go_back_when_another_request_needs_a_connection(
+    meanwhile: str,
+) -> None:
+    # A view gathers reads, then waits for another service - or awaits its
+    # next queries one at a time, which the request's own connection runs -
+    # while another request finds the pool empty. Stock Django holds one
+    # connection per request; the view's idle extra lanes must not make the
+    # other request wait for the view to end.
+    pool = connections["default"].pool
     base = checked_out()
-    async with ThreadSensitiveContext():
-        stock_counts, stock_held = await view()
-        await sync_to_async(connections.close_all)()
 
-    async with ThreadSensitiveContext():
-        async with connection_set(parallelism=3, lease_timeout=5.0) as dbset:
-            counts, held = await view()
-            lanes_used = dbset.lanes_used
-        await sync_to_async(connections.close_all)()
+    async def run(parallelism: int | None) -> tuple[list[int], float, int]:
+        filled, got = threading.Event(), threading.Event()
+        loop = asyncio.get_running_loop()
+        other = loop.run_in_executor(None, another_request, filled, got)
+        async with ThreadSensitiveContext():
+            async with contextlib.AsyncExitStack() as stack:
+                dbset = await set_unless_stock(stack, parallelism)
+                first = await asyncio.gather(
+                    *(sleeping(0.05).acount() for _ in range(3))
+                )
+                # Take what the pool has left but for three connections: stock
+                # (this request holds one) leaves two free; a set holding
+                # three lanes, none.
+                fillers = [pool.getconn() for _ in range(pool.max_size - base - 3)]
+                lanes = 0 if dbset is None else len(dbset.lanes)
+                filled.set()
+                later: list[int] = []
+                deadline = time.monotonic() + 3
+                while not got.is_set() and time.monotonic() < deadline:
+                    if meanwhile == "another_service":
+                        await asyncio.sleep(0.01)
+                    else:
+                        later.append(await sleeping(0.01).acount())
+                waited = await other
+                for conn in fillers:
+                    pool.putconn(conn)
+                second = await asyncio.gather(
+                    Author.objects.acount(), Book.objects.acount(), Tag.objects.acount()
+                )
+            await sync_to_async(connections.close_all)()
+        return [*first, *second], waited, lanes
+
+    stock_counts, stock_waited, _ = await run(None)
+    counts, waited, lanes = await run(3)
 
     assert counts == stock_counts
-    assert stock_held == 1
-    assert lanes_used == 3  # (the reads did run in parallel)
-    # While the view waited, its idle extra lanes were back in the pool.
-    assert held == stock_held
+    assert lanes == 3  # (the view's reads ran on three lanes)
+    assert stock_waited < 1.0
+    # Before: the other request waited for the view's end (3 s here).
+    assert waited < 1.0, waited
     assert budget.total == 0

@@ -14,7 +14,7 @@ from django.db import connections, transaction
 import asgi_dbset
 from asgi_dbset import OrphanedIteratorError, connection_set
 from asgi_dbset.budget import budget
-from tests.helpers import sleeping, timed
+from tests.helpers import set_unless_stock, sleeping, timed
 from tests.testapp.models import Author, Book
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
@@ -107,11 +107,8 @@ async def _iterate_across_a_block(parallelism: int | None, hold: bool) -> Any:
     seen: list[Any] = []
     async with ThreadSensitiveContext():
         async with contextlib.AsyncExitStack() as stack:
-            dbset = None
-            if parallelism is not None:
-                dbset = await stack.enter_async_context(
-                    connection_set(parallelism=parallelism, lease_timeout=5.0)
-                )
+            dbset = await set_unless_stock(stack, parallelism)
+            if dbset is not None:
                 await asyncio.gather(*(sleeping(0.2).acount() for _ in range(3)))
             blocker = await _hold_lane_zero(dbset) if hold and dbset else None
             iterator = Book.objects.order_by("title").aiterator(chunk_size=2)
