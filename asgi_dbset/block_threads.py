@@ -21,7 +21,11 @@ already handed to it - as the request's one thread would run it after them:
   blocks of several databases on different lanes: refused, as one function
   cannot be inside transactions of two connections;
 - the library's own hops to the request's thread see through the block's key
-  (:func:`~.hop.thread_sensitive_context`): lane 0 stays the request's thread.
+  (:func:`~.hop.thread_sensitive_context`): lane 0 stays the request's thread;
+- the code sees no set, as all code on a lane: async code it runs under
+  ``async_to_sync`` (an async signal receiver, a block entered there) runs
+  its ORM calls on the lane's thread, inside the block, as stock Django runs
+  them on its one thread - never queued on the lane that thread holds.
 
 Not covered: code under ``async_to_sync`` (a sync view's) - asgiref then runs
 thread-sensitive code on that sync thread before asking any context.
@@ -131,6 +135,7 @@ def _on_lane(
     """Run ``fn(*args, **kwargs)`` as a call of *block*'s set on its lane;
     the future asgiref waits on has its outcome."""
     future: Future[T] = Future()
+    fn = _seeing_no_set(fn)
 
     def run() -> None:
         if not future.set_running_or_notify_cancel():
@@ -148,6 +153,42 @@ def _on_lane(
     _running.add(task)
     task.add_done_callback(functools.partial(_ran, future))
     return future
+
+
+def _seeing_no_set(fn: Callable[..., T]) -> Callable[..., T]:
+    """asgiref's call of the sync code (a partial of
+    ``SyncToAsync.thread_handler``, whose last argument is the code, run in
+    asgiref's copy of the caller's context), made to run the code with no set
+    in that context, as all code on a lane runs (see ``Lane.run``): an
+    ``async_to_sync`` inside it (an async signal receiver, a block entered
+    there) then runs its ORM calls on this very thread, inside the block's
+    transaction, as stock Django runs them on its one thread. Seeing the set,
+    they would queue on the block's lane, which is busy running the code that
+    waits for them: for ever."""
+    handler = getattr(getattr(fn, "func", None), "__func__", None)
+    if (
+        type(fn) is not functools.partial
+        or handler is not SyncToAsync.thread_handler
+        or not fn.args
+    ):
+        raise RuntimeError(
+            "asgi_dbset: this asgiref's SyncToAsync hands the block's executor a "
+            f"call asgi_dbset does not know ({fn!r}); sync code inside "
+            "asgi_dbset.atomic() cannot run there. Install an asgiref release "
+            "asgi_dbset supports (3.9 to 3.13), or run the code with "
+            "`await asgi_dbset.sync_to_lane(fn)()`."
+        )
+    code = functools.partial(_without_set, fn.args[-1])
+    return functools.partial(fn.func, *fn.args[:-1], code, **fn.keywords)
+
+
+def _without_set(code: Callable[[], T]) -> T:
+    # (Reset before asgiref copies the context back: the caller keeps its set.)
+    token = current_set.set(None)
+    try:
+        return code()
+    finally:
+        current_set.reset(token)
 
 
 def _ran(future: Future[Any], task: asyncio.Future[Any]) -> None:

@@ -14,17 +14,19 @@ library's at parallelism 4 with the block on an extra lane.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.db import transaction
+from django.db.models.signals import post_save
 from django.dispatch import Signal
 
 import asgi_dbset
 from asgi_dbset.context import current_block
 from tests.test_atomic import RollbackRequestedError, anames, names, request_like
-from tests.testapp.models import Author
+from tests.testapp.models import Author, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
@@ -167,6 +169,111 @@ async def test_a_signals_sync_receiver_under_asend_is_inside_the_block() -> None
 
     assert await anames("stock") == []
     assert await anames("lib") == []
+
+
+# -- async code under async_to_sync in that sync code -----------------------------
+
+
+async def count_and_add(sender: Any, instance: Tag, **kwargs: Any) -> None:
+    """An async receiver of a sync save: Django runs it under async_to_sync,
+    its ORM calls on the thread of the save, inside its transaction."""
+    prefix = instance.name.removesuffix("tag")
+    seen = await Author.objects.filter(name__startswith=prefix).acount()
+    await Author.objects.acreate(name=f"{prefix}receiver{seen}")
+
+
+def save_tag(prefix: str) -> None:
+    Tag.objects.create(name=f"{prefix}tag")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_an_async_receiver_of_sync_code_inside_a_block_is_inside_it(
+    fail: bool,
+) -> None:
+    def stock() -> None:
+        with transaction.atomic():
+            Author.objects.create(name="stockorder")
+            save_tag("stock")
+            if fail:
+                raise RollbackRequestedError
+
+    async def library() -> bool:
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="liborder")
+            await sync_to_async(save_tag)("lib")
+            extra = on_an_extra_lane()
+            if fail:
+                raise RollbackRequestedError
+        return extra
+
+    post_save.connect(count_and_add, sender=Tag)
+    try:
+        with contextlib.suppress(RollbackRequestedError):
+            await sync_to_async(stock)()
+        async with request_like(parallelism=4):
+            try:
+                # (Before, the receiver's calls queued on the block's lane,
+                # busy with the save that waited for them: for ever.)
+                extra = await asyncio.wait_for(library(), 10)
+            except RollbackRequestedError:
+                extra = True  # (checked on the committing path)
+    finally:
+        post_save.disconnect(count_and_add, sender=Tag)
+
+    assert extra, "the block must hold an extra lane for this test to mean anything"
+    stock_rows = await anames("stock")
+    assert stock_rows == ([] if fail else ["stockorder", "stockreceiver1"])
+    assert await anames("lib") == [r.replace("stock", "lib") for r in stock_rows]
+
+
+def stock_inner() -> None:
+    with transaction.atomic():
+        Author.objects.create(name="stockinner")
+        raise RollbackRequestedError
+
+
+async def stock_inner_async() -> None:
+    with contextlib.suppress(RollbackRequestedError):
+        await sync_to_async(stock_inner)()
+
+
+async def library_inner_async() -> None:
+    with contextlib.suppress(RollbackRequestedError):
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="libinner")
+            raise RollbackRequestedError
+
+
+def library_service() -> None:
+    Author.objects.create(name="libservice")
+    async_to_sync(library_inner_async)()
+
+
+async def test_a_block_entered_under_async_to_sync_in_sync_code_is_a_savepoint() -> (
+    None
+):
+    def stock() -> None:
+        with transaction.atomic():
+            Author.objects.create(name="stockorder")
+            Author.objects.create(name="stockservice")
+            async_to_sync(stock_inner_async)()
+
+    async def library() -> bool:
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="liborder")
+            await sync_to_async(library_service)()
+            return on_an_extra_lane()
+
+    await sync_to_async(stock)()
+    async with request_like(parallelism=4):
+        # (Before, the inner block's BEGIN queued on the outer block's lane,
+        # busy with the code that waited for it, and waited on even when
+        # cancelled: a hang no timeout ended.)
+        extra = await asyncio.wait_for(library(), 10)
+
+    assert extra
+    assert await anames("stock") == ["stockorder", "stockservice"]
+    assert await anames("lib") == ["liborder", "libservice"]
 
 
 # -- what cannot be inside the block ---------------------------------------------
