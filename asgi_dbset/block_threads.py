@@ -40,7 +40,7 @@ from concurrent.futures import Executor, Future, InvalidStateError
 from contextvars import Token
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from asgiref.sync import SyncToAsync
+from asgiref.sync import AsyncToSync, SyncToAsync
 from django.db import transaction
 
 from .context import blocks_around, current_block, current_set
@@ -83,7 +83,7 @@ class BlockLaneExecutor(Executor):
             # No block around the caller any more (a task that outlived it),
             # or the block is on the request's own connection: the request's
             # thread, as asgiref would choose without the block.
-            return _request_thread().submit(fn, *args, **kwargs)
+            return _request_thread(asgiref_context()).submit(fn, *args, **kwargs)
         return _on_lane(inner, fn, args, kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -101,10 +101,11 @@ def enter(block: Block) -> Token[Any] | None:
     if block.lane.index == 0:
         return None
     request_context = asgiref_context()
-    if request_context is None or type(request_context) is BlockContext:
-        # No request thread of asgiref's to stand in for (code outside a
-        # request), or a block around this one has set the key already.
-        return None
+    if type(request_context) is BlockContext:
+        return None  # (a block around this one has set the key already)
+    # Outside a request (a script under asyncio.run: no ThreadSensitiveContext,
+    # request_context None) too: asgiref would run the code on its thread of
+    # the loop, outside the block's transaction.
     key = BlockContext(request_context)
     # (asgiref's map holds its keys weakly: the entry goes with the block's
     # context.)
@@ -118,7 +119,14 @@ def leave(token: Token[Any] | None) -> None:
         SyncToAsync.thread_sensitive_context.reset(token)
 
 
-def _request_thread() -> Executor:
+def _request_thread(key: object) -> Executor:
+    if type(key) is BlockContext and key.request_context is None:
+        # No request context (a script): asgiref's own choice without one,
+        # in SyncToAsync.__call__'s order - the sync thread of the loop (under
+        # async_to_sync), else its one shared thread.
+        loop = asyncio.get_running_loop()
+        shared: Executor | None = AsyncToSync.loop_thread_executors.get(loop)
+        return shared or SyncToAsync.single_thread_executor
     executor = request_thread_executor(None)
     if executor is None:
         # The request's context has exited: asgiref refuses such a call.

@@ -67,7 +67,8 @@ class BlockContext:
     ``asgi_dbset.atomic()`` block on an extra lane: asgiref's key for the
     executor of thread-sensitive sync code, which runs on the block's lane
     (see :mod:`.blocks`). The library's own hops to the request's thread see
-    through it to *request_context*, the request's ``ThreadSensitiveContext``.
+    through it to *request_context*, the request's ``ThreadSensitiveContext``
+    (None outside a request: asgiref then chooses its thread of the loop).
     """
 
     __slots__ = ("__weakref__", "_exited", "request_context")

@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models.signals import post_save
 from django.dispatch import Signal
 
 import asgi_dbset
 from asgi_dbset.context import current_block
+from tests.helpers import sleeping
 from tests.test_atomic import RollbackRequestedError, anames, names, request_like
 from tests.testapp.models import Author, Tag
 
@@ -274,6 +275,55 @@ async def test_a_block_entered_under_async_to_sync_in_sync_code_is_a_savepoint()
     assert extra
     assert await anames("stock") == ["stockorder", "stockservice"]
     assert await anames("lib") == ["liborder", "libservice"]
+
+
+# -- outside a request: no ThreadSensitiveContext ----------------------------------
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_outside_a_request_sync_code_inside_a_block_is_inside_it(
+    fail: bool,
+) -> None:
+    """A script (asyncio.run: no ThreadSensitiveContext; asgiref runs sync
+    code on its one shared thread), with a set of parallelism 4."""
+    try:
+        stock_seen = await sync_to_async(stock_order)("stock", fail)
+    except RollbackRequestedError:
+        stock_seen = None
+    stock_rows = await anames("stock")
+
+    go_on = asyncio.Event()
+
+    async def after_the_block() -> list[str]:
+        await go_on.wait()
+        return await sync_to_async(names)("lib")
+
+    extra = False
+    async with asgi_dbset.connection_set(parallelism=4, lease_timeout=5.0):
+        await asyncio.gather(*(sleeping(0.2).acount() for _ in range(3)))
+        try:
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="liborder")
+                # (Before, it ran on asgiref's shared thread, outside the
+                # block: it saw 0 rows, and its row stayed after a rollback.)
+                seen = await asyncio.wait_for(sync_to_async(service)("lib"), 10)
+                extra = on_an_extra_lane()
+                later = asyncio.create_task(after_the_block())
+                if fail:
+                    raise RollbackRequestedError
+        except RollbackRequestedError:
+            seen = None
+        go_on.set()
+        # After the block, on asgiref's shared thread again, as on stock.
+        seen_after = await asyncio.wait_for(later, 10)
+    lib_rows = await anames("lib")
+    await sync_to_async(connections.close_all)()
+
+    assert extra, "the block must hold an extra lane for this test to mean anything"
+    assert stock_seen == (None if fail else 1)
+    assert seen == (1 if not fail else None)
+    assert lib_rows == [r.replace("stock", "lib") for r in stock_rows]
+    assert seen_after == lib_rows
 
 
 # -- what cannot be inside the block ---------------------------------------------
