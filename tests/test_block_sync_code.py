@@ -19,12 +19,18 @@ from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
-from django.db import connections, transaction
+from django.core.asgi import get_asgi_application
+from django.db import connection, connections, transaction
 from django.db.models.signals import post_save
 from django.dispatch import Signal
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.test import override_settings
+from django.urls import path
 
 import asgi_dbset
+from asgi_dbset import DBSetMiddleware
 from asgi_dbset.context import current_block
+from tests.asgi import request
 from tests.helpers import sleeping
 from tests.test_atomic import RollbackRequestedError, anames, names, request_like
 from tests.testapp.models import Author, Tag
@@ -275,6 +281,86 @@ async def test_a_block_entered_under_async_to_sync_in_sync_code_is_a_savepoint()
     assert extra
     assert await anames("stock") == ["stockorder", "stockservice"]
     assert await anames("lib") == ["liborder", "libservice"]
+
+
+# -- the request path: a block around a sync view --------------------------------
+
+
+def gathering_view(request: HttpRequest) -> HttpResponse:
+    """A sync view whose async helper (async_to_sync) gathers ORM calls, as
+    test_atomic_requests' view: stock runs them on the view's thread."""
+    Author.objects.create(name="viewrow")
+
+    async def gathered() -> list[int]:
+        counts = (Author.objects.filter(name="viewrow").acount() for _ in range(3))
+        return list(await asyncio.gather(*counts))
+
+    seen = async_to_sync(gathered)()
+    if request.GET.get("fail"):
+        raise RuntimeError("the view failed")
+    return JsonResponse({"in_atomic": connection.in_atomic_block, "seen": seen})
+
+
+urlpatterns = [path("sync/", gathering_view)]
+
+#: Where the middleware's blocks ran (True: an extra lane).
+BLOCK_LANES: list[bool] = []
+
+
+def atomic_middleware(get_response: Any) -> Any:
+    """ATOMIC_REQUESTS for an async stack: the request inside a block."""
+
+    async def middleware(request: HttpRequest) -> HttpResponse:
+        async with asgi_dbset.atomic():
+            BLOCK_LANES.append(on_an_extra_lane())
+            response = await get_response(request)
+            if response.status_code >= 500:
+                raise RollbackRequestedError  # (a 500 rolls back, as there)
+            return response
+
+    return middleware
+
+
+atomic_middleware.async_capable = True  # type: ignore[attr-defined]
+atomic_middleware.sync_capable = False  # type: ignore[attr-defined]
+
+
+async def test_a_sync_view_inside_a_middlewares_block_is_inside_it() -> None:
+    async def requests(app: Any) -> list[Any]:
+        ok = await asyncio.wait_for(request(app, "/sync/"), 10)
+        ok_rows = await anames("view")
+        await Author.objects.all().adelete()
+        failed = await asyncio.wait_for(request(app, "/sync/", "fail=1"), 10)
+        return [ok.status, ok.json(), ok_rows, failed.status, await anames("view")]
+
+    settings_dict = connections.settings["default"]
+    settings_dict["ATOMIC_REQUESTS"] = True
+    try:
+        with override_settings(ROOT_URLCONF=__name__):
+            stock = await requests(get_asgi_application())
+    finally:
+        settings_dict["ATOMIC_REQUESTS"] = False
+
+    BLOCK_LANES.clear()
+    with override_settings(
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=[f"{__name__}.atomic_middleware"],
+        ASGI_DBSET={"DEFAULT_PARALLELISM": 4},
+    ):
+        app = DBSetMiddleware(get_asgi_application())
+        # (Before, the helper's calls queued on the block's lane, busy with
+        # the view that waited for them: TimeoutError.)
+        library = await requests(app)
+
+    assert BLOCK_LANES == [True, True]
+    assert stock == [
+        200,
+        {"in_atomic": True, "seen": [1, 1, 1]},
+        ["viewrow"],
+        500,
+        [],
+    ]
+    assert library == stock
 
 
 # -- outside a request: no ThreadSensitiveContext ----------------------------------
