@@ -173,10 +173,13 @@ def _seeing_no_set(fn: Callable[..., T]) -> Callable[..., T]:
     transaction, as stock Django runs them on its one thread. Seeing the set,
     they would queue on the block's lane, which is busy running the code that
     waits for them: for ever."""
-    handler = getattr(getattr(fn, "func", None), "__func__", None)
+    handler = getattr(fn, "func", None)
+    # (A subclass's thread_handler - channels' database_sync_to_async - takes
+    # the same arguments.)
     if (
         type(fn) is not functools.partial
-        or handler is not SyncToAsync.thread_handler
+        or not isinstance(getattr(handler, "__self__", None), SyncToAsync)
+        or getattr(handler, "__name__", None) != "thread_handler"
         or not fn.args
     ):
         raise RuntimeError(

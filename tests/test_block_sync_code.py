@@ -18,7 +18,7 @@ import contextlib
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import SyncToAsync, async_to_sync, sync_to_async
 from django.core.asgi import get_asgi_application
 from django.db import connection, connections, transaction
 from django.db.models.signals import post_save
@@ -176,6 +176,28 @@ async def test_a_signals_sync_receiver_under_asend_is_inside_the_block() -> None
 
     assert await anames("stock") == []
     assert await anames("lib") == []
+
+
+class DatabaseSyncToAsync(SyncToAsync):  # type: ignore[type-arg]
+    """As channels' database_sync_to_async: a thread_handler of its own."""
+
+    def thread_handler(self, loop: Any, *args: Any, **kwargs: Any) -> Any:
+        return super().thread_handler(loop, *args, **kwargs)
+
+
+async def test_a_sync_to_async_subclass_inside_a_block_is_inside_it() -> None:
+    stock_seen = await DatabaseSyncToAsync(stock_order)("stock", False)
+
+    async with request_like(parallelism=4):
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="liborder")
+            # (Before, refused: "this asgiref's SyncToAsync hands the block's
+            # executor a call asgi_dbset does not know".)
+            seen = await DatabaseSyncToAsync(service)("lib")
+            assert on_an_extra_lane()
+
+    assert stock_seen == seen == 1
+    assert await anames("lib") == ["liborder", "libservice1"]
 
 
 # -- async code under async_to_sync in that sync code -----------------------------
