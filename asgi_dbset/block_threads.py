@@ -155,8 +155,11 @@ def _on_lane(
         else:
             future.set_result(result)
 
+    # Untimed: the set's statement timeout is for its ORM calls; sync code
+    # runs without it on lane 0 (the block's at parallelism 1, or outside
+    # blocks), and so at every parallelism.
     task = asyncio.ensure_future(
-        block.dbset.run_on_lane(block.lane, block.alias, run, ())
+        block.dbset.run_on_lane(block.lane, block.alias, run, (), untimed=True)
     )
     _running.add(task)
     task.add_done_callback(functools.partial(_ran, future))

@@ -679,11 +679,18 @@ class ConnectionSet:
         )
 
     async def run_on_lane(
-        self, lane: Lane, alias: str, func: Callable[..., Any], args: tuple[Any, ...]
+        self,
+        lane: Lane,
+        alias: str,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        *,
+        untimed: bool = False,
     ) -> Any:
         """Run *func* on *lane* (a transaction block's), after the calls
-        already handed to it; :class:`CallNotRunError` once the set has
-        closed (the block outlived it, and was rolled back)."""
+        already handed to it (without the statement timeout, *untimed*);
+        :class:`CallNotRunError` once the set has closed (the block outlived
+        it, and was rolled back)."""
         outer = sync_thread_above()
         if lane is self._scheduler.lane0 and (
             not self._routes() or self._behind_own_caller(outer)
@@ -694,7 +701,7 @@ class ConnectionSet:
             # running lane 0's calls: nothing reaches the block's transaction.
             raise CallNotRunError(_OUTLIVED)
         ran, result = await self._scheduler.run(
-            Target(alias), func, args, {}, outer, pin=lane
+            Target(alias), func, args, {}, outer, pin=lane, untimed=untimed
         )
         if not ran:
             raise CallNotRunError(_OUTLIVED)

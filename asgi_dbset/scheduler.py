@@ -123,6 +123,8 @@ class Call:
     by_last_report: bool = False
     #: Its pinned lane died before it ran: it fails.
     lost: bool = False
+    #: Runs without the set's statement timeout (sync code of a block's).
+    untimed: bool = False
     #: Made only when the call has to wait (most calls are handed out at once).
     future: asyncio.Future[None] | None = None
 
@@ -572,11 +574,15 @@ class Scheduler:
         outer: object,
         *,
         pin: Lane | None = None,
+        untimed: bool = False,
     ) -> tuple[bool, Any]:
-        """Run one call on a lane (on *pin*, if given): ``(True, result)``; or
-        ``(False, None)`` when the set closed before a lane took it, or had
-        closed when it was made (the caller runs it as stock, or refuses it)."""
-        call = Call(next(self._seq), target, time.perf_counter(), pin=pin)
+        """Run one call on a lane (on *pin*, if given; without the statement
+        timeout, *untimed*): ``(True, result)``; or ``(False, None)`` when the
+        set closed before a lane took it, or had closed when it was made (the
+        caller runs it as stock, or refuses it)."""
+        call = Call(
+            next(self._seq), target, time.perf_counter(), pin=pin, untimed=untimed
+        )
         return await self._serve(call, func, args, kwargs, outer)
 
     async def run_aside(
@@ -821,7 +827,7 @@ class Scheduler:
                 raise
         job = Job(call.generation)
         alias = call.target.alias
-        timeout_ms = self.timeout_ms
+        timeout_ms = None if call.untimed else self.timeout_ms
         if call.reserve and lane is self._lane0:
             # A block's BEGIN on lane 0 runs untimed (it sends no query, or a
             # SAVEPOINT): a timeout set now would be set for the session

@@ -385,6 +385,49 @@ async def test_a_sync_view_inside_a_middlewares_block_is_inside_it() -> None:
     assert library == stock
 
 
+# -- the set's statement timeout -------------------------------------------------
+
+
+def slow_service() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(0.5)")
+    return "slept"
+
+
+async def test_sync_code_inside_a_block_runs_without_the_statement_timeout() -> None:
+    """The set's statement timeout is for its ORM calls: sync code in a block
+    runs without it at parallelism 1 (on the request's thread), so at 4."""
+
+    def stock() -> str:
+        with transaction.atomic():
+            return slow_service()
+
+    stock_result = await sync_to_async(stock)()
+
+    async def outcome(call: Any) -> str:
+        try:
+            return str(await call)
+        except Exception as exc:
+            return type(exc).__name__
+
+    results = {}
+    for parallelism in (1, 4):
+        async with request_like(parallelism=parallelism):
+            async with asgi_dbset.db_parallelism(parallelism, statement_timeout=0.2):
+                async with asgi_dbset.atomic():
+                    first = await outcome(Author.objects.acount())
+                    # (Before, at 4: OperationalError, the lane's timeout.)
+                    service = await outcome(sync_to_async(slow_service)())
+                    # The block's own calls stay timed.
+                    orm = await outcome(sleeping(0.5).acount())
+                    extra = on_an_extra_lane()
+        results[parallelism] = [first, service, orm, extra]
+
+    assert stock_result == "slept"
+    assert results[1] == ["0", "slept", "OperationalError", False]
+    assert results[4] == ["0", "slept", "OperationalError", True]
+
+
 # -- outside a request: no ThreadSensitiveContext ----------------------------------
 
 
