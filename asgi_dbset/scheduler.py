@@ -671,22 +671,29 @@ class Scheduler:
             if lane is self._lane0 or (lane.leased and not lane.broken)
         ]
         results = await asyncio.gather(
-            *(
-                self.run(
-                    Target(lane.alias or DEFAULT_DB_ALIAS),
-                    leave_thread_snapshots,
-                    (),
-                    {},
-                    outer,
-                    pin=lane,
-                )
-                for lane in lanes
-            ),
+            *(self._leave_snapshot(lane, outer) for lane in lanes),
             return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException):
                 logger.warning("asgi_dbset: error ending a snapshot", exc_info=result)
+
+    async def _leave_snapshot(self, lane: Lane, outer: object) -> None:
+        # (A task: it starts a loop turn after end_snapshot() chose its lane.)
+        if lane is not self._lane0 and lane not in self._lanes:
+            # Returned meanwhile (idle: the set's idle timer, the last body),
+            # its connection left the snapshot as it went back, and its
+            # worker is no lane's now: a call there would open a connection
+            # nobody returns.
+            return
+        await self.run(
+            Target(lane.alias or DEFAULT_DB_ALIAS),
+            leave_thread_snapshots,
+            (),
+            {},
+            outer,
+            pin=lane,
+        )
 
     async def _serve(
         self,

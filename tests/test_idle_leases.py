@@ -13,12 +13,13 @@ import asyncio
 import contextlib
 import threading
 import time
+from contextlib import nullcontext
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connections
 
-from asgi_dbset import connection_set
+from asgi_dbset import connection_set, db_parallelism
 from asgi_dbset.budget import budget
 from tests.helpers import checked_out, set_unless_stock, sleeping
 from tests.testapp.models import Author, Book, Tag
@@ -128,4 +129,82 @@ async def test_idle_extra_lanes_go_back_when_another_request_needs_a_connection(
     assert stock_waited < 1.0
     # Before: the other request waited for the view's end (3 s here).
     assert waited < 1.0, waited
+    assert budget.total == 0
+
+
+def spin(seconds: float) -> None:
+    """CPU work on the event loop (another request's, say)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def test_a_snapshot_ends_only_on_the_lanes_the_set_still_holds() -> None:
+    # A view reads in a snapshot with a statement timeout; some reads are
+    # given up (a client's timeout around a gather), so their lanes were
+    # leased but ran nothing. As the snapshot block ends, another request
+    # finds the pool empty while the loop runs other code (another request's
+    # CPU): the set is told to return its idle lanes, on its loop, in the turn
+    # between the snapshot's end choosing the lanes to leave it on and those
+    # calls starting. The calls then ran on the returned lanes' workers
+    # anyway: their statement timeout opened a connection there, which no
+    # lane held, so it never went back to the pool. Stock Django leaves none.
+    pool = connections["default"].pool  # type: ignore[attr-defined]
+    base = checked_out()  # (the test's own)
+    fillers: list[object] = []
+    go, got = threading.Event(), threading.Event()
+
+    def loop_busy_while_another_request_connects() -> None:
+        go.set()
+        spin(0.05)
+
+    async def view(*, lib: bool) -> int:
+        async with db_parallelism(3, snapshot=True) if lib else nullcontext():
+            busy = asyncio.ensure_future(sync_to_async(time.sleep)(0.3))
+            await asyncio.sleep(0.05)  # the request's thread is busy now
+            reads = asyncio.gather(*(Author.objects.acount() for _ in range(3)))
+            await asyncio.sleep(0.1)
+            reads.cancel()  # (given up: the lanes are leased, for nothing)
+            await asyncio.gather(busy, reads, return_exceptions=True)
+            await asyncio.sleep(0.05)
+            count: int = await Author.objects.acount()
+            while checked_out() < pool.max_size:
+                fillers.append(await asyncio.to_thread(pool.getconn, 5))
+            # (Runs first in the next loop turn, before the block's end.)
+            asyncio.get_running_loop().call_soon(
+                loop_busy_while_another_request_connects
+            )
+        return count
+
+    async def request(*, lib: bool) -> tuple[int, int]:
+        go.clear()
+        got.clear()
+        other = asyncio.get_running_loop().run_in_executor(
+            None, another_request, go, got
+        )
+        try:
+            async with ThreadSensitiveContext():
+                try:
+                    if lib:
+                        async with connection_set(
+                            parallelism=3, lease_timeout=5.0, statement_timeout=5
+                        ):
+                            count = await asyncio.wait_for(view(lib=True), 10)
+                    else:
+                        count = await asyncio.wait_for(view(lib=False), 10)
+                finally:
+                    await sync_to_async(connections.close_all)()
+        finally:
+            for conn in fillers:
+                pool.putconn(conn)
+            fillers.clear()
+            await other
+        await asyncio.sleep(0.2)  # (returns from other threads land)
+        return count, checked_out() - base
+
+    stock = await request(lib=False)
+    lib = await request(lib=True)
+    assert stock == (0, 0)
+    # Before: (0, 2) - connections left out of the pool on lane workers.
+    assert lib == stock
     assert budget.total == 0
