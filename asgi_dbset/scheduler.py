@@ -640,6 +640,7 @@ class Scheduler:
             if call.lane is not None and call.lane.reserved:
                 call.lane.reserved = False
                 self._assign()
+                self._when_idle()
             raise
         if not ran or call.lane is None:
             raise CallNotRunError(
@@ -657,6 +658,9 @@ class Scheduler:
             lane.reserved = False
             self.blocks -= 1
             self._assign()
+            # (Its last call ended while the block still held it: the set
+            # may be idle already, and this lane goes back with the others.)
+            self._when_idle()
 
     async def end_snapshot(self, outer: object) -> None:
         """End the snapshot: every lane that may be in it leaves it on its own

@@ -17,8 +17,9 @@ from contextlib import nullcontext
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
-from django.db import connections
+from django.db import connections, transaction
 
+import asgi_dbset
 from asgi_dbset import connection_set, db_parallelism
 from asgi_dbset.budget import budget
 from tests.helpers import checked_out, set_unless_stock, sleeping
@@ -207,4 +208,81 @@ async def test_a_snapshot_ends_only_on_the_lanes_the_set_still_holds() -> None:
     assert stock == (0, 0)
     # Before: (0, 2) - connections left out of the pool on lane workers.
     assert lib == stock
+    assert budget.total == 0
+
+
+def write_in_a_transaction(name: str) -> None:
+    with transaction.atomic():
+        Author.objects.create(name=name)
+
+
+async def test_a_blocks_lane_goes_back_at_once_when_requests_wait() -> None:
+    # A view writes in a transaction block, then waits for another service.
+    # Meanwhile the pool is full and a request waits for a connection. Stock
+    # Django holds the request's one connection during the wait; the set's
+    # idle extra lanes go back at once when requests wait - the block's lane
+    # too, once the block has ended (it was still the block's when the
+    # block's last call ended, and nothing looked again).
+    pool = connections["default"].pool  # type: ignore[attr-defined]
+    base = checked_out()  # (the test's own)
+    held: list[object] = []
+    waiter: asyncio.Future[object] | None = None
+
+    async def fill_the_pool_and_wait_for_one_more() -> None:
+        nonlocal waiter
+        while checked_out() < pool.max_size:
+            held.append(await asyncio.to_thread(pool.getconn, 5))
+        waiter = asyncio.ensure_future(asyncio.to_thread(pool.getconn, 5))
+        for _ in range(400):  # (at most 2 s)
+            if pool.get_stats().get("requests_waiting", 0):
+                break
+            await asyncio.sleep(0.005)
+
+    async def view(*, lib: bool) -> tuple[int, int]:
+        await Author.objects.acount()  # the request's own connection
+        if lib:
+            async with asgi_dbset.atomic():
+                await Author.objects.acreate(name="x")
+                await fill_the_pool_and_wait_for_one_more()
+        else:
+            await sync_to_async(write_in_a_transaction)("x")
+            await fill_the_pool_and_wait_for_one_more()
+        await asyncio.sleep(0.2)  # the other service
+        assert waiter is not None
+        # Connections the request holds while it waits: those out of the
+        # pool, less the test's own and the waiter's if it was served.
+        holding = checked_out() - base - len(held) - int(waiter.done())
+        return await Author.objects.acount(), holding
+
+    async def request(*, lib: bool) -> tuple[int, int]:
+        nonlocal waiter
+        try:
+            async with ThreadSensitiveContext():
+                try:
+                    if lib:
+                        async with connection_set(
+                            parallelism=2, lease_timeout=5.0
+                        ) as s:
+                            result = await asyncio.wait_for(view(lib=True), 10)
+                            # (The block ran on an extra lane.)
+                            assert any(record.lane for record in s.records)
+                    else:
+                        result = await asyncio.wait_for(view(lib=False), 10)
+                finally:
+                    await sync_to_async(connections.close_all)()
+        finally:
+            for conn in held:
+                pool.putconn(conn)
+            held.clear()
+            if waiter is not None:
+                pool.putconn(await waiter)
+                waiter = None
+        return result
+
+    stock = await request(lib=False)
+    lib = await request(lib=True)
+    assert stock == (1, 1)
+    # Before: (2, 2) - the block's lane held through the wait, the waiting
+    # request not served.
+    assert lib == (2, 1)
     assert budget.total == 0
