@@ -901,9 +901,11 @@ class Scheduler:
                 # (If it failed before its report, none will come; a report
                 # already posted stands.)
                 self._lane0.reports.withdraw(job.generation)
+            self._unpin_closed(call)
             self._finish(lane, job)
             raise
         self.recorder.end(record, job.started, job.ended)
+        self._unpin_closed(call)
         self._finish(lane, job)
         return result
 
@@ -1176,6 +1178,16 @@ class Scheduler:
         cursor = call.target.cursor
         if cursor is not None and inspect.getgeneratorstate(cursor) == (
             inspect.GEN_CREATED
+        ):
+            self._unpin(cursor)
+
+    def _unpin_closed(self, call: Call) -> None:
+        """A chunk that ended its cursor (the last one, or one that raised)
+        leaves no pin: its lane is free for every call, and may go back as
+        this call ends (_when_idle) rather than when the generator is freed."""
+        cursor = call.target.cursor
+        if cursor is not None and inspect.getgeneratorstate(cursor) == (
+            inspect.GEN_CLOSED
         ):
             self._unpin(cursor)
 

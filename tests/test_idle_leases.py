@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -160,7 +161,9 @@ async def test_a_snapshot_ends_only_on_the_lanes_the_set_still_holds() -> None:
         spin(0.05)
 
     async def view(*, lib: bool) -> int:
-        async with db_parallelism(3, snapshot=True) if lib else nullcontext():
+        async with (
+            db_parallelism(3, snapshot=True) if lib else contextlib.nullcontext()
+        ):
             busy = asyncio.ensure_future(sync_to_async(time.sleep)(0.3))
             await asyncio.sleep(0.05)  # the request's thread is busy now
             reads = asyncio.gather(*(Author.objects.acount() for _ in range(3)))
@@ -211,6 +214,56 @@ async def test_a_snapshot_ends_only_on_the_lanes_the_set_still_holds() -> None:
     assert budget.total == 0
 
 
+class FullPool:
+    """The default pool filled by the test, and one more request waiting for
+    a connection of it - the load the set returns its idle lanes at once for."""
+
+    def __init__(self) -> None:
+        self.pool = connections["default"].pool  # type: ignore[attr-defined]
+        self.base = checked_out()  # (the test's own)
+        self.held: list[object] = []
+        self.waiter: asyncio.Future[object] | None = None
+
+    async def fill(self) -> None:
+        while checked_out() < self.pool.max_size:
+            self.held.append(await asyncio.to_thread(self.pool.getconn, 5))
+        # (As Django's connect does: the pool's own timeout, 10 s here.)
+        self.waiter = asyncio.ensure_future(asyncio.to_thread(self.pool.getconn))
+        for _ in range(400):  # (at most 2 s)
+            if self.pool.get_stats().get("requests_waiting", 0):
+                break
+            await asyncio.sleep(0.005)
+
+    def request_holds(self) -> int:
+        """Connections out of the pool, less the test's and the waiter's (if
+        it was served): those the request holds."""
+        assert self.waiter is not None
+        served = int(self.waiter.done())
+        return checked_out() - self.base - len(self.held) - served
+
+    async def release(self) -> None:
+        for conn in self.held:
+            self.pool.putconn(conn)
+        self.held.clear()
+        if self.waiter is not None:
+            self.pool.putconn(await self.waiter)
+            self.waiter = None
+
+
+async def in_a_request(view: Callable[[], Awaitable[Any]], *, lib: bool) -> Any:
+    async with ThreadSensitiveContext():
+        try:
+            if not lib:
+                return await asyncio.wait_for(view(), 10)
+            async with connection_set(parallelism=2, lease_timeout=5.0) as dbset:
+                result = await asyncio.wait_for(view(), 10)
+                # (The view's calls did not all run on lane 0.)
+                assert any(record.lane for record in dbset.records)
+                return result
+        finally:
+            await sync_to_async(connections.close_all)()
+
+
 def write_in_a_transaction(name: str) -> None:
     with transaction.atomic():
         Author.objects.create(name=name)
@@ -223,61 +276,28 @@ async def test_a_blocks_lane_goes_back_at_once_when_requests_wait() -> None:
     # idle extra lanes go back at once when requests wait - the block's lane
     # too, once the block has ended (it was still the block's when the
     # block's last call ended, and nothing looked again).
-    pool = connections["default"].pool  # type: ignore[attr-defined]
-    base = checked_out()  # (the test's own)
-    held: list[object] = []
-    waiter: asyncio.Future[object] | None = None
-
-    async def fill_the_pool_and_wait_for_one_more() -> None:
-        nonlocal waiter
-        while checked_out() < pool.max_size:
-            held.append(await asyncio.to_thread(pool.getconn, 5))
-        waiter = asyncio.ensure_future(asyncio.to_thread(pool.getconn, 5))
-        for _ in range(400):  # (at most 2 s)
-            if pool.get_stats().get("requests_waiting", 0):
-                break
-            await asyncio.sleep(0.005)
-
-    async def view(*, lib: bool) -> tuple[int, int]:
+    async def view(lib: bool, full: FullPool) -> tuple[int, int]:
         await Author.objects.acount()  # the request's own connection
         if lib:
             async with asgi_dbset.atomic():
                 await Author.objects.acreate(name="x")
-                await fill_the_pool_and_wait_for_one_more()
+                await full.fill()
         else:
             await sync_to_async(write_in_a_transaction)("x")
-            await fill_the_pool_and_wait_for_one_more()
+            await full.fill()
         await asyncio.sleep(0.2)  # the other service
-        assert waiter is not None
-        # Connections the request holds while it waits: those out of the
-        # pool, less the test's own and the waiter's if it was served.
-        holding = checked_out() - base - len(held) - int(waiter.done())
-        return await Author.objects.acount(), holding
+        holds = full.request_holds()
+        return await Author.objects.acount(), holds
 
     async def request(*, lib: bool) -> tuple[int, int]:
-        nonlocal waiter
+        full = FullPool()
         try:
-            async with ThreadSensitiveContext():
-                try:
-                    if lib:
-                        async with connection_set(
-                            parallelism=2, lease_timeout=5.0
-                        ) as s:
-                            result = await asyncio.wait_for(view(lib=True), 10)
-                            # (The block ran on an extra lane.)
-                            assert any(record.lane for record in s.records)
-                    else:
-                        result = await asyncio.wait_for(view(lib=False), 10)
-                finally:
-                    await sync_to_async(connections.close_all)()
+            result: tuple[int, int] = await in_a_request(
+                lambda: view(lib, full), lib=lib
+            )
+            return result
         finally:
-            for conn in held:
-                pool.putconn(conn)
-            held.clear()
-            if waiter is not None:
-                pool.putconn(await waiter)
-                waiter = None
-        return result
+            await full.release()
 
     stock = await request(lib=False)
     lib = await request(lib=True)
@@ -285,4 +305,47 @@ async def test_a_blocks_lane_goes_back_at_once_when_requests_wait() -> None:
     # Before: (2, 2) - the block's lane held through the wait, the waiting
     # request not served.
     assert lib == (2, 1)
+    assert budget.total == 0
+
+
+async def test_an_iterators_lane_goes_back_at_once_when_requests_wait() -> None:
+    # A view gathers a short read and an aiterator() (its cursor on an extra
+    # lane), then waits for another service; the pool fills, and one more
+    # request waits for a connection, while it iterates (and the short read
+    # ends: the iterator's last chunk is the set's last call). The iterator's lane
+    # was still its cursor's as its last chunk ended (the generator is freed
+    # a moment later), so it stayed out of the pool through the wait.
+    await Author.objects.abulk_create([Author(name=f"a{i}") for i in range(10)])
+
+    async def names(full: FullPool) -> list[str]:
+        found: list[str] = []
+        rows = Author.objects.order_by("id").values_list("name", flat=True)
+        async for name in rows.aiterator(chunk_size=2):
+            found.append(name)
+            if len(found) == 1:
+                await full.fill()
+                await asyncio.sleep(0.05)  # (the short read has ended by now)
+        return found
+
+    async def view(full: FullPool) -> tuple[int, list[str], int]:
+        count, found = await asyncio.gather(sleeping(0.01).acount(), names(full))
+        await asyncio.sleep(0.2)  # the other service
+        return count, found, full.request_holds()
+
+    async def request(*, lib: bool) -> tuple[int, list[str], int]:
+        full = FullPool()
+        try:
+            result: tuple[int, list[str], int] = await in_a_request(
+                lambda: view(full), lib=lib
+            )
+            return result
+        finally:
+            await full.release()
+
+    stock = await request(lib=False)
+    lib = await request(lib=True)
+    assert stock == (10, [f"a{i}" for i in range(10)], 1)
+    # Before: 2 connections held through the wait, the waiting request not
+    # served.
+    assert lib == stock
     assert budget.total == 0
