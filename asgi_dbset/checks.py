@@ -253,7 +253,14 @@ def check_settings(
                 )
             )
         waiting = pool.get("max_waiting", 0) if isinstance(pool, dict) else 0
-        if parallel and waiting and max_size is not None and max_size >= 2:
+        if (
+            parallel
+            and waiting
+            and max_size is not None
+            and max_size >= 2
+            # (A database that keeps per-request state lends no lane: W005.)
+            and not keeps_request_state(alias)
+        ):
             # The pool refuses a getconn() at once when max_waiting others
             # wait; the connections extra lanes hold are ones requests'
             # own would have had on stock Django, so requests queue sooner

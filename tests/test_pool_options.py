@@ -178,3 +178,20 @@ def test_expiring_connections_min_size_0_one_worker_and_a_reset_as_on_stock() ->
     assert figures["lanes_leased"] >= 2
     assert figures["resets"] > 0
     assert figures["checked_out"] == 0
+
+
+def test_max_waiting_is_no_warning_for_a_database_that_lends_no_lane() -> None:
+    # A schema-per-tenant backend (W005): its calls all run on the request's
+    # connection, as stock Django runs them, and the budget lends it no extra
+    # lane - so no lane holds a connection a request would have had, and the
+    # pool refuses nothing that stock Django serves. W006 said it would.
+    database = {
+        **suite_database(min_size=4, max_size=4, max_waiting=1, timeout=5),
+        "ENGINE": "tests.tenant_backend",
+    }
+    figures = run_with_one_database(FOUR_REQUESTS, database)
+    assert figures["stock"] == ["ok"] * 4
+    assert figures["lanes"] == figures["stock"]
+    # Before: ["asgi_dbset.W005", "asgi_dbset.W006"].
+    assert figures["checks"] == ["asgi_dbset.W005"]
+    assert figures["checked_out"] == 0
