@@ -628,8 +628,9 @@ class ConnectionSet:
         """Run *func* (a block's BEGIN) on the lane a new transaction block of
         *alias* will hold, and return that lane and its result: lane 0 when
         the set runs calls as stock Django (or this caller as stock:
-        :meth:`_behind_own_caller`), or lane 0 is inside a transaction of the
-        alias; else an extra lane of the block's own, if one can be had."""
+        :meth:`_behind_own_caller`), when a sync caller waits above (under
+        ``async_to_sync``), or lane 0 is inside a transaction of the alias;
+        else an extra lane of the block's own, if one can be had."""
         scheduler = self._scheduler
         outer = sync_thread_above()
         if not self._routes() or self._behind_own_caller(outer):
@@ -641,7 +642,14 @@ class ConnectionSet:
                 scheduler.lane0_changed()
             self._outer = outer
         on_lane0 = by_last_report = False
-        if self._in_block_on_extra_lane():
+        if outer is not None:
+            # A sync caller above (async code under async_to_sync): asgiref
+            # runs thread-sensitive sync code in the block (sync_to_async) on
+            # that caller's thread - lane 0 - before it asks any context, so
+            # the block is there too, and that code inside its transaction,
+            # as on stock Django's one thread.
+            on_lane0 = True
+        elif self._in_block_on_extra_lane():
             # Lane 0's thread is never asked from inside a block on an extra
             # lane: it may run sync code (sync_to_async beside the block) that
             # waits for the block's row locks, and the block would wait behind

@@ -530,3 +530,35 @@ async def test_at_parallelism_1_sync_code_is_on_the_requests_connection_as_befor
         with pytest.raises(RollbackRequestedError):
             await library()
     assert await anames("lib") == []
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_sync_code_in_a_block_entered_by_a_sync_callers_async_code_is_inside_it(
+    fail: bool,
+) -> None:
+    # A sync view (or service) runs async code under async_to_sync, which
+    # enters a block and calls sync code through sync_to_async. On stock
+    # Django all of it runs on the sync caller's one thread, inside the
+    # transaction. (asgiref sends that sync code to the sync caller's thread
+    # before it asks any context: the block must be there too.)
+    try:
+        stock_seen = await sync_to_async(stock_order)("stock", fail)
+    except RollbackRequestedError:
+        stock_seen = None
+    stock_rows = await anames("stock")
+
+    def sync_caller() -> int | None:
+        try:
+            seen, _ = async_to_sync(library_order)("lib", fail)
+        except RollbackRequestedError:
+            return None
+        return seen
+
+    async with request_like(parallelism=4):
+        seen = await asyncio.wait_for(sync_to_async(sync_caller)(), 10)
+    lib_rows = await anames("lib")
+
+    assert seen == stock_seen
+    assert [r.removeprefix("lib") for r in lib_rows] == [
+        r.removeprefix("stock") for r in stock_rows
+    ]
