@@ -93,14 +93,20 @@ async def test_the_parallel_dashboard_is_faster_and_uses_more_lanes(app: Any) ->
     assert budget.total == 0
 
 
-async def test_the_serial_dashboard_shows_a_gain_of_about_one(app: Any) -> None:
-    # One connection, eleven queries one after another: the queries' times add
-    # up to the wall time. (Time a call spent queued behind the calls before it
-    # on lane 0 is waiting, not query time.)
+async def test_the_serial_dashboard_counts_its_queries_whole_and_gains_nothing(
+    app: Any,
+) -> None:
+    # One connection, eleven queries one after another: their times add up to
+    # at most the wall time (a gain of at most one), and each counts whole -
+    # at least its 20 ms on the server. (How far below one the gain falls is
+    # the loop's time between calls, which a loaded machine stretches: not
+    # asserted. Time a call spent queued behind the calls before it on lane 0
+    # is waiting, not query time.)
     serial = (await request(app, "/api/panels/serial/", "latency=20")).json()
     figures = serial["figures"]["set"]
     assert figures["lanes_used"] == 1
-    assert 0.8 <= figures["gain"] <= 1.05, figures
+    assert figures["gain"] <= 1.05, figures
+    assert figures["query_ms"] >= 11 * 20, figures
     assert figures["wait_ms"] > 11 * 20  # each panel waited for those before it
 
 
