@@ -73,15 +73,20 @@ async def library_order(prefix: str, fail: bool) -> tuple[int, bool]:
     return seen, extra
 
 
+async def stock_outcome(fail: bool) -> tuple[int | None, list[str]]:
+    """What stock_order saw (None: rolled back) and the rows it left."""
+    try:
+        seen: int | None = await sync_to_async(stock_order)("stock", fail)
+    except RollbackRequestedError:
+        seen = None
+    return seen, await anames("stock")
+
+
 @pytest.mark.parametrize("fail", [False, True])
 async def test_sync_to_async_inside_a_block_is_inside_its_transaction(
     fail: bool,
 ) -> None:
-    try:
-        stock_seen = await sync_to_async(stock_order)("stock", fail)
-    except RollbackRequestedError:
-        stock_seen = None
-    stock_rows = await anames("stock")
+    stock_seen, stock_rows = await stock_outcome(fail)
 
     async with request_like(parallelism=4):
         try:
@@ -437,11 +442,7 @@ async def test_outside_a_request_sync_code_inside_a_block_is_inside_it(
 ) -> None:
     """A script (asyncio.run: no ThreadSensitiveContext; asgiref runs sync
     code on its one shared thread), with a set of parallelism 4."""
-    try:
-        stock_seen = await sync_to_async(stock_order)("stock", fail)
-    except RollbackRequestedError:
-        stock_seen = None
-    stock_rows = await anames("stock")
+    stock_seen, stock_rows = await stock_outcome(fail)
 
     go_on = asyncio.Event()
 
@@ -541,11 +542,7 @@ async def test_sync_code_in_a_block_entered_by_a_sync_callers_async_code_is_insi
     # Django all of it runs on the sync caller's one thread, inside the
     # transaction. (asgiref sends that sync code to the sync caller's thread
     # before it asks any context: the block must be there too.)
-    try:
-        stock_seen = await sync_to_async(stock_order)("stock", fail)
-    except RollbackRequestedError:
-        stock_seen = None
-    stock_rows = await anames("stock")
+    stock_seen, stock_rows = await stock_outcome(fail)
 
     def sync_caller() -> int | None:
         try:
