@@ -727,11 +727,15 @@ def all_targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def previous_results(
-    path: Path | None, mode: str
+    path: Path | None, mode: str, date: str
 ) -> tuple[Path, dict[str, Any]] | None:
-    """The newest results file of the same mode dated before *path*'s, beside it."""
+    """The results file of the same mode dated before *path*'s, beside it, that
+    another day produced: the newest of an earlier *date* if there is one (the
+    question is whether a verdict holds from one day to the next), else the
+    newest of the same day."""
     if path is None:
         return None
+    same_day: tuple[Path, dict[str, Any]] | None = None
     for earlier in sorted(path.parent.glob("*.json"), reverse=True):
         if earlier.name >= path.name:
             continue
@@ -739,15 +743,18 @@ def previous_results(
             found = json.loads(earlier.read_text())
         except (OSError, ValueError):
             continue
-        if found.get("mode") == mode and "summary" in found:
+        if found.get("mode") != mode or "summary" not in found:
+            continue
+        if found.get("date") != date:
             return earlier, found
-    return None
+        same_day = same_day or (earlier, found)
+    return same_day
 
 
 def previous_run_section(results: dict[str, Any], path: Path | None) -> list[str]:
     """The targets of this run beside those of the previous run (another day,
     another machine state): which verdicts held, and how far each figure moved."""
-    previous = previous_results(path, results.get("mode", ""))
+    previous = previous_results(path, results.get("mode", ""), results.get("date", ""))
     if previous is None:
         return []
     earlier_path, earlier = previous
@@ -773,12 +780,17 @@ def previous_run_section(results: dict[str, Any], path: Path | None) -> list[str
     if not rows:
         return []
     name = os.path.relpath(earlier_path, REPO)
+    if earlier["date"] != results["date"]:
+        which = "the newest full run of an earlier day"
+        moved = "between the two days"
+    else:
+        which = "the previous full run (no earlier day's run is beside this one)"
+        moved = "between the two runs"
     return [
         f"### Against the previous run ({earlier['date']}, `{name}`)",
         "",
-        f"{same} of {compared} verdicts are the same as in the previous full run; "
-        "each row gives both runs' figures, so how far a figure moved between the "
-        "two days is read off the row.",
+        f"{same} of {compared} verdicts are the same as in {which}; each row gives "
+        f"both runs' figures, so how far a figure moved {moved} is read off the row.",
         "",
         table(["target", f"{earlier['date']}", f"{results['date']}", "verdict"], rows),
         "",
