@@ -6,7 +6,8 @@
 #   make test CELLS=A                only some cells (A: Django 5.2/Py3.11,
 #                                    B: Django 6.1/Py3.12, C: Django 6.1/Py3.13,
 #                                    D: Django 5.2/Py3.11 with the lowest asgiref,
-#                                    E: Django 5.2/Py3.11 through PgBouncer)
+#                                    E: Django 5.2/Py3.11 through PgBouncer,
+#                                    F: Django 6.0/Py3.12)
 #   make test-embedded               smoke tests on the embedded server, main cell
 #   make db-start, make db-stop      start/stop the embedded PostgreSQL (.pgdata/)
 #   make chromium                    install Debian's chromium if absent (browser test)
@@ -22,7 +23,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 PYTEST_ARGS ?=
-CELLS ?= A,B,C,D,E
+CELLS ?= A,B,C,D,E,F
 HOST ?= 127.0.0.1
 PORT ?= 8000
 BENCH_ARGS ?=

@@ -59,6 +59,9 @@ CELLS = (
     Cell("A", "django>=5.2,<5.3", "Django 5.2", "3.11", ".venv", main=True),
     Cell("B", "django>=6.1,<6.2", "Django 6.1", "3.12", ".venv-dj61-py312"),
     Cell("C", "django>=6.1,<6.2", "Django 6.1", "3.13", ".venv-dj61-py313"),
+    # Django 6.0 still gets security fixes (until April 2027), and pyproject.toml
+    # allows it: the hop replaces Django's async entry points, so it is tested too.
+    Cell("F", "django>=6.0,<6.1", "Django 6.0", "3.12", ".venv-dj60-py312"),
     # The lowest asgiref pyproject.toml allows: the hop and the lanes rely on
     # its Local, SyncToAsync and AsyncToSync internals.
     Cell(
