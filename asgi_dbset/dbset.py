@@ -629,7 +629,7 @@ class ConnectionSet:
         *alias* will hold, and return that lane and its result: lane 0 when
         the set runs calls as stock Django (or this caller as stock:
         :meth:`_behind_own_caller`), when a sync caller waits above (under
-        ``async_to_sync``), or lane 0 is inside a transaction of the alias;
+        ``async_to_sync``), or lane 0 is inside a transaction (of any alias);
         else an extra lane of the block's own, if one can be had."""
         scheduler = self._scheduler
         outer = sync_thread_above()

@@ -61,7 +61,7 @@ class LeaseRefusedError(NotRunError):
 
 class NotClearedError(NotRunError):
     """A call handed to a pooled lane on credit was not cleared by lane 0's
-    report (lane 0 is inside a transaction of that alias, or its call did not
+    report (lane 0 is inside a transaction, of any alias, or its call did not
     run); it did not run."""
 
 

@@ -17,8 +17,9 @@ Rules the plan keeps:
 - **Lane 0 runs anything.** When it is idle, the first call takes it.
 - **Extra lanes follow lane 0's transactions.** A call goes to an idle extra
   lane of its alias only while lane 0 runs a call, and only as lane 0's report
-  of that call allows (see :mod:`.transactions`): inside a transaction of the
-  alias, the call waits for lane 0, and so sees the transaction's rows.
+  of that call allows (see :mod:`.transactions`): while lane 0 is inside a
+  transaction (of any alias), the call waits for lane 0, and so sees the
+  transaction's rows.
 - **An aiterator() stays on its lane.** Every chunk runs on the lane that
   opened its cursor.
 - **Behind lane 0.** A call that can only wait for a busy lane 0 (the set has
@@ -28,7 +29,7 @@ Rules the plan keeps:
   round trip through the loop while it holds the request's connection.
 - **At most ``parallelism`` lanes.** The set leases extra lanes only for calls
   left waiting, within the budget, never while requests wait for the pool,
-  and never for an alias lane 0 holds a transaction for. When the parallelism
+  and never while lane 0 was last seen inside a transaction. When the parallelism
   is lowered, lanes beyond it take no new call and are returned as soon as
   they are idle.
 - **No hold and wait.** A lease waits for the pool at most ``lease_timeout``,
@@ -232,7 +233,7 @@ def plan(
             pinned = call.pin
         if pinned is None and call.reserve:
             # A transaction block's first call: on an extra lane of its own
-            # when lane 0 is known outside a transaction of the alias (the
+            # when lane 0 is known outside every transaction (the
             # block's transaction is then the lane's alone), else on lane 0.
             # (A call made by_last_report never waits for lane 0's pending
             # report: lane 0 may be busy for as long as the block is open.)
@@ -618,7 +619,7 @@ class Scheduler:
     ) -> tuple[Lane, Any]:
         """Run a transaction block's first call (its BEGIN) on the lane the
         block holds from then on - an extra lane of its own when lane 0 is
-        outside a transaction of *alias*, else lane 0 (always, *on_lane0*;
+        outside every transaction, else lane 0 (always, *on_lane0*;
         never while an extra lane can be had, *by_last_report*) - and return
         that lane with the call's result. The caller ends the block with
         :meth:`close_block`."""

@@ -4,9 +4,9 @@ Lane 0 is the request's own thread. Code the set never sees runs there too -
 ``await sync_to_async(transaction.set_autocommit)(False)``, or an ``atomic``
 entered through ``sync_to_async`` - and stock Django runs every later call of
 the request inside what that code opened. So an extra lane may only run a
-call for an alias when lane 0's connection of that alias is outside a
-transaction *as of the call before it on lane 0's thread*, and only lane 0's
-thread can tell.
+call while lane 0's connections are outside any transaction *as of the call
+before it on lane 0's thread*, and only lane 0's thread can tell. (Any: a call
+for one database may touch another - see :func:`_inside`.)
 
 Protocol (a *generation* is one call handed to lane 0; they are numbered in
 the order they are handed out, which is the order lane 0's thread runs them):
@@ -17,10 +17,10 @@ the order they are handed out, which is the order lane 0's thread runs them):
   call, which aliases its connections hold a transaction for.
 - loop, :meth:`~TransactionReports.verdict`: before a call for an alias is
   handed to an extra lane while lane 0 runs a call. ``CLEAR``: the report of
-  lane 0's latest call is in and the alias is outside a transaction.
+  lane 0's latest call is in and lane 0 is outside every transaction.
   ``LANE0``: it is inside one (the call runs on lane 0, after it). ``CREDIT``:
-  that report is still to come, and lane 0 was last seen outside a
-  transaction of the alias; the call may be handed out, and the extra lane's
+  that report is still to come, and lane 0 was last seen outside every
+  transaction; the call may be handed out, and the extra lane's
   thread waits for the report itself (:meth:`~TransactionReports.wait_clear`)
   and gives the call back unrun unless it clears it. ``REPORT``: the report is
   still to come and lane 0 was last seen inside one (or lane 0's thread just
@@ -122,8 +122,9 @@ class TransactionReports:
         self._stale = True
 
     def likely_clear(self, alias: str) -> bool:
-        """True unless lane 0 was last seen inside a transaction of *alias*
-        (before any report: True). Leases and credit go by it."""
+        """True unless lane 0 was last seen inside a transaction (of any
+        alias, not only *alias*: see :func:`_inside`; before any report:
+        True). Leases and credit go by it."""
         last = self.last
         return last is None or not _inside(last, alias)
 
@@ -194,9 +195,10 @@ class TransactionReports:
     # -- on an extra lane's thread -------------------------------------------
 
     def wait_clear(self, generation: int, alias: str, timeout: float) -> bool:
-        """True once call *generation* on lane 0 has reported *alias* outside
-        a transaction; False if it reports otherwise, will not report, or
-        after *timeout* seconds."""
+        """True once call *generation* on lane 0 has reported its connections
+        outside every transaction (which clears *alias*: see :func:`_inside`);
+        False if it reports otherwise, will not report, or after *timeout*
+        seconds."""
         with self._lock:
             self._wait_posted(generation, timeout)
             aliases = self._posted.get(generation)
