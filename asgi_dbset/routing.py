@@ -201,12 +201,3 @@ def _route(names: Sequence[str], replacement: Callable[..., Any]) -> list[str]:
             continue
         module.sync_to_async = replacement  # type: ignore[attr-defined]
     return missing
-
-
-def installed() -> bool:
-    """True when every ORM module routes through the active set."""
-    for name in _routable_modules():
-        module = importlib.import_module(name)
-        if getattr(module, "sync_to_async", None) is not sync_to_async:
-            return False
-    return True

@@ -287,11 +287,5 @@ def _closed_message(alias: str) -> str:
     )
 
 
-def leave_all(wrappers: list[BaseDatabaseWrapper]) -> None:
-    """On their thread: :func:`leave` every wrapper that is in a snapshot."""
-    for wrapper in wrappers:
-        leave(wrapper)
-
-
 def in_snapshot(wrapper: BaseDatabaseWrapper) -> bool:
     return getattr(wrapper, MARK, None) is not None
