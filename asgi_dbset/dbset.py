@@ -459,7 +459,8 @@ class ConnectionSet:
 
     def _routes(self) -> bool:
         """True when calls go to lanes: more than one lane, a statement timeout
-        to set, or a cursor pinned to a lane."""
+        to set, a cursor pinned to a lane, a transaction block holding a lane
+        of its own, or a snapshot."""
         return (
             self._scheduler.parallelism > 1
             or self._statement_timeout is not None

@@ -139,8 +139,9 @@ class Plan:
         #: Lanes to return: broken ones, and those beyond the parallelism.
         self.returns: list[Lane] = []
         #: (call, lane, how): how is CLEAR, CREDIT, "lane0", "behind", "pinned"
-        #: (to its cursor's or its transaction block's lane) or "reserve" (a
-        #: transaction block's own lane from now on).
+        #: (to its cursor's or its transaction block's lane), "reserve" (a
+        #: transaction block's own lane from now on) or "lost" (its pinned
+        #: lane is broken: the call fails, see Scheduler._hand).
         self.hand_outs: list[tuple[Call, Lane, str]] = []
         #: Calls wait for lane 0's report on the loop: ask to be told.
         self.want_report = False
@@ -686,7 +687,7 @@ class Scheduler:
     async def _leave_snapshot(self, lane: Lane, outer: object) -> None:
         # (A task: it starts a loop turn after end_snapshot() chose its lane.)
         if lane is not self._lane0 and lane not in self._lanes:
-            # Returned meanwhile (idle: the set's idle timer, the last body),
+            # Returned meanwhile (idle: under pool pressure, at the last body),
             # its connection left the snapshot as it went back, and its
             # worker is no lane's now: a call there would open a connection
             # nobody returns.
@@ -1046,7 +1047,8 @@ class Scheduler:
     def _return_lane(self, lane: Lane) -> None:
         """Give an idle extra lane's connection back to its pool, its worker to
         the workers and its place to the budget: here if that takes no query,
-        else on its worker. (Every lane is returned this way.)"""
+        else on its worker. (Every lane returned while the set is open goes
+        this way; close() returns the others on their workers.)"""
         assert isinstance(lane, PooledLane)
         self._lanes.remove(lane)
         cursors = self._cursors_on(lane)
