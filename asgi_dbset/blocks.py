@@ -17,12 +17,13 @@ transaction's rows. The request's other tasks keep running their calls on its
 other lanes, outside the transaction.
 
 Which lane: an extra lane of the block's own when the set may run calls in
-parallel and the request's thread (lane 0) is outside a transaction of the
-alias; otherwise lane 0 - at parallelism 1, when no extra connection can be
-had, or when lane 0 is inside a transaction already (under ``TestCase``, the
-block is then a savepoint of the test's transaction, as in Django). On lane
-0, the request's other calls of the alias run inside the transaction too, as
-they do on stock Django when the request's thread holds one.
+parallel and the request's thread (lane 0) is outside every transaction;
+otherwise lane 0 - at parallelism 1, when no extra connection can be had, or
+when lane 0 is inside a transaction already, of any alias (under
+``TestCase``, the block is then a savepoint of the test's transaction, as in
+Django). On lane 0, the request's other calls of the alias run inside the
+transaction too, as they do on stock Django when the request's thread holds
+one.
 
 Django's own ``Atomic`` does the work, on the lane's thread: savepoints when
 nested, ``savepoint=False``, ``durable=True``, ``on_commit`` callbacks after
