@@ -105,7 +105,7 @@ class Budget:
         self._total_limit: int | None = None
         # (alias, max_size) of every pooled alias, from _limits (None: not yet).
         self._pool_sizes: tuple[tuple[str, int], ...] | None = None
-        # The aliases that keep_request_state (None: not worked out yet).
+        # The aliases whose backend keeps_request_state (None: not worked out yet).
         self._request_state: frozenset[str] | None = None
 
     def back_off(self, alias: str, seconds: float) -> None:
