@@ -3,8 +3,9 @@
 A lane's connection belongs to Django's thread-local ``connections`` of the
 thread that opened it, so every job of a lane must run on that one thread, in
 submission order. A :class:`Worker` is such a thread with a FIFO queue; it is
-an ``Executor`` so that ``asgiref``'s ``SyncToAsync`` can run ORM calls on it
-exactly as it runs them on Django's own thread.
+an ``Executor`` so that a lane hands it calls (:func:`~.hop.hop`) and its
+lease (``run_in_executor``) exactly as asgiref hands calls to the executor of
+Django's own thread.
 
 Workers are created on demand and kept for reuse: a lane is leased per request,
 a thread is not. Their number is bounded by the number of lanes that can be
