@@ -1,8 +1,10 @@
 """Errors raised by asgi_dbset.
 
-The two that a caller may want to catch around an ORM call subclass Django's
-``OperationalError``, so the handlers that already catch database errors
-catch them too.
+Those a caller may meet around an ORM call subclass Django's own errors
+(``OperationalError``: a call not run, a query refused, a snapshot not
+joined; ``InternalError``: a write in a snapshot; ``TransactionManagementError``:
+a transaction left open), so the handlers that already catch those catch them
+too.
 """
 
 from __future__ import annotations
