@@ -4,7 +4,9 @@ Django's async entry points all end in ``sync_to_async(f)(*args, **kwargs)``
 where ``f`` is a bound method of a QuerySet, RawQuerySet, model instance or
 related manager, ``prefetch_related_objects``, or ``aiterator()``'s local
 ``next_slice(generator)``. This module reads the alias from those objects the
-way Django itself will (routers included) without running any query.
+way Django itself will (routers included) without running any query
+(:func:`target_of`), and pins the call to that answer (:func:`pinned`), so
+that Django does not ask the routers a second time on the lane's thread.
 """
 
 from __future__ import annotations
