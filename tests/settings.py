@@ -79,6 +79,9 @@ if PGBOUNCER is not None:
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
+    # Database-backed sessions, for the auth and session entry points
+    # (tests/test_auth_sessions.py).
+    "django.contrib.sessions",
     "asgi_dbset",
     "tests.testapp",
     # The example shop's models, for tests/example/ (one small migration).
