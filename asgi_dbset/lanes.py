@@ -250,8 +250,9 @@ class Lane:
                 # query of the call passes job.guard - on any connection of
                 # this thread, whatever alias Django routes it to - and only
                 # those queries.
+                guard = job.guard  # (one bound method: removed by identity)
                 for each in wrappers:
-                    each.execute_wrappers.append(job.guard)
+                    each.execute_wrappers.append(guard)
                 # A database whose transaction block runs on another lane (a
                 # query on this thread's connection of it would run outside
                 # that transaction, where Django runs it inside: a receiver
@@ -264,8 +265,8 @@ class Lane:
                     if refusals
                     else ()
                 )
-                for each in refused:
-                    refuse = refusals[each.alias](alias, each.alias)
+                refuses = [refusals[each.alias](alias, each.alias) for each in refused]
+                for each, refuse in zip(refused, refuses, strict=True):
                     each.execute_wrappers.append(refuse)
                 # The timeout bounds every query of the call, not only those of
                 # *alias*: another database's connection (opened by the call
@@ -297,12 +298,12 @@ class Lane:
                     raise
                 finally:
                     for each in timed:
-                        each.execute_wrappers.pop()
+                        remove_execute_wrapper(each, each_timed)
                         reset_statement_timeout(each)
-                    for each in refused:
-                        each.execute_wrappers.pop()
+                    for each, refuse in zip(refused, refuses, strict=True):
+                        remove_execute_wrapper(each, refuse)
                     for each in wrappers:
-                        each.execute_wrappers.pop()
+                        remove_execute_wrapper(each, guard)
             finally:
                 try:
                     if wrapper is not None:
@@ -330,6 +331,25 @@ _SNAPSHOT_OF_ANOTHER_SET = (
     "in use, rather than open a connection_set() of its own; or make this set's "
     "calls after the snapshot has ended."
 )
+
+
+def remove_execute_wrapper(
+    wrapper: BaseDatabaseWrapper, hook: Callable[..., Any]
+) -> None:
+    """Take *hook*, which the library appended before a call, off *wrapper*'s
+    execute wrappers after it, by identity - not the last one, as Django's
+    ``execute_wrapper()`` does: the call may have appended hooks of its own
+    since (a ``connection_created`` receiver installs one on the connection
+    the call opened, as Scout APM does), and they stay, as on stock Django,
+    which wraps no call."""
+    hooks = wrapper.execute_wrappers
+    if hooks and hooks[-1] is hook:  # (nothing appended since: most calls)
+        hooks.pop()
+        return
+    for index in range(len(hooks) - 1, -1, -1):
+        if hooks[index] is hook:
+            del hooks[index]
+            return
 
 
 def _timed_statements(timeout_ms: int) -> Callable[..., Any]:
@@ -447,13 +467,14 @@ def guarded(
             return None  # its caller gave up before it started
         try:
             _, wrappers = thread_wrappers(DEFAULT_DB_ALIAS)
+            guard = job.guard  # (one bound method: removed by identity)
             for each in wrappers:
-                each.execute_wrappers.append(job.guard)
+                each.execute_wrappers.append(guard)
             try:
                 return func(*args, **kwargs)
             finally:
                 for each in wrappers:
-                    each.execute_wrappers.pop()
+                    remove_execute_wrapper(each, guard)
         finally:
             job.end()
 
@@ -782,8 +803,11 @@ def run_with_local_timeout(
             conn.execute(_SET_LOCAL_TIMEOUT, [value])
         return execute(sql, params, many, context)
 
-    with wrapper.execute_wrapper(each_statement):
+    wrapper.execute_wrappers.append(each_statement)
+    try:
         return func(*args, **kwargs)
+    finally:
+        remove_execute_wrapper(wrapper, each_statement)
 
 
 def with_statement_timeout(
