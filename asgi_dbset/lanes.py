@@ -454,6 +454,54 @@ def in_transaction(wrappers: list[BaseDatabaseWrapper]) -> frozenset[str]:
     return aliases
 
 
+#: Execute wrappers found on an extra lane's connection just after its lease
+#: opened it: hooks on every connection (a ``connection_created`` receiver's,
+#: as Scout APM installs), which the extra lanes' queries pass too. Bounded:
+#: hooks made afresh for each connection are never all remembered (each of
+#: them then keeps the calls on lane 0, which is stock's outcome).
+_EVERY_CONNECTION_HOOKS: set[Callable[..., Any]] = set()
+_EVERY_CONNECTION_HOOKS_MAX = 256
+
+
+def remember_every_connection_hooks(wrapper: BaseDatabaseWrapper) -> None:
+    """On a lane's thread, after its lease: note *wrapper*'s execute wrappers."""
+    for hook in wrapper.execute_wrappers:
+        if len(_EVERY_CONNECTION_HOOKS) >= _EVERY_CONNECTION_HOOKS_MAX:
+            return
+        try:
+            _EVERY_CONNECTION_HOOKS.add(hook)
+        except TypeError:  # (unhashable: its calls stay on lane 0)
+            pass
+
+
+def watched(wrappers: list[BaseDatabaseWrapper]) -> frozenset[str]:
+    """The aliases whose connection of this thread (*wrappers*) code is
+    watching in a way no other connection is: ``CaptureQueriesContext`` and
+    ``assertNumQueries`` (``force_debug_cursor``), or an execute wrapper
+    installed on this connection only (``with connection.execute_wrapper():``
+    in a sync middleware, around its ``get_response``). On stock Django every
+    query of the request passes there; a query on an extra lane's connection
+    would not, so the set keeps the calls on this lane while it is watched."""
+    aliases = _NO_ALIASES
+    for w in wrappers:
+        # (Two attribute reads per connection when nothing watches.)
+        if w.force_debug_cursor or (
+            w.execute_wrappers
+            and not all(_on_every_connection(hook) for hook in w.execute_wrappers)
+        ):
+            aliases = aliases | {w.alias}
+    return aliases
+
+
+def _on_every_connection(hook: Callable[..., Any]) -> bool:
+    if getattr(hook, "__func__", None) is Job.guard:
+        return True  # (a set's cancel guard: the library's own, on every lane)
+    try:
+        return hook in _EVERY_CONNECTION_HOOKS
+    except TypeError:  # (unhashable: never remembered)
+        return False
+
+
 def guarded(
     job: Job, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Callable[[], Any]:
@@ -504,9 +552,12 @@ class RequestLane(Lane):
         scope: str,
     ) -> None:
         # The set may only use other connections while this thread's are
-        # outside a transaction: report it for every call, since code the set
-        # does not see may have opened or closed one on this thread since.
-        if self.reports.post(job.generation, in_transaction(wrappers)):
+        # outside a transaction, and unwatched (see watched()): report it for
+        # every call, since code the set does not see may have opened or
+        # closed one on this thread since.
+        if self.reports.post(
+            job.generation, in_transaction(wrappers) | watched(wrappers)
+        ):
             # Other lanes wait for this report: let them have the GIL now,
             # not after this thread has built its own query - theirs are
             # what the request waits for.
@@ -686,6 +737,7 @@ class PooledLane(Lane):
                 raise
             finally:
                 _thread.lease_timeout = None
+            remember_every_connection_hooks(wrapper)
 
         return asyncio.get_running_loop().run_in_executor(self.worker, lease)
 

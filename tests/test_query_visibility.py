@@ -14,13 +14,15 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.core.asgi import get_asgi_application
+from django.db import connection
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
 from django.http import HttpRequest, JsonResponse
-from django.test import override_settings
+from django.test import Client, override_settings
+from django.test.utils import CaptureQueriesContext
 from django.urls import path
 
-from asgi_dbset import DBSetMiddleware
+from asgi_dbset import DBSetMiddleware, active_set, db_parallelism
 from tests.asgi import request
 from tests.helpers import sleeping
 
@@ -29,10 +31,16 @@ pytestmark = pytest.mark.django_db(transaction=True)
 #: The queries the hooks saw, while a test records them.
 SEEN: list[str] = []
 RECORDING: list[bool] = []
+#: The queries the middleware's hook saw, while a test records them.
+MIDDLEWARE_SEEN: list[str] = []
+#: The lanes each request of the gathering view used.
+LANES_USED: list[int] = []
 
 
 async def gathered(request: HttpRequest) -> JsonResponse:
-    counts = await asyncio.gather(*(sleeping(0.05).acount() for _ in range(4)))
+    counts = await asyncio.gather(*(sleeping(0.2).acount() for _ in range(4)))
+    dbset = active_set()
+    LANES_USED.append(dbset.lanes_used if dbset is not None else 0)
     return JsonResponse({"counts": counts})
 
 
@@ -41,7 +49,11 @@ async def one_by_one(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"counts": counts})
 
 
-urlpatterns = [path("gathered/", gathered), path("one-by-one/", one_by_one)]
+urlpatterns = [
+    path("gathered/", gathered),
+    path("one-by-one/", one_by_one),
+    path("gathered-4/", db_parallelism(4)(gathered)),
+]
 
 
 def application_hook(
@@ -71,11 +83,34 @@ def recording() -> Iterator[list[str]]:
         RECORDING.clear()
 
 
-async def serve(parallelism: int | None, path: str) -> list[int]:
+def middleware_hook(
+    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+) -> Any:
+    """Another hook, which no receiver installs, with its own record."""
+    if RECORDING and "pg_sleep" in sql:
+        MIDDLEWARE_SEEN.append(context["connection"].alias)
+    return execute(sql, params, many, context)
+
+
+def watching_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
+    """A sync middleware watching the request's queries (a SQL commenter, a
+    query counter): its hook is on the request thread's connection only."""
+
+    def middleware(request: HttpRequest) -> Any:
+        with connection.execute_wrapper(middleware_hook):
+            return get_response(request)
+
+    return middleware
+
+
+async def serve(
+    parallelism: int | None, path: str, middleware: list[str] | None = None
+) -> list[int]:
     """One request to *path*: through Django's handler alone (None), or
     through DBSetMiddleware at *parallelism*."""
     with override_settings(
         ROOT_URLCONF=__name__,
+        MIDDLEWARE=middleware or [],
         ASGI_DBSET={
             **getattr(settings, "ASGI_DBSET", {}),
             "DEFAULT_PARALLELISM": parallelism or 1,
@@ -98,9 +133,71 @@ async def test_a_hook_installed_on_connection_created_sees_every_query(
     stock = await serve(None, view)
     stock_seen = list(recording)
     recording.clear()
+    LANES_USED.clear()
     library = await serve(parallelism, view)
 
     assert stock_seen == ["default"] * 4
     # (Before: a call that opened the request's connection took the hook off
     # it as it ended, and left its own guard there: 1 query seen of 4.)
     assert (library, recording) == (stock, stock_seen)
+
+
+@pytest.fixture
+def recording_only() -> Iterator[list[str]]:
+    """What middleware_hook sees (application_hook may still be on lanes'
+    connections from the tests above: it records elsewhere)."""
+    MIDDLEWARE_SEEN.clear()
+    RECORDING.append(True)
+    try:
+        yield MIDDLEWARE_SEEN
+    finally:
+        RECORDING.clear()
+
+
+@pytest.mark.parametrize("view", ["/gathered/", "/one-by-one/"])
+@pytest.mark.parametrize("parallelism", [1, 4])
+async def test_a_hook_a_sync_middleware_installs_sees_every_query(
+    recording_only: list[str], view: str, parallelism: int
+) -> None:
+    middleware = [f"{__name__}.watching_middleware"]
+    stock = await serve(None, view, middleware)
+    stock_seen = list(recording_only)
+    recording_only.clear()
+    library = await serve(parallelism, view, middleware)
+
+    assert stock_seen == ["default"] * 4
+    # (Before: 1 of the 4 gathered queries at parallelism 4; the others ran on
+    # extra lanes' connections, which the hook is not on.)
+    assert (library, recording_only) == (stock, stock_seen)
+
+
+async def test_a_watched_request_keeps_its_calls_on_lane_0(
+    recording_only: list[str],
+) -> None:
+    LANES_USED.clear()
+    await serve(4, "/gathered/")
+    await serve(4, "/gathered/", [f"{__name__}.watching_middleware"])
+
+    # Unwatched, the gathered calls run on extra lanes; watched, every call
+    # stays on the request's connection, the one the hook is on.
+    assert LANES_USED[0] > 1
+    assert (LANES_USED[1], recording_only) == (1, ["default"] * 4)
+
+
+def count_queries(path: str) -> tuple[int, list[int]]:
+    """The queries CaptureQueriesContext (what assertNumQueries uses) counts
+    around one request of Django's sync test client."""
+    with override_settings(ROOT_URLCONF=__name__):
+        with CaptureQueriesContext(connection) as captured:
+            response = Client().get(path)
+    assert response.status_code == 200, response.content
+    return len(captured), response.json()["counts"]
+
+
+def test_capture_queries_context_counts_every_query() -> None:
+    stock = count_queries("/gathered/")
+    library = count_queries("/gathered-4/")
+
+    assert stock == (4, [0, 0, 0, 0])
+    # (Before: 1, the gathered queries that ran on extra lanes uncounted.)
+    assert library == stock
