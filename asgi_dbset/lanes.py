@@ -502,6 +502,26 @@ def _on_every_connection(hook: Callable[..., Any]) -> bool:
         return False
 
 
+def hand_over_queries(
+    wrappers: list[BaseDatabaseWrapper], request_wrappers: list[BaseDatabaseWrapper]
+) -> None:
+    """On an extra lane's thread, under ``DEBUG``: move the queries its call
+    logged on the thread's connections (*wrappers*) to the request thread's
+    connections of the same alias (*request_wrappers*). On stock Django every
+    query of the request is in the request thread's ``connection.queries``
+    (which ``request_started`` resets); the lane's own lists are read by
+    nobody, and would keep up to 9000 queries each."""
+    targets = {w.alias: w for w in request_wrappers}
+    for w in wrappers:
+        if w.queries_log:
+            target = targets.get(w.alias)
+            if target is not None and target is not w:
+                # (deque.extend: one step under the GIL, whatever the request's
+                # thread appends meanwhile.)
+                target.queries_log.extend(w.queries_log)
+                w.queries_log.clear()
+
+
 def guarded(
     job: Job, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Callable[[], Any]:
@@ -555,6 +575,7 @@ class RequestLane(Lane):
         # outside a transaction, and unwatched (see watched()): report it for
         # every call, since code the set does not see may have opened or
         # closed one on this thread since.
+        self.reports.request_wrappers = wrappers
         if self.reports.post(
             job.generation, in_transaction(wrappers) | watched(wrappers)
         ):
@@ -697,6 +718,8 @@ class PooledLane(Lane):
         # that lanes of other requests hold while they wait for the first -
         # until the pool's timeout. So it goes back when the call ends, unless
         # a transaction, a snapshot or a statement timeout still lives on it.
+        if wrapper.queries_logged:  # (DEBUG: one settings read per call)
+            hand_over_queries(wrappers, self.reports.request_wrappers)
         others = [
             w for w in wrappers if w.alias != self.alias and w.connection is not None
         ]

@@ -41,7 +41,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
 
 #: Verdicts of :meth:`TransactionReports.verdict`.
 CLEAR: Final = "clear"
@@ -83,6 +86,7 @@ class TransactionReports:
         "_wanted",
         "due",
         "last",
+        "request_wrappers",
     )
 
     def __init__(self) -> None:
@@ -104,6 +108,10 @@ class TransactionReports:
         #: The generation of the latest call handed to lane 0 (loop only).
         self.due = -1
         self._stale = False
+        #: Lane 0's thread's Django connections, as its latest call found
+        #: them (written by that thread): where the extra lanes hand the
+        #: queries they logged under DEBUG (see lanes.hand_over_queries).
+        self.request_wrappers: list[BaseDatabaseWrapper] = []
 
     def __repr__(self) -> str:
         last = "none" if self.last is None else sorted(self.last)

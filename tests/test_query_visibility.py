@@ -103,6 +103,24 @@ def watching_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
     return middleware
 
 
+#: len(connection.queries) of pg_sleep queries, as a sync middleware read it.
+DEBUG_QUERIES: list[int] = []
+
+
+def debug_queries_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
+    """A sync middleware reading ``connection.queries`` after the view (as a
+    query-count header or a debug panel does), under DEBUG."""
+
+    def middleware(request: HttpRequest) -> Any:
+        response = get_response(request)
+        DEBUG_QUERIES.append(
+            sum(1 for query in connection.queries if "pg_sleep" in query["sql"])
+        )
+        return response
+
+    return middleware
+
+
 async def serve(
     parallelism: int | None, path: str, middleware: list[str] | None = None
 ) -> list[int]:
@@ -201,3 +219,22 @@ def test_capture_queries_context_counts_every_query() -> None:
     assert stock == (4, [0, 0, 0, 0])
     # (Before: 1, the gathered queries that ran on extra lanes uncounted.)
     assert library == stock
+
+
+@pytest.mark.parametrize("view", ["/gathered/", "/one-by-one/"])
+@pytest.mark.parametrize("parallelism", [1, 4])
+async def test_connection_queries_under_debug_lists_every_query(
+    view: str, parallelism: int
+) -> None:
+    middleware = [f"{__name__}.debug_queries_middleware"]
+    DEBUG_QUERIES.clear()
+    LANES_USED.clear()
+    with override_settings(DEBUG=True):
+        stock = await serve(None, view, middleware)
+        library = await serve(parallelism, view, middleware)
+
+    if view == "/gathered/" and parallelism == 4:
+        assert LANES_USED[-1] > 1  # (DEBUG alone keeps nothing on lane 0)
+    # (Before: 1 of the 4 gathered queries; the others were in the extra
+    # lanes' threads' lists.)
+    assert (library, DEBUG_QUERIES[1]) == (stock, DEBUG_QUERIES[0]) == ([0] * 4, 4)
