@@ -762,7 +762,15 @@ class PooledLane(Lane):
                 _thread.lease_timeout = None
             remember_every_connection_hooks(wrapper)
 
-        return asyncio.get_running_loop().run_in_executor(self.worker, lease)
+        # The lease opens the connection, so Django's connection_created
+        # receivers run in it: in a private copy of the context of the request
+        # code that made the set lease (as stock runs them in the context of
+        # the request's first query), not in the worker's own empty one.
+        context = contextvars.copy_context()
+        context.run(current_set.set, None)
+        return asyncio.get_running_loop().run_in_executor(
+            self.worker, context.run, lease
+        )
 
     def return_here(self) -> bool:
         """Return the lane's connections to their pools from the calling

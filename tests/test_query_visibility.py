@@ -8,6 +8,7 @@ through the middleware, and compares what the watching code saw.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -119,6 +120,22 @@ def debug_queries_middleware(get_response: Callable[..., Any]) -> Callable[..., 
         return response
 
     return middleware
+
+
+#: Set by tenant_middleware for the request.
+TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="unset")
+
+
+def tenant_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
+    async def middleware(request: HttpRequest) -> Any:
+        TENANT.set("acme")
+        return await get_response(request)
+
+    return middleware
+
+
+tenant_middleware.async_capable = True  # type: ignore[attr-defined]
+tenant_middleware.sync_capable = False  # type: ignore[attr-defined]
 
 
 async def serve(
@@ -238,3 +255,28 @@ async def test_connection_queries_under_debug_lists_every_query(
     # (Before: 1 of the 4 gathered queries; the others were in the extra
     # lanes' threads' lists.)
     assert (library, DEBUG_QUERIES[1]) == (stock, DEBUG_QUERIES[0]) == ([0] * 4, 4)
+
+
+async def test_connection_created_receivers_see_the_requests_context() -> None:
+    seen: list[str] = []
+
+    def receiver(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
+        seen.append(TENANT.get())
+
+    middleware = [f"{__name__}.tenant_middleware"]
+    LANES_USED.clear()
+    connection_created.connect(receiver)
+    try:
+        await serve(None, "/gathered/", middleware)
+        stock = list(seen)
+        seen.clear()
+        await serve(4, "/gathered/", middleware)
+    finally:
+        connection_created.disconnect(receiver)
+
+    assert stock == ["acme"]
+    assert LANES_USED[-1] > 1
+    # A connection per lane, each set up in the request's context. (Before:
+    # the extra lanes' receivers ran in the worker's empty one: "unset".)
+    assert len(seen) >= LANES_USED[-1]
+    assert set(seen) == {"acme"}
