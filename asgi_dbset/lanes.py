@@ -1028,6 +1028,11 @@ def _clear(wrapper: BaseDatabaseWrapper) -> None:
     wrapper.needs_rollback = False
     wrapper.closed_in_transaction = False
     wrapper.run_on_commit = []
+    # What stock Django's fresh thread of each request starts with: no hook a
+    # connection_created receiver appended for the connection returned (it
+    # appends one again for the next), no query logged under DEBUG.
+    wrapper.execute_wrappers = []
+    wrapper.queries_log.clear()
 
 
 def leave_snapshot(wrapper: BaseDatabaseWrapper) -> None:

@@ -280,3 +280,38 @@ async def test_connection_created_receivers_see_the_requests_context() -> None:
     # the extra lanes' receivers ran in the worker's empty one: "unset".)
     assert len(seen) >= LANES_USED[-1]
     assert set(seen) == {"acme"}
+
+
+def install_hook_each_time(
+    sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any
+) -> None:
+    # No check for one already there: stock Django serves each ASGI request
+    # on a thread of its own, whose connection object is new.
+    connection.execute_wrappers.append(application_hook)
+
+
+async def test_a_receiver_that_appends_on_each_connection_sees_each_query_once() -> (
+    None
+):
+    SEEN.clear()
+    RECORDING.append(True)
+    connection_created.connect(install_hook_each_time)
+    try:
+        stock = []
+        for _ in range(3):
+            await serve(None, "/gathered/")
+            stock.append(len(SEEN))
+            SEEN.clear()
+        library = []
+        for _ in range(3):
+            await serve(4, "/gathered/")
+            library.append(len(SEEN))
+            SEEN.clear()
+    finally:
+        connection_created.disconnect(install_hook_each_time)
+        RECORDING.clear()
+
+    assert stock == [4, 4, 4]
+    # (Before: the lane threads' connection objects kept the hook of each
+    # lease, and saw each query once more per lease: [4, 7, 10].)
+    assert library == stock
