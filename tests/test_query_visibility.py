@@ -19,7 +19,7 @@ from django.db import connection
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
 from django.http import HttpRequest, JsonResponse
-from django.test import Client, override_settings
+from django.test import Client, TestCase, TransactionTestCase, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.urls import path
 
@@ -315,3 +315,26 @@ async def test_a_receiver_that_appends_on_each_connection_sees_each_query_once()
     # (Before: the lane threads' connection objects kept the hook of each
     # lease, and saw each query once more per lease: [4, 7, 10].)
     assert library == stock
+
+
+@override_settings(ROOT_URLCONF=__name__)
+class AssertNumQueriesInATransactionTestCase(TransactionTestCase):
+    def test_a_decorated_views_gathered_queries_are_counted(self) -> None:
+        with self.assertNumQueries(4):
+            stock = self.client.get("/gathered/").json()
+        LANES_USED.clear()
+        # (Before: "4 != 1 : 1 queries executed, 4 expected".)
+        with self.assertNumQueries(4):
+            library = self.client.get("/gathered-4/").json()
+        assert library == stock
+        assert LANES_USED == [1]  # kept on the test's connection, the counted one
+
+
+@override_settings(ROOT_URLCONF=__name__)
+class AssertNumQueriesInATestCase(TestCase):
+    def test_a_decorated_views_gathered_queries_are_counted(self) -> None:
+        with self.assertNumQueries(4):
+            stock = self.client.get("/gathered/").json()
+        with self.assertNumQueries(4):
+            library = self.client.get("/gathered-4/").json()
+        assert library == stock
