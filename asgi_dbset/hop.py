@@ -95,6 +95,22 @@ def thread_sensitive_context() -> Any:
     return context
 
 
+#: Set on a request's ``ThreadSensitiveContext`` by :func:`release`.
+_RELEASED = "_asgi_dbset_released"
+
+
+def release(request_context: object) -> None:
+    """The request of *request_context* is done with its thread (its
+    connections are being returned, or the context has exited): the calls
+    made in that context from now on - by tasks the app started and did not
+    await, which kept it in their context variables - run on asgiref's
+    shared thread, as without a context (a Starlette app without the
+    middleware), not on the request's thread, where they would open a
+    pooled connection nobody returns, nor on a new thread asgiref would make
+    for the exited context (the same, once per task)."""
+    setattr(request_context, _RELEASED, True)
+
+
 def request_thread_executor(outer: object) -> Executor | None:
     """The executor ``SyncToAsync(thread_sensitive=True)`` would run a call on
     for the current caller: the sync thread above (*outer*,
@@ -113,6 +129,11 @@ def request_thread_executor(outer: object) -> Executor | None:
     context = thread_sensitive_context()
     if context is None or getattr(context, "_exited", False):
         return None
+    if getattr(context, _RELEASED, False):
+        # (See release(): asgiref's choice without a context.)
+        loop = asyncio.get_running_loop()
+        shared: Executor | None = AsyncToSync.loop_thread_executors.get(loop)
+        return shared or SyncToAsync.single_thread_executor
     executors = SyncToAsync.context_to_thread_executor
     executor = executors.get(context)
     if executor is None:

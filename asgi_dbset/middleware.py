@@ -35,6 +35,7 @@ from .budget import pool_options
 from .conf import conf
 from .dbset import ConnectionSet
 from .history import remember
+from .hop import release
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .workers import workers
 
@@ -86,8 +87,9 @@ class DBSetMiddleware:
         # queries on the server.
         dbset: ConnectionSet | None = None
         failed = False
+        request_thread = ThreadSensitiveContext()
         try:
-            async with ThreadSensitiveContext() as request_thread:
+            async with request_thread:
                 try:
                     async with set_from_settings(values) as opened:
                         dbset = opened
@@ -120,6 +122,9 @@ class DBSetMiddleware:
                         # sibling of the call that raised), not behind them.
                         await _return_connections(request_thread)
         finally:
+            # Calls made in the request's context from now on come from tasks
+            # that outlive it: see release().
+            release(request_thread)
             # (Failed and cancelled requests too: a timeline that showed only
             # the requests that succeeded would hide the slow ones that failed.)
             if history > 0 and dbset is not None:

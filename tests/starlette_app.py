@@ -90,11 +90,32 @@ async def background(request: Request) -> JSONResponse:
     return JSONResponse({"sent": True}, background=tasks)
 
 
+# Tasks a view started and did not await (they outlive their request); they
+# go on when the test sets the app's ``state.go_on`` event.
+LEFT_RUNNING: list[asyncio.Task[None]] = []
+
+
+async def _later(prefix: str, go_on: asyncio.Event) -> None:
+    await go_on.wait()
+    await Author.objects.acreate(name=f"{prefix}later")
+
+
+async def fire_and_forget(request: Request) -> JSONResponse:
+    """Starts a task that writes once the response is long gone."""
+    LEFT_RUNNING.append(
+        asyncio.create_task(
+            _later(request.query_params["prefix"], request.app.state.go_on)
+        )
+    )
+    return JSONResponse({"started": True})
+
+
 starlette_app = Starlette(
     routes=[
         Route("/dashboard", dashboard),
         Route("/plain", plain),
         Route("/stream", stream),
         Route("/background", background),
+        Route("/fire-and-forget", fire_and_forget),
     ]
 )

@@ -25,7 +25,12 @@ from asgi_dbset.middleware import wait_for_sets_to_close
 from asgi_dbset.types import Message, Receive, Scope, Send
 from tests.asgi import request
 from tests.helpers import active_sleeps, checked_out, sleeping, timed
-from tests.starlette_app import COUNTS_SEEN, LANES_SEEN, starlette_app
+from tests.starlette_app import (
+    COUNTS_SEEN,
+    LANES_SEEN,
+    LEFT_RUNNING,
+    starlette_app,
+)
 from tests.test_atomic import idle_in_transaction
 from tests.testapp.models import Author, Book, Tag
 from tests.views import StreamFailedError
@@ -688,4 +693,43 @@ async def test_a_client_disconnect_in_the_middle_of_a_starlette_stream() -> None
     assert lib[2] < 5, lib  # (not the 20 s the queries would take)
     assert await sync_to_async(_names)("stock") == ["stock0"]
     assert await sync_to_async(_names)("lib") == ["lib0"]
+    assert budget.total == 0
+
+
+async def _left_by_tasks_outliving_their_requests(app: Any, prefix: str) -> int:
+    """Three requests each start a task that makes an ORM call after its
+    request has ended; pooled connections checked out once the tasks are done,
+    collected, and asgiref's shared thread has closed its own."""
+    await sync_to_async(connections.close_all)()  # (the shared thread's)
+    before = checked_out()
+    go_on = starlette_app.state.go_on = asyncio.Event()
+    for i in range(3):
+        response = await asyncio.wait_for(
+            request(app, "/fire-and-forget", f"prefix={prefix}{i}"), 20
+        )
+        assert response.json() == {"started": True}
+    go_on.set()
+    await asyncio.wait_for(asyncio.gather(*LEFT_RUNNING), 20)
+    LEFT_RUNNING.clear()
+    gc.collect()  # (the tasks' contexts, and what asgiref keys on them)
+    await sync_to_async(connections.close_all)()
+    return await _left_since(before)
+
+
+async def test_starlette_tasks_outliving_their_requests_leave_no_connection() -> None:
+    """A Starlette view starts a task it does not await, which makes an ORM
+    call after the response. Without the middleware the call runs on asgiref's
+    shared thread (one connection for the process). The task keeps the
+    request's thread-sensitive context, which has exited: asgiref gave each
+    such task a new thread, whose pooled connection nobody returned - one out
+    of the pool for good per request. Now the same rows, and every connection
+    back once the shared thread has closed its own, as on stock."""
+    stock = await _left_by_tasks_outliving_their_requests(starlette_app, "stock")
+    lib = await _left_by_tasks_outliving_their_requests(
+        DBSetMiddleware(starlette_app), "lib"
+    )
+    assert (stock, lib) == (0, 0)
+    names = [f"{i}later" for i in range(3)]
+    assert await sync_to_async(_names)("stock") == [f"stock{n}" for n in names]
+    assert await sync_to_async(_names)("lib") == [f"lib{n}" for n in names]
     assert budget.total == 0
