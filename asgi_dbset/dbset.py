@@ -342,10 +342,14 @@ class ConnectionSet:
         return self
 
     async def __aexit__(self, exc_type: object, *exc_info: object) -> None:
-        if exc_type is not None:
-            # The owner failed or was cancelled (a request cancelled at server
-            # shutdown): nobody needs the calls still running; stop them on
-            # the server rather than wait for them.
+        if isinstance(exc_type, type) and not issubclass(exc_type, Exception):
+            # The owner was cancelled (a request cancelled at server shutdown,
+            # a timeout in front of the app): its gathers cancelled their
+            # children, so nobody needs the calls still running; stop them on
+            # the server rather than wait for them. Not when it raised: a
+            # sibling of the call that raised in a plain asyncio.gather is not
+            # cancelled, and on stock Django goes on with its next statements
+            # (its writes land) - so its running call ends normally here too.
             self._scheduler.stop_running()
         try:
             if not self._close_at_once():

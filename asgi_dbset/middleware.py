@@ -116,10 +116,10 @@ class DBSetMiddleware:
                         # Django's handler returns them with request_finished,
                         # which it does not send when an exception leaves it
                         # (a streaming body that raised, a cancelled request):
-                        # the request's thread
-                        # would keep its pooled connection for good. After the
-                        # set has stopped the calls still running there (a
-                        # sibling of the call that raised), not behind them.
+                        # the request's thread would keep its pooled
+                        # connection for good. After the set has closed:
+                        # behind the calls still running there, which a
+                        # cancelled set has stopped on the server.
                         await _return_connections(request_thread)
         finally:
             # Calls made in the request's context from now on come from tasks
@@ -162,6 +162,11 @@ async def _return_connections(request_thread: ThreadSensitiveContext) -> None:
     """Return the connections of the request's thread, as Django's
     request_finished does, if the app used that thread."""
     if request_thread in SyncToAsync.context_to_thread_executor:
+        # Before the return is queued: the ORM calls queued on the thread
+        # until now run before it (their connection goes back with it); those
+        # made later, by tasks the app started and did not await (the sibling
+        # of a failed gather), would open one there that nobody returns.
+        release(request_thread)
         await finish_shielded(stock_sync_to_async(close_old_connections)())
 
 

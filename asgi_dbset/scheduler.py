@@ -973,8 +973,9 @@ class Scheduler:
                 self._cancel(job)
 
     def stop_running(self) -> None:
-        """The set closes on an error: nobody needs the calls still running;
-        their queries are cancelled on the server and they send no other."""
+        """The set closes on a cancellation: nobody needs the calls still
+        running; their queries are cancelled on the server and they send no
+        other."""
         for job in list(self._running):
             if job.stop():
                 self._cancel(job)

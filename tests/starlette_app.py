@@ -110,6 +110,39 @@ async def fire_and_forget(request: Request) -> JSONResponse:
     return JSONResponse({"started": True})
 
 
+class GatherFailedError(Exception):
+    """Raised by one coroutine of a gather while its sibling runs."""
+
+
+# The siblings of the coroutine that raised, which asyncio.gather leaves
+# running: the test awaits them.
+SIBLINGS: list[asyncio.Task[Any]] = []
+
+
+async def _read_then_write(prefix: str, sleep: float) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    SIBLINGS.append(task)
+    await sleeping(sleep).acount()
+    await Author.objects.acreate(name=f"{prefix}sibling")
+
+
+async def _fails_meanwhile() -> None:
+    await asyncio.sleep(0.05)
+    raise GatherFailedError
+
+
+async def gather_failing(request: Request) -> JSONResponse:
+    """A plain gather whose second coroutine raises while the first reads,
+    then would write: Starlette answers 500 and raises to the server."""
+    async with _parallel(request):
+        await asyncio.gather(
+            _read_then_write(request.query_params["prefix"], _sleep(request)),
+            _fails_meanwhile(),
+        )
+    return JSONResponse({})
+
+
 starlette_app = Starlette(
     routes=[
         Route("/dashboard", dashboard),
@@ -117,5 +150,6 @@ starlette_app = Starlette(
         Route("/stream", stream),
         Route("/background", background),
         Route("/fire-and-forget", fire_and_forget),
+        Route("/gather-failing", gather_failing),
     ]
 )

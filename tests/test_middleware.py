@@ -29,6 +29,8 @@ from tests.starlette_app import (
     COUNTS_SEEN,
     LANES_SEEN,
     LEFT_RUNNING,
+    SIBLINGS,
+    GatherFailedError,
     starlette_app,
 )
 from tests.test_atomic import idle_in_transaction
@@ -477,10 +479,11 @@ async def test_an_exception_in_the_middle_of_a_stream(
     django_app: DBSetMiddleware,
 ) -> None:
     """The body raises while its gathered siblings run: the server gets the
-    exception as on stock, the siblings' queries are cancelled, the rows are
-    stock's. Stock Django sends no request_finished when an exception leaves
-    its handler, so its request's thread keeps its pooled connection for good;
-    the middleware returns it (and every lane)."""
+    exception as on stock, the siblings' queries run to their end (gather does
+    not cancel them), the rows are stock's. Stock Django sends no
+    request_finished when an exception leaves its handler, so its request's
+    thread keeps its pooled connection for good; the middleware returns it
+    (and every lane)."""
     stock = await _outcome(
         get_asgi_application(), "/stream-failing/", "prefix=stock", stock=True
     )
@@ -490,7 +493,7 @@ async def test_an_exception_in_the_middle_of_a_stream(
     assert stock[3] == 1  # (stock's leak, closed by _outcome)
     assert lib[3] == 0
     # Side by side: the siblings' queries (1 s each, one after the other on
-    # stock's request thread) are stopped on the server.
+    # stock's request thread) ran in parallel on the set's lanes.
     assert lib[2] < stock[2], (lib, stock)
     assert await sync_to_async(_names)("stock") == ["stock0"]
     assert await sync_to_async(_names)("lib") == ["lib0"]
@@ -732,4 +735,51 @@ async def test_starlette_tasks_outliving_their_requests_leave_no_connection() ->
     names = [f"{i}later" for i in range(3)]
     assert await sync_to_async(_names)("stock") == [f"stock{n}" for n in names]
     assert await sync_to_async(_names)("lib") == [f"lib{n}" for n in names]
+    assert budget.total == 0
+
+
+async def _after_a_failed_gather(app: Any, query: str) -> tuple[str, list[Any], int]:
+    """What the server got, what the sibling left running ended with, and the
+    pooled connections left checked out once it has ended and asgiref's
+    shared thread has closed its own."""
+    await sync_to_async(connections.close_all)()  # (the shared thread's)
+    before = checked_out()
+    SIBLINGS.clear()
+    raised = ""
+    try:
+        await asyncio.wait_for(request(app, "/gather-failing", query), 20)
+    except GatherFailedError as exc:
+        raised = type(exc).__name__
+    ended = await asyncio.wait_for(
+        asyncio.gather(*SIBLINGS, return_exceptions=True), 20
+    )
+    await _settled()
+    await sync_to_async(connections.close_all)()
+    return (
+        raised,
+        [type(e).__name__ if e else None for e in ended],
+        await _left_since(before),
+    )
+
+
+async def test_the_sibling_of_a_call_that_raised_goes_on_as_on_stock() -> None:
+    """A Starlette view gathers a read-then-write with a coroutine that raises
+    while the read runs. asyncio.gather does not cancel the sibling: on stock
+    its read ends and its write lands, after the 500. The set, closing on the
+    exception Starlette raises to the server, cancelled the read on the
+    server: the sibling ended in OperationalError and its row was missing.
+    Now the read ends, the write lands - on asgiref's shared thread, as on
+    stock, not on the request's thread, whose connection went back - and
+    every connection is back."""
+    stock = await _after_a_failed_gather(
+        starlette_app, "prefix=stock&plain=1&sleep=0.5"
+    )
+    lib = await _after_a_failed_gather(
+        DBSetMiddleware(starlette_app), "prefix=lib&sleep=0.5"
+    )
+    assert stock == ("GatherFailedError", [None], 0)
+    assert lib == stock
+    assert await sync_to_async(_names)("stock") == ["stocksibling"]
+    assert await sync_to_async(_names)("lib") == ["libsibling"]
+    assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
