@@ -305,6 +305,42 @@ _FROM_CACHE = frozenset({"_fetch_all", "count", "exists", "contains"})
 _CLEARS_CACHE = frozenset({"update", "delete"})
 
 
+# Containers whose emptiness is told without running anything (``not qs``
+# on a QuerySet given as ``id_list`` would run its query on the loop).
+_SIZED = (list, tuple, set, frozenset, dict)
+
+
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
+    return args[0] if args else kwargs.get(name)
+
+
+def _answered_before_routing(
+    qs: QuerySet[Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bool:
+    """Whether Django's *name* on *qs* returns or raises before it asks the
+    routers for a database: an empty ``in_bulk()``, ``bulk_create()`` or
+    ``bulk_update()``; a ``contains()`` Django refuses, or answers False for an
+    object of another model. Such a call runs as stock Django, asking the
+    routers nothing (a round-robin router's next answer stays the next
+    call's; a router that raises is not reached)."""
+    if name == "in_bulk":
+        ids = _argument(args, kwargs, "id_list")
+        return isinstance(ids, _SIZED) and not ids
+    if name in ("bulk_create", "bulk_update"):
+        objs = _argument(args, kwargs, "objs")
+        return isinstance(objs, _SIZED) and not objs
+    if name == "contains":
+        obj = _argument(args, kwargs, "obj")
+        if qs.query.combinator or qs._fields is not None:  # type: ignore[attr-defined]
+            return True
+        return (
+            not isinstance(obj, Model)
+            or obj._meta.concrete_model != qs.model._meta.concrete_model
+            or not obj._is_pk_set()  # type: ignore[attr-defined]
+        )
+    return False
+
+
 def _stand_in(owner: Any, alias: str) -> Any:
     """A copy of the (raw) queryset *owner* pinned to *alias*: its ``db`` is
     *alias*, not a fresh answer of the routers. (Not ``copy.copy()``: a
@@ -432,6 +468,8 @@ def target_of(
             # router whose answer changes per call would answer the next call
             # otherwise). It runs as stock, querying nothing.
             return None
+        if _answered_before_routing(owner, name, args, kwargs):
+            return None
         alias = _queryset_alias(owner, name in _WRITES)
         lookups = getattr(owner, "_prefetch_related_lookups", ())
         if lookups and name in _FETCHES:
@@ -453,6 +491,14 @@ def target_of(
         using = kwargs.get("using")
         if using:
             return Target(str(using))
+        if (
+            name == "delete"
+            and getattr(func, "__func__", None) is Model.delete
+            and not owner._is_pk_set()  # type: ignore[attr-defined]
+        ):
+            # Django's delete() refuses an unsaved object before it asks the
+            # routers (ValueError): as stock, they are not asked.
+            return None
         if name == "refresh_from_db":
             # Where Django's refresh_from_db reads: from_queryset's database,
             # else the routers' for the instance (which fall back to the

@@ -1167,6 +1167,70 @@ async def test_calls_answered_from_the_result_cache_ask_no_router_as_on_stock(
     assert budget.total == 0
 
 
+class AskedRouter(RoundRobinRouter):
+    """The round-robin router, also keeping every write question it was
+    asked (always answered "default")."""
+
+    def db_for_write(self, model: Any, **hints: Any) -> str:
+        self.answers.append(f"write {model.__name__}")
+        return "default"
+
+
+async def calls_stock_answers_before_the_routers() -> list[Any]:
+    """Calls that Django answers (or refuses) before it asks any router for
+    their database - nothing to read or write, a wrong argument - then two
+    fresh reads, which get the round-robin router's next answers."""
+    results: list[Any] = [
+        await Author.objects.ain_bulk([]),
+        await Author.objects.abulk_create([]),
+        await Author.objects.abulk_update((), ["name"]),
+        await Author.objects.acontains(Book(pk=1, title="not an author")),
+    ]
+    for refused in (
+        Author.objects.acontains(Author(name="unsaved")),
+        Author.objects.values("name").acontains(Author(pk=1)),
+        Author(name="unsaved").adelete(),
+    ):
+        try:
+            await refused
+        except (TypeError, ValueError) as exc:
+            results.append(type(exc).__name__)
+    results += [await _first_name(Author.objects.all()) for _ in range(2)]
+    return results
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+async def test_calls_django_answers_before_any_router_ask_none_as_on_stock(
+    parallelism: int,
+) -> None:
+    """An empty ``ain_bulk([])``, ``abulk_create([])`` or ``abulk_update()``,
+    an ``acontains()`` of another model's object, and the calls Django
+    refuses before it names a database, ask the routers nothing on stock
+    Django: the reads after them get the answers stock's get. Was: the set
+    asked the routers for each of them as the call was made (five read and
+    two write answers more than stock's), and the fresh reads after read
+    "other" and "default" where stock read "default" and "other"."""
+    for alias in ("default", "other"):
+        await Author.objects.using(alias).acreate(pk=1, name=alias[0])
+    stock_router = AskedRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock = await calls_stock_answers_before_the_routers()
+            await sync_to_async(connections.close_all)()
+    router = AskedRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(parallelism) as dbset:
+            dbset.record_stock_calls = True
+            library = await asyncio.wait_for(
+                calls_stock_answers_before_the_routers(), 10
+            )
+    refused = ["ValueError", "TypeError", "ValueError"]
+    assert stock == [{}, [], 0, False, *refused, "d", "o"]
+    assert library == stock
+    assert router.answers == stock_router.answers == ["default", "other"]
+    assert budget.total == 0
+
+
 def stock_prefetch_in_two_blocks(pk: int) -> list[str]:
     with contextlib.suppress(RollbackRequestedError):
         with transaction.atomic(using="default"):
