@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, router
+from django.db import DEFAULT_DB_ALIAS, connections, router
 from django.db.models import Manager, Model, Prefetch, QuerySet
 from django.db.models.constants import LOOKUP_SEP
 from django.db.models.fields.related_descriptors import (
@@ -471,6 +471,19 @@ def target_of(
         if _answered_before_routing(owner, name, args, kwargs):
             return None
         alias = _queryset_alias(owner, name in _WRITES)
+        if (
+            name == "in_bulk"
+            and not owner._db  # type: ignore[attr-defined]
+            and _argument(args, kwargs, "id_list") is not None
+        ):
+            # Django's in_bulk(id_list) asks the routers twice: for the
+            # database whose backend sizes its batches (connections[self.db],
+            # which raises for an unknown alias), then, as it reads them, for
+            # the database of its rows. Both answers are asked here, in that
+            # order, and the rows are read from the second, as on stock.
+            if alias not in connections.settings:
+                return Target(alias)  # (its lane raises Django's error)
+            alias = _queryset_alias(owner, False)
         lookups = getattr(owner, "_prefetch_related_lookups", ())
         if lookups and name in _FETCHES:
             # The rows' related querysets go where the routers send them.

@@ -1231,6 +1231,41 @@ async def test_calls_django_answers_before_any_router_ask_none_as_on_stock(
     assert budget.total == 0
 
 
+async def bulk_reads_in_turn() -> list[Any]:
+    """In_bulk() reads by ids, gathered, then one read after them."""
+    found = await asyncio.gather(*(Author.objects.ain_bulk([1]) for _ in range(4)))
+    names = [str(by_id[1]) for by_id in found]
+    return [*names, await _first_name(Author.objects.all())]
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+async def test_in_bulk_by_ids_reads_the_routers_second_answer_as_on_stock(
+    parallelism: int,
+) -> None:
+    """Django's ``in_bulk(id_list)`` asks the routers twice - for the database
+    whose backend sizes its batches, then for the one it reads its rows from
+    - so with the round-robin router it reads the second answer's database.
+    Was: the set asked once and read the first answer's (each in_bulk read
+    "default" where stock read "other"), and every read after it got the
+    answer stock's read before it."""
+    for alias in ("default", "other"):
+        await Author.objects.using(alias).acreate(pk=1, name=alias[0])
+    stock_router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock = await bulk_reads_in_turn()
+            await sync_to_async(connections.close_all)()
+    router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(parallelism) as dbset:
+            dbset.record_stock_calls = True
+            library = await asyncio.wait_for(bulk_reads_in_turn(), 10)
+    assert stock == ["o", "o", "o", "o", "d"]
+    assert library == stock
+    assert router.answers == stock_router.answers
+    assert budget.total == 0
+
+
 def stock_prefetch_in_two_blocks(pk: int) -> list[str]:
     with contextlib.suppress(RollbackRequestedError):
         with transaction.atomic(using="default"):
