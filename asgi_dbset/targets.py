@@ -341,6 +341,19 @@ def _answered_before_routing(
     return False
 
 
+def _refreshes_nothing(instance: Model, fields: Any) -> bool:
+    """Whether Django's ``refresh_from_db(fields=fields)`` returns or raises
+    before it asks the routers: no field left once the prefetched relations
+    named are dropped from their cache (it only drops them), or a field with
+    ``__`` (ValueError). Such a call runs as stock, asking the routers
+    nothing. (Only containers: an iterator read here would be used up.)"""
+    if not isinstance(fields, _SIZED):
+        return False
+    prefetched = getattr(instance, "_prefetched_objects_cache", ())
+    left = [name for name in fields if name not in prefetched]
+    return not left or any(LOOKUP_SEP in name for name in left)
+
+
 def _stand_in(owner: Any, alias: str) -> Any:
     """A copy of the (raw) queryset *owner* pinned to *alias*: its ``db`` is
     *alias*, not a fresh answer of the routers. (Not ``copy.copy()``: a
@@ -511,6 +524,12 @@ def target_of(
         ):
             # Django's delete() refuses an unsaved object before it asks the
             # routers (ValueError): as stock, they are not asked.
+            return None
+        if (
+            name == "refresh_from_db"
+            and getattr(func, "__func__", None) is Model.refresh_from_db
+            and _refreshes_nothing(owner, kwargs.get("fields"))
+        ):
             return None
         if name == "refresh_from_db":
             # Where Django's refresh_from_db reads: from_queryset's database,

@@ -1231,6 +1231,51 @@ async def test_calls_django_answers_before_any_router_ask_none_as_on_stock(
     assert budget.total == 0
 
 
+async def refreshes_of_nothing() -> list[Any]:
+    """``arefresh_from_db()`` of fields Django reloads none of: only prefetched
+    relations (it drops their cache), none, or a relation's field (refused);
+    then two fresh reads."""
+    author = await Author.objects.prefetch_related("books").aget(pk=1)
+    results: list[Any] = [author.name]
+    await author.arefresh_from_db(fields=["books"])
+    results.append("books" in author._prefetched_objects_cache)  # type: ignore[attr-defined]
+    await author.arefresh_from_db(fields=[])
+    try:
+        await author.arefresh_from_db(fields=["books__title"])
+    except ValueError as exc:
+        results.append(type(exc).__name__)
+    results += [await _first_name(Author.objects.all()) for _ in range(2)]
+    return results
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+async def test_a_refresh_of_no_field_asks_no_router_as_on_stock(
+    parallelism: int,
+) -> None:
+    """Django's ``refresh_from_db(fields=...)`` returns before it asks the
+    routers when no field is left to reload (the names were prefetched
+    relations, whose cache it drops, or none), and refuses ``__`` in a name
+    before them too. Was: the set asked the routers for each such call (three
+    answers more than stock's), so the reads after them read "default" and
+    "other" where stock read "other" and "default"."""
+    for alias in ("default", "other"):
+        await Author.objects.using(alias).acreate(pk=1, name=alias[0])
+    stock_router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock = await refreshes_of_nothing()
+            await sync_to_async(connections.close_all)()
+    router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(parallelism) as dbset:
+            dbset.record_stock_calls = True
+            library = await asyncio.wait_for(refreshes_of_nothing(), 10)
+    assert stock == ["d", False, "ValueError", "o", "d"]
+    assert library == stock
+    assert router.answers == stock_router.answers
+    assert budget.total == 0
+
+
 async def bulk_reads_in_turn() -> list[Any]:
     """In_bulk() reads by ids, gathered, then one read after them."""
     found = await asyncio.gather(*(Author.objects.ain_bulk([1]) for _ in range(4)))
