@@ -70,6 +70,9 @@ class Entered:
     #: or its savepoint (a nested block without one only marks the enclosing
     #: block for rollback).
     rolls_back: bool
+    #: The lane's thread's Django connection of the block's alias, inside the
+    #: transaction: what the routers see of it (:func:`.targets.seen_from_blocks`).
+    connection: Any
 
 
 @dataclass(slots=True, eq=False)
@@ -328,7 +331,9 @@ def _enter(alias: str, savepoint: bool, durable: bool) -> Entered:
     atomic = transaction.atomic(using=alias, savepoint=savepoint, durable=durable)
     atomic.__enter__()
     # (A nested block pushes its savepoint's id, or None without one.)
-    return Entered(atomic, outermost or connection.savepoint_ids[-1] is not None)
+    return Entered(
+        atomic, outermost or connection.savepoint_ids[-1] is not None, connection
+    )
 
 
 def _leave(

@@ -11,10 +11,11 @@ that Django does not ask the routers a second time on the lane's thread.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,6 +30,7 @@ from django.db.models.fields.related_descriptors import (
 )
 from django.db.models.query import RawQuerySet, prefetch_related_objects
 
+from .context import blocks_around, current_block
 from .transactions import EVERY_ALIAS
 
 # QuerySet / manager methods that Django runs against the write database.
@@ -71,6 +73,41 @@ class Target:
     also: str | None = None
     lane0: bool = False
     routed: Callable[[], str | None] | None = field(default=None, compare=False)
+
+
+@contextlib.contextmanager
+def seen_from_blocks(dbset: object) -> Iterator[None]:
+    """While the routers are asked, on the event loop's thread, for a call
+    made inside ``asgi_dbset.atomic()`` blocks of *dbset*: Django's connection
+    of each block's alias there is the block's own, inside its transaction.
+
+    Stock Django asks the routers on the thread inside the transaction, and
+    a router may look at it: one that sends reads inside a transaction to the
+    primary (``transaction.get_connection().in_atomic_block``) must see the
+    block, or it sends them to the replica, outside the block. Only the
+    connection's state is read there; a router that queries with it fails as
+    it does on any async thread (``SynchronousOnlyOperation``)."""
+    block = current_block.get()
+    if block is None or not router.routers:
+        yield
+        return
+    mine: dict[str, Any] = {}
+    for around in blocks_around(block):  # (innermost first)
+        if around.dbset is dbset:
+            mine.setdefault(around.alias, around.entered.connection)
+    local = connections._connections  # type: ignore[attr-defined]
+    saved = {alias: getattr(local, alias, None) for alias in mine}
+    # (Nothing else runs on the loop's thread until they are put back.)
+    for alias, wrapper in mine.items():
+        setattr(local, alias, wrapper)
+    try:
+        yield
+    finally:
+        for alias, wrapper in saved.items():
+            if wrapper is None:
+                delattr(local, alias)
+            else:
+                setattr(local, alias, wrapper)
 
 
 def _anywhere(alias: str) -> Target:

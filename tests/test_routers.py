@@ -1311,6 +1311,70 @@ async def test_in_bulk_by_ids_reads_the_routers_second_answer_as_on_stock(
     assert budget.total == 0
 
 
+class PrimaryInTransactionsRouter:
+    """A replica router that keeps reads made inside a transaction on the
+    primary, where they see its rows: it looks at the connection of the
+    thread it is asked on, as many primary/replica routers do."""
+
+    def db_for_read(self, model: Any, **hints: Any) -> str:
+        if transaction.get_connection("default").in_atomic_block:
+            return "default"
+        return "other"
+
+    def db_for_write(self, model: Any, **hints: Any) -> str:
+        return "default"
+
+    def allow_relation(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+
+def stock_reads_in_a_transaction() -> list[Any]:
+    seen: list[Any] = []
+    with contextlib.suppress(RollbackRequestedError), transaction.atomic():
+        Author.objects.create(name="mine")
+        seen += [Author.objects.filter(name="mine").exists(), Author.objects.count()]
+        raise RollbackRequestedError
+    return [*seen, Author.objects.filter(name="mine").exists()]
+
+
+async def reads_in_a_block() -> list[Any]:
+    seen: list[Any] = []
+    with contextlib.suppress(RollbackRequestedError):
+        async with asgi_dbset.atomic():
+            await Author.objects.acreate(name="mine")
+            seen += await asyncio.gather(
+                Author.objects.filter(name="mine").aexists(), Author.objects.acount()
+            )
+            raise RollbackRequestedError
+    return [*seen, await Author.objects.filter(name="mine").aexists()]
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+async def test_a_router_that_looks_at_the_transaction_sees_the_block(
+    parallelism: int,
+) -> None:
+    """Reads inside ``asgi_dbset.atomic()``, with a router that sends reads
+    made inside a transaction to the primary: they read the block's own row
+    there, as stock Django's inside ``transaction.atomic()``. Was: the set
+    asked the router on the event loop's thread, whose connection is in no
+    transaction, so at parallelism 3 (and at 1 when the set records its
+    calls) the reads went to the replica: the row not found, the replica's
+    count."""
+    await Author.objects.using("default").acreate(name="d")
+    await Author.objects.using("other").acreate(name="o")
+    with override_settings(DATABASE_ROUTERS=[PrimaryInTransactionsRouter()]):
+        async with ThreadSensitiveContext():
+            stock = await sync_to_async(stock_reads_in_a_transaction)()
+            await sync_to_async(connections.close_all)()
+        async with request_with(parallelism) as dbset:
+            dbset.record_stock_calls = True
+            library = await asyncio.wait_for(reads_in_a_block(), 10)
+    assert stock == [True, 2, False]
+    assert library == stock
+    assert await Author.objects.using("default").acount() == 1
+    assert budget.total == 0
+
+
 def stock_prefetch_in_two_blocks(pk: int) -> list[str]:
     with contextlib.suppress(RollbackRequestedError):
         with transaction.atomic(using="default"):
