@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import Token
 from typing import Any
 
-from django.db import transaction
+from django.db import connections, router, transaction
 
 from . import routing, stats
 from .aio import finish_shielded
@@ -134,6 +134,7 @@ class ConnectionSet:
         "closed_at",
         "open_blocks",
         "opened_at",
+        "outer_connections",
         "passes_through",
         "peak_parallelism",
         "recorder",
@@ -199,6 +200,10 @@ class ConnectionSet:
         self._token: Token[ConnectionSet | None] | None = None
         self._closed = False
         self._outer: object = _NO_CALLER
+        #: Under ``async_to_sync``: the sync caller's executor, and that
+        #: thread's Django connections by alias, which the routers see when
+        #: asked for this set's calls (:func:`.targets.seen_from_blocks`).
+        self.outer_connections: tuple[object, dict[str, Any]] | None = None
         self.opened_at = 0.0
         self.closed_at = 0.0
         self._warned_fallback = False
@@ -337,6 +342,13 @@ class ConnectionSet:
     # -- life cycle ----------------------------------------------------------
 
     async def __aenter__(self) -> ConnectionSet:
+        outer = sync_thread_above()
+        if outer is not None and router.routers:
+            # Lane 0 is the sync caller's thread (a TestCase, a sync view's
+            # async helper), whose transaction stock Django's routers see when
+            # they are asked there: the set asks them on the loop's thread,
+            # so it shows them that thread's connections (one hop, first).
+            self.outer_connections = (outer, await run_as_stock(_thread_connections))
         self.open()
         self._token = current_set.set(self)
         return self
@@ -824,3 +836,8 @@ async def _run_timed(
 
 def _nothing() -> None:
     """A call that runs no query: lane 0 reports its transactions before it."""
+
+
+def _thread_connections() -> dict[str, Any]:
+    """This thread's Django connection of every alias (none is opened)."""
+    return {wrapper.alias: wrapper for wrapper in connections.all()}

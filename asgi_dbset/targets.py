@@ -31,6 +31,7 @@ from django.db.models.fields.related_descriptors import (
 from django.db.models.query import RawQuerySet, prefetch_related_objects
 
 from .context import blocks_around, current_block
+from .hop import sync_thread_above
 from .transactions import EVERY_ALIAS
 
 # QuerySet / manager methods that Django runs against the write database.
@@ -79,7 +80,9 @@ class Target:
 def seen_from_blocks(dbset: object) -> Iterator[None]:
     """While the routers are asked, on the event loop's thread, for a call
     made inside ``asgi_dbset.atomic()`` blocks of *dbset*: Django's connection
-    of each block's alias there is the block's own, inside its transaction.
+    of each block's alias there is the block's own, inside its transaction;
+    under ``async_to_sync``, the other aliases' are the sync caller's (lane
+    0's thread, inside the transaction a ``TestCase`` holds there).
 
     Stock Django asks the routers on the thread inside the transaction, and
     a router may look at it: one that sends reads inside a transaction to the
@@ -88,13 +91,19 @@ def seen_from_blocks(dbset: object) -> Iterator[None]:
     connection's state is read there; a router that queries with it fails as
     it does on any async thread (``SynchronousOnlyOperation``)."""
     block = current_block.get()
-    if block is None or not router.routers:
+    outer = getattr(dbset, "outer_connections", None)
+    if (block is None and outer is None) or not router.routers:
         yield
         return
     mine: dict[str, Any] = {}
     for around in blocks_around(block):  # (innermost first)
         if around.dbset is dbset:
             mine.setdefault(around.alias, around.entered.connection)
+    if outer is not None and outer[0] is sync_thread_above():
+        # Under async_to_sync, outside blocks: the sync caller's thread (lane
+        # 0), inside the transaction it may hold (a TestCase's).
+        for alias, wrapper in outer[1].items():
+            mine.setdefault(alias, wrapper)
     local = connections._connections  # type: ignore[attr-defined]
     saved = {alias: getattr(local, alias, None) for alias in mine}
     # (Nothing else runs on the loop's thread until they are put back.)

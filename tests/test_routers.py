@@ -28,7 +28,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import pytest
-from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
 from django.db import connections, transaction
 from django.db.models import (
     Max,
@@ -1372,6 +1372,50 @@ async def test_a_router_that_looks_at_the_transaction_sees_the_block(
     assert stock == [True, 2, False]
     assert library == stock
     assert await Author.objects.using("default").acount() == 1
+    assert budget.total == 0
+
+
+async def gathered_reads(parallelism: int | None) -> list[Any]:
+    async with contextlib.AsyncExitStack() as stack:
+        if parallelism is not None:
+            await stack.enter_async_context(
+                connection_set(parallelism=parallelism, lease_timeout=5.0)
+            )
+        return list(
+            await asyncio.gather(
+                Author.objects.filter(name="mine").aexists(), Author.objects.acount()
+            )
+        )
+
+
+def reads_under_async_to_sync(parallelism: int | None) -> list[Any]:
+    """Reads made by async code that sync code runs with ``async_to_sync``
+    inside its ``transaction.atomic()`` (as a TestCase's test runs)."""
+    with transaction.atomic():
+        Author.objects.create(name="mine")
+        seen = async_to_sync(gathered_reads)(parallelism)
+        transaction.set_rollback(True)
+    return seen
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+def test_a_router_that_looks_at_the_transaction_sees_the_sync_callers(
+    parallelism: int,
+) -> None:
+    """Under ``async_to_sync`` inside a transaction of the sync caller (a
+    TestCase, with a replica configured as its TEST MIRROR), the router sees
+    that transaction, as stock Django's, asked on the caller's thread, does:
+    the reads stay on the primary and see the caller's row. Was: asked on the
+    event loop's thread, it sent them to the replica ([False, 1] where stock
+    read [True, 2]) - in a TestCase, the mirror, which does not see the
+    test's rows."""
+    Author.objects.using("default").create(name="d")
+    Author.objects.using("other").create(name="o")
+    with override_settings(DATABASE_ROUTERS=[PrimaryInTransactionsRouter()]):
+        stock = reads_under_async_to_sync(None)
+        library = reads_under_async_to_sync(parallelism)
+    assert stock == [True, 2]
+    assert library == stock
     assert budget.total == 0
 
 
