@@ -43,7 +43,7 @@ from .lanes import Lane, with_statement_timeout
 from .records import CallRecord, Recorder
 from .scheduler import Scheduler
 from .snapshots import Snapshot
-from .targets import Target, pinned, seen_from_blocks, target_of
+from .targets import Target, pinned, routed_target
 from .transactions import EVERY_ALIAS
 from .validation import (
     MAX_LEASE_TIMEOUT,
@@ -551,8 +551,7 @@ class ConnectionSet:
             elif where is not None:
                 target = where
             else:
-                with seen_from_blocks(self):
-                    target = target_of(func, args, kwargs)
+                target = routed_target(self, func, args, kwargs)
                 if target is not None:
                     # Django asks the routers no second time, on the lane.
                     func, kwargs = pinned(func, kwargs, target)
@@ -759,8 +758,7 @@ class ConnectionSet:
         # Stock Django, timed for figures and timelines: lane 0, no scheduling.
         # The query's time starts when the request's thread starts the call,
         # not when it was made (it may queue behind the calls before it).
-        with seen_from_blocks(self):
-            target = target_of(func, args, kwargs)
+        target = routed_target(self, func, args, kwargs)
         alias = target.alias if target is not None else ""
         record = self.recorder.begin(0, alias, func, time.perf_counter())
         if target is not None:

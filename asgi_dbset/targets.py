@@ -76,6 +76,23 @@ class Target:
     routed: Callable[[], str | None] | None = field(default=None, compare=False)
 
 
+def routed_target(
+    dbset: object,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Target | None:
+    """:func:`target_of`, for a call of *dbset*: with the routers seeing the
+    transactions stock Django's would (:func:`seen_from_blocks`)."""
+    if not router.routers or (
+        current_block.get() is None
+        and getattr(dbset, "outer_connections", None) is None
+    ):
+        return target_of(func, args, kwargs)  # (most calls: nothing to show)
+    with seen_from_blocks(dbset):
+        return target_of(func, args, kwargs)
+
+
 @contextlib.contextmanager
 def seen_from_blocks(dbset: object) -> Iterator[None]:
     """While the routers are asked, on the event loop's thread, for a call
