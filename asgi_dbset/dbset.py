@@ -43,7 +43,7 @@ from .lanes import Lane, with_statement_timeout
 from .records import CallRecord, Recorder
 from .scheduler import Scheduler
 from .snapshots import Snapshot
-from .targets import Target, pinned, routed_target
+from .targets import Target, pinned, routed_target, seen_from_blocks
 from .transactions import EVERY_ALIAS
 from .validation import (
     MAX_LEASE_TIMEOUT,
@@ -609,7 +609,12 @@ class ConnectionSet:
                 # whose routers name one of them now runs inside its block, as
                 # on stock Django. (Asked again on that lane's thread, an
                 # answer naming another block's database is refused there.)
-                routed = target.routed() if target.routed is not None else None
+                # Asked on the loop's thread too: the routers see the blocks'
+                # transactions there, as everywhere the set asks them.
+                routed = None
+                if target.routed is not None:
+                    with seen_from_blocks(self):
+                        routed = target.routed()
                 pin = block.lane_for(self, routed) if routed is not None else None
                 if routed is None or pin is None:
                     raise

@@ -1471,3 +1471,50 @@ async def test_a_prefetch_inside_blocks_of_two_databases_runs_in_its_own() -> No
     assert "several databases" in refused
     assert [b.title async for b in Book.objects.filter(title="uncommitted")] == []
     assert budget.total == 0
+
+
+def stock_prefetch_seen_in_two_blocks(pk: int) -> list[str]:
+    with contextlib.suppress(RollbackRequestedError):
+        with transaction.atomic(using="default"):
+            with transaction.atomic(using="other"):
+                Book.objects.create(title="uncommitted", author_id=pk)
+                author = Author.objects.get(pk=pk)
+                prefetch_related_objects([author], "books")
+                seen = sorted(b.title for b in author.books.all())
+                raise RollbackRequestedError
+    return seen
+
+
+async def prefetch_seen_in_two_blocks(pk: int) -> list[str]:
+    with contextlib.suppress(RollbackRequestedError):
+        async with asgi_dbset.atomic(using="default"):
+            async with asgi_dbset.atomic(using="other"):
+                await Book.objects.acreate(title="uncommitted", author_id=pk)
+                author = await Author.objects.aget(pk=pk)
+                await aprefetch_related_objects([author], "books")
+                seen = sorted(b.title for b in author.books.all())
+                raise RollbackRequestedError
+    return seen
+
+
+async def test_a_prefetch_inside_blocks_of_two_databases_asks_seeing_them() -> None:
+    """Blocks of "default" and "other" on two lanes, and a router that keeps
+    reads made inside a transaction on the primary: stock's prefetch reads
+    the books on "default", inside its block (the uncommitted book). Was: the
+    set asked the routers which block the prefetch runs in on the event
+    loop's thread without showing them the blocks (the one ask
+    seen_from_blocks() did not cover), so they named the replica, and the
+    prefetch read "other"'s books, outside the block of "default"."""
+    for alias in ("default", "other"):
+        await Author.objects.using(alias).acreate(pk=1, name=alias[0])
+        await Book.objects.using(alias).acreate(title=alias, author_id=1)
+    with override_settings(DATABASE_ROUTERS=[PrimaryInTransactionsRouter()]):
+        async with ThreadSensitiveContext():
+            stock = await sync_to_async(stock_prefetch_seen_in_two_blocks)(1)
+            await sync_to_async(connections.close_all)()
+        async with request_with(3):
+            library = await asyncio.wait_for(prefetch_seen_in_two_blocks(1), 10)
+    assert stock == ["default", "uncommitted"]
+    assert library == stock
+    assert [b.title async for b in Book.objects.filter(title="uncommitted")] == []
+    assert budget.total == 0
