@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import django
+from django.core.exceptions import FieldDoesNotExist
 from django.db import DEFAULT_DB_ALIAS, connections, router
 from django.db.models import Manager, Model, Prefetch, QuerySet
 from django.db.models.constants import LOOKUP_SEP
@@ -28,7 +30,14 @@ from django.db.models.fields.related_descriptors import (
     ReverseManyToOneDescriptor,
     ReverseOneToOneDescriptor,
 )
-from django.db.models.query import RawQuerySet, prefetch_related_objects
+from django.db.models.query import (
+    FlatValuesListIterable,
+    ModelIterable,
+    RawQuerySet,
+    ValuesIterable,
+    ValuesListIterable,
+    prefetch_related_objects,
+)
 
 from .context import blocks_around, current_block
 from .hop import sync_thread_above
@@ -368,6 +377,15 @@ _FROM_CACHE = frozenset({"_fetch_all", "count", "exists", "contains"})
 _CLEARS_CACHE = frozenset({"update", "delete"})
 
 
+_DJANGO_61 = django.VERSION >= (6, 1)
+
+# The iterables Django's in_bulk() reads rows with (others: TypeError).
+_IN_BULK_ITERABLES: tuple[type[Any], ...] = (
+    (ModelIterable, ValuesIterable, ValuesListIterable, FlatValuesListIterable)
+    if _DJANGO_61
+    else (ModelIterable,)
+)
+
 # Containers whose emptiness is told without running anything (``not qs``
 # on a QuerySet given as ``id_list`` would run its query on the loop).
 _SIZED = (list, tuple, set, frozenset, dict)
@@ -386,22 +404,77 @@ def _answered_before_routing(
     object of another model. Such a call runs as stock Django, asking the
     routers nothing (a round-robin router's next answer stays the next
     call's; a router that raises is not reached)."""
+    query = qs.query
     if name == "in_bulk":
         ids = _argument(args, kwargs, "id_list")
-        return isinstance(ids, _SIZED) and not ids
+        return (isinstance(ids, _SIZED) and not ids) or _in_bulk_refused(
+            qs, kwargs.get("field_name", "pk")
+        )
     if name in ("bulk_create", "bulk_update"):
         objs = _argument(args, kwargs, "objs")
-        return isinstance(objs, _SIZED) and not objs
+        batch_size = kwargs.get("batch_size")
+        # (Both refuse a batch size below 1 first, and bulk_create() a
+        # multi-table inherited model: ValueError.)
+        return (
+            (isinstance(objs, _SIZED) and not objs)
+            or (isinstance(batch_size, int) and batch_size <= 0)
+            or (name == "bulk_create" and _multi_table(qs.model))
+        )
     if name == "contains":
         obj = _argument(args, kwargs, "obj")
-        if qs.query.combinator or qs._fields is not None:  # type: ignore[attr-defined]
+        if query.combinator or qs._fields is not None:  # type: ignore[attr-defined]
             return True
         return (
             not isinstance(obj, Model)
             or obj._meta.concrete_model != qs.model._meta.concrete_model
             or not obj._is_pk_set()  # type: ignore[attr-defined]
+            # (Its filter(pk=...) refuses a sliced queryset: TypeError.)
+            or query.is_sliced
+        )
+    if name in ("update", "delete"):
+        # Refused (TypeError) before they name the database they write
+        # (update() after distinct(*fields) from Django 6.1). Exactly: a call
+        # answered None runs as stock - on the request's thread, outside the
+        # set's blocks - so one that would write must never be taken for one.
+        return bool(
+            query.combinator
+            or query.is_sliced
+            or (query.distinct_fields and (name == "delete" or _DJANGO_61))
+            or (name == "delete" and qs._fields is not None)  # type: ignore[attr-defined]
         )
     return False
+
+
+def _in_bulk_refused(qs: QuerySet[Any], field_name: Any) -> bool:
+    """Whether Django's ``in_bulk(field_name=field_name)`` on *qs* raises
+    before it asks the routers: a sliced queryset, (before Django 6.1) a
+    values() one, a field that is not unique or does not exist. (A call
+    taken for refused must be refused: it would run as stock, outside blocks.)"""
+    query = qs.query
+    if query.is_sliced:
+        return True
+    # (Django 6.1 reads values() querysets by ids too, and refuses other
+    # iterables after the field's check below: before routing, either way.)
+    if not issubclass(qs._iterable_class, _IN_BULK_ITERABLES):
+        return True
+    if field_name == "pk":
+        return False
+    opts = qs.model._meta
+    try:
+        field = opts.get_field(field_name)
+    except (FieldDoesNotExist, TypeError):
+        return True
+    unique = [c.fields[0] for c in opts.total_unique_constraints if len(c.fields) == 1]
+    return not (
+        field.unique or field_name in unique or query.distinct_fields == (field_name,)
+    )
+
+
+def _multi_table(model: type[Model]) -> bool:
+    return any(
+        parent._meta.concrete_model is not model._meta.concrete_model
+        for parent in model._meta.get_parent_list()
+    )
 
 
 def _refreshes_nothing(instance: Model, fields: Any) -> bool:

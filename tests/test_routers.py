@@ -27,8 +27,10 @@ from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Any
 
+import django
 import pytest
 from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
+from django.core.exceptions import FieldDoesNotExist
 from django.db import connections, transaction
 from django.db.models import (
     Max,
@@ -1228,6 +1230,71 @@ async def test_calls_django_answers_before_any_router_ask_none_as_on_stock(
     assert stock == [{}, [], 0, False, *refused, "d", "o"]
     assert library == stock
     assert router.answers == stock_router.answers == ["default", "other"]
+    assert budget.total == 0
+
+
+async def calls_stock_refuses_before_the_routers() -> list[Any]:
+    """Calls Django refuses (TypeError, ValueError) before it asks any router
+    for their database - an in_bulk() of a sliced or values() queryset or by
+    a field that is not unique, a sliced contains(), update() or delete(), a
+    batch size below 1 - then two fresh reads."""
+    results: list[Any] = []
+    author = Author(pk=1)
+    for refused in (
+        Author.objects.all()[:5].ain_bulk([1]),
+        Author.objects.ain_bulk([1], field_name="name"),
+        Author.objects.ain_bulk([1], field_name="no_such_field"),
+        Author.objects.all()[:5].acontains(author),
+        Author.objects.abulk_create([Author(name="x")], batch_size=0),
+        Author.objects.abulk_update([author], ["name"], batch_size=0),
+        Author.objects.all()[:1].aupdate(name="x"),
+        Author.objects.all()[:1].adelete(),
+        Author.objects.distinct("name").adelete(),
+        Author.objects.values("name").adelete(),
+    ):
+        try:
+            await refused
+        except (TypeError, ValueError, FieldDoesNotExist) as exc:
+            results.append(type(exc).__name__)
+    if django.VERSION < (6, 1):  # (6.1 reads values() querysets by ids)
+        try:
+            await Author.objects.values("name").ain_bulk([1])
+        except TypeError as exc:
+            results.append(type(exc).__name__)
+    results += [await _first_name(Author.objects.all()) for _ in range(2)]
+    return results
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+async def test_calls_django_refuses_before_any_router_ask_none_as_on_stock(
+    parallelism: int,
+) -> None:
+    """Django refuses these calls before it asks the routers: the reads after
+    them get the answers stock's get, and a router is asked nothing for them.
+    Was: the set asked the routers for each of them as the call was made
+    (twice for an in_bulk() by ids; the write questions too), so the reads
+    after them read "other" and "default" where stock read "default" and
+    "other" (and a router that raises would have raised in place of Django's
+    TypeError)."""
+    for alias in ("default", "other"):
+        await Author.objects.using(alias).acreate(pk=1, name=alias[0])
+    stock_router = AskedRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock = await calls_stock_refuses_before_the_routers()
+            await sync_to_async(connections.close_all)()
+    router = AskedRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(parallelism) as dbset:
+            dbset.record_stock_calls = True
+            library = await asyncio.wait_for(
+                calls_stock_refuses_before_the_routers(), 10
+            )
+    assert stock[-2:] == ["d", "o"]
+    assert len(stock) == 12 + (django.VERSION < (6, 1))
+    assert library == stock
+    assert router.answers == stock_router.answers == ["default", "other"]
+    assert await Author.objects.using("default").acount() == 1
     assert budget.total == 0
 
 
