@@ -200,10 +200,11 @@ class ConnectionSet:
         self._token: Token[ConnectionSet | None] | None = None
         self._closed = False
         self._outer: object = _NO_CALLER
-        #: Under ``async_to_sync``: the sync caller's executor, and that
-        #: thread's Django connections by alias, which the routers see when
-        #: asked for this set's calls (:func:`.targets.seen_from_blocks`).
-        self.outer_connections: tuple[object, dict[str, Any]] | None = None
+        #: Under ``async_to_sync``: by sync caller's executor, that thread's
+        #: Django connections by alias, which the routers see when asked for
+        #: the calls it awaits (:func:`.targets.seen_from_blocks`). Emptied
+        #: when the set closes (it holds another thread's connections).
+        self.outer_connections: dict[object, dict[str, Any]] = {}
         self.opened_at = 0.0
         self.closed_at = 0.0
         self._warned_fallback = False
@@ -342,16 +343,23 @@ class ConnectionSet:
     # -- life cycle ----------------------------------------------------------
 
     async def __aenter__(self) -> ConnectionSet:
-        outer = sync_thread_above()
-        if outer is not None and router.routers:
-            # Lane 0 is the sync caller's thread (a TestCase, a sync view's
-            # async helper), whose transaction stock Django's routers see when
-            # they are asked there: the set asks them on the loop's thread,
-            # so it shows them that thread's connections (one hop, first).
-            self.outer_connections = (outer, await run_as_stock(_thread_connections))
+        if router.routers:
+            await self._show_caller()
         self.open()
         self._token = current_set.set(self)
         return self
+
+    async def _show_caller(self) -> None:
+        """Under ``async_to_sync`` with routers: lane 0 is the sync caller's
+        thread (a TestCase, a sync view's async helper), whose transaction
+        stock Django's routers see when they are asked there. The set asks
+        them on the loop's thread, so it shows them that thread's connections:
+        read with one hop, at open and for each new sync caller (a set opened
+        on the loop - the middleware's - whose calls a sync view's
+        ``async_to_sync`` helper makes)."""
+        outer = sync_thread_above()
+        if outer is not None and outer not in self.outer_connections:
+            self.outer_connections[outer] = await run_as_stock(_thread_connections)
 
     async def __aexit__(self, exc_type: object, *exc_info: object) -> None:
         if isinstance(exc_type, type) and not issubclass(exc_type, Exception):
@@ -413,6 +421,9 @@ class ConnectionSet:
     def _close_at_once(self) -> bool:
         """Close with no task when there is nothing to give back (the common
         request); True if it did."""
+        # (Another thread's connections: not kept past the set's life. No
+        # call asks the routers on the loop once the set is closing.)
+        self.outer_connections = {}
         if (
             self._closed
             or self._loop is None
@@ -551,6 +562,8 @@ class ConnectionSet:
             elif where is not None:
                 target = where
             else:
+                if router.routers:
+                    await self._show_caller()  # (no routers: one attribute read)
                 target = routed_target(self, func, args, kwargs)
                 if target is not None:
                     # Django asks the routers no second time, on the lane.
@@ -763,6 +776,8 @@ class ConnectionSet:
         # Stock Django, timed for figures and timelines: lane 0, no scheduling.
         # The query's time starts when the request's thread starts the call,
         # not when it was made (it may queue behind the calls before it).
+        if router.routers:
+            await self._show_caller()
         target = routed_target(self, func, args, kwargs)
         alias = target.alias if target is not None else ""
         record = self.recorder.begin(0, alias, func, time.perf_counter())

@@ -94,8 +94,7 @@ def routed_target(
     """:func:`target_of`, for a call of *dbset*: with the routers seeing the
     transactions stock Django's would (:func:`seen_from_blocks`)."""
     if not router.routers or (
-        current_block.get() is None
-        and getattr(dbset, "outer_connections", None) is None
+        current_block.get() is None and not getattr(dbset, "outer_connections", None)
     ):
         return target_of(func, args, kwargs)  # (most calls: nothing to show)
     with seen_from_blocks(dbset):
@@ -118,17 +117,18 @@ def seen_from_blocks(dbset: object) -> Iterator[None]:
     it does on any async thread (``SynchronousOnlyOperation``)."""
     block = current_block.get()
     outer = getattr(dbset, "outer_connections", None)
-    if (block is None and outer is None) or not router.routers:
+    if (block is None and not outer) or not router.routers:
         yield
         return
     mine: dict[str, Any] = {}
     for around in blocks_around(block):  # (innermost first)
         if around.dbset is dbset:
             mine.setdefault(around.alias, around.entered.connection)
-    if outer is not None and outer[0] is sync_thread_above():
+    caller = outer.get(sync_thread_above()) if outer else None
+    if caller is not None:
         # Under async_to_sync, outside blocks: the sync caller's thread (lane
         # 0), inside the transaction it may hold (a TestCase's).
-        for alias, wrapper in outer[1].items():
+        for alias, wrapper in caller.items():
             mine.setdefault(alias, wrapper)
     local = connections._connections  # type: ignore[attr-defined]
     saved = {alias: getattr(local, alias, None) for alias in mine}

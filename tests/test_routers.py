@@ -1486,6 +1486,48 @@ def test_a_router_that_looks_at_the_transaction_sees_the_sync_callers(
     assert budget.total == 0
 
 
+def sync_view_with_an_async_helper() -> list[Any]:
+    """A sync view that runs an async helper with ``async_to_sync`` inside its
+    ``transaction.atomic()``; the helper's reads use the set around the view
+    (the middleware's, opened on the event loop, under no ``async_to_sync``)."""
+    with transaction.atomic():
+        Author.objects.create(name="mine")
+        seen = async_to_sync(gathered_reads)(None)
+        transaction.set_rollback(True)
+    return seen
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+async def test_a_router_that_looks_at_the_transaction_sees_a_sync_views(
+    parallelism: int,
+) -> None:
+    """A set opened on the event loop (the middleware's), then a sync view's
+    async helper reading inside the view's transaction: stock's router,
+    asked on the view's thread, sees the transaction and reads the primary
+    ([True, 2]). Was: the set read the sync caller's connections only when
+    it was opened under async_to_sync, so here the router, asked on the
+    loop's thread, saw no transaction and sent the reads to the replica
+    ([False, 1]) - at parallelism 3, and at 1 when the set records its
+    calls. Now the set reads each new sync caller's connections (one hop)."""
+    await Author.objects.using("default").acreate(name="d")
+    await Author.objects.using("other").acreate(name="o")
+    with override_settings(DATABASE_ROUTERS=[PrimaryInTransactionsRouter()]):
+        async with ThreadSensitiveContext():
+            stock = await sync_to_async(sync_view_with_an_async_helper)()
+            await sync_to_async(connections.close_all)()
+        async with request_with(parallelism) as dbset:
+            dbset.record_stock_calls = True
+            library = await asyncio.wait_for(
+                sync_to_async(sync_view_with_an_async_helper)(), 10
+            )
+            callers = len(dbset.outer_connections or ())  # (the view's thread's)
+    assert stock == [True, 2]
+    assert library == stock
+    assert (callers, dbset.outer_connections) == (1, {})  # (none kept once closed)
+    assert await Author.objects.filter(name="mine").acount() == 0
+    assert budget.total == 0
+
+
 def stock_prefetch_in_two_blocks(pk: int) -> list[str]:
     with contextlib.suppress(RollbackRequestedError):
         with transaction.atomic(using="default"):
