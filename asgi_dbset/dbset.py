@@ -125,6 +125,7 @@ class ConnectionSet:
         "_lane0_key",
         "_loop",
         "_outer",
+        "_reading",
         "_record_stock_calls",
         "_scheduler",
         "_snapshot_holders",
@@ -205,6 +206,8 @@ class ConnectionSet:
         #: the calls it awaits (:func:`.targets.seen_from_blocks`). Emptied
         #: when the set closes (it holds another thread's connections).
         self.outer_connections: dict[object, dict[str, Any]] = {}
+        # The hops reading them, by executor, while they run.
+        self._reading: dict[object, asyncio.Future[None]] = {}
         self.opened_at = 0.0
         self.closed_at = 0.0
         self._warned_fallback = False
@@ -343,8 +346,10 @@ class ConnectionSet:
     # -- life cycle ----------------------------------------------------------
 
     async def __aenter__(self) -> ConnectionSet:
-        if router.routers:
-            await self._show_caller()
+        # (No hop here: the sync caller's thread may be busy with a call that
+        # waits for this coroutine - stock's opening waits for nothing. The
+        # first call that asks the routers reads its connections, where stock
+        # queues that call on the same thread.)
         self.open()
         self._token = current_set.set(self)
         return self
@@ -354,12 +359,25 @@ class ConnectionSet:
         thread (a TestCase, a sync view's async helper), whose transaction
         stock Django's routers see when they are asked there. The set asks
         them on the loop's thread, so it shows them that thread's connections:
-        read with one hop, at open and for each new sync caller (a set opened
-        on the loop - the middleware's - whose calls a sync view's
-        ``async_to_sync`` helper makes)."""
+        read with one hop per sync caller, by the first call that asks the
+        routers for it (a TestCase's; a sync view's ``async_to_sync`` helper
+        using a set opened on the loop, the middleware's). Calls gathered
+        meanwhile wait for that hop, and make none of their own."""
         outer = sync_thread_above()
-        if outer is not None and outer not in self.outer_connections:
+        if outer is None or outer in self.outer_connections:
+            return
+        reading = self._reading.get(outer)
+        if reading is not None:
+            await asyncio.wait((reading,))  # (its caller's cancellation: not ours)
+            if outer not in self.outer_connections:
+                await self._show_caller()  # (that read was cancelled)
+            return
+        reading = self._reading[outer] = asyncio.get_running_loop().create_future()
+        try:
             self.outer_connections[outer] = await run_as_stock(_thread_connections)
+        finally:
+            del self._reading[outer]
+            reading.set_result(None)
 
     async def __aexit__(self, exc_type: object, *exc_info: object) -> None:
         if isinstance(exc_type, type) and not issubclass(exc_type, Exception):

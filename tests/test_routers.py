@@ -1528,6 +1528,43 @@ async def test_a_router_that_looks_at_the_transaction_sees_a_sync_views(
     assert budget.total == 0
 
 
+async def open_a_set_beside_a_waiting_sync_call(open_a_set: bool) -> str:
+    """Under ``async_to_sync``: a sync call (on the caller's thread) waits for
+    an event that a gathered coroutine sets once it has opened a set - and
+    made no ORM call, which would queue on that busy thread as on stock."""
+    opened = threading.Event()
+
+    def wait() -> bool:
+        return opened.wait(3)  # (bounded: a deadlock shows as "waited in vain")
+
+    async def opener() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if open_a_set:
+                await stack.enter_async_context(
+                    connection_set(parallelism=2, lease_timeout=5.0)
+                )
+            opened.set()
+
+    waited, _ = await asyncio.gather(sync_to_async(wait)(), opener())
+    return "set" if waited else "waited in vain"
+
+
+def test_opening_a_set_under_async_to_sync_waits_for_no_sync_call() -> None:
+    """With routers configured, opening a set under ``async_to_sync`` while
+    the sync caller's thread runs a call that waits for the opener: stock
+    (no set) sets the event at once. Was: the set's opening first hopped to
+    that thread to read its connections for the routers, queued behind the
+    waiting call: a deadlock (here bounded by the wait's 3 s timeout). Now
+    the first call that asks the routers reads them, where stock queues that
+    call on the same thread."""
+    with override_settings(DATABASE_ROUTERS=[PrimaryInTransactionsRouter()]):
+        stock = async_to_sync(open_a_set_beside_a_waiting_sync_call)(False)
+        library = async_to_sync(open_a_set_beside_a_waiting_sync_call)(True)
+    assert stock == "set"
+    assert library == stock
+    assert budget.total == 0
+
+
 def stock_prefetch_in_two_blocks(pk: int) -> list[str]:
     with contextlib.suppress(RollbackRequestedError):
         with transaction.atomic(using="default"):
