@@ -43,7 +43,7 @@ from .lanes import Lane, with_statement_timeout
 from .records import CallRecord, Recorder
 from .scheduler import Scheduler
 from .snapshots import Snapshot
-from .targets import Target, pinned, routed_target, seen_from_blocks
+from .targets import Target, pinned, routed_target, seen_from_blocks, target_of
 from .transactions import EVERY_ALIAS
 from .validation import (
     MAX_LEASE_TIMEOUT,
@@ -579,9 +579,12 @@ class ConnectionSet:
                 return await self._run_aside(func, args, kwargs)
             elif where is not None:
                 target = where
+            elif not router.routers:
+                # (No routers: one attribute read; nothing to pin.)
+                target = target_of(func, args, kwargs)
             else:
-                if router.routers:
-                    await self._show_caller()  # (no routers: one attribute read)
+                if sync_thread_above() is not None:
+                    await self._show_caller()
                 target = routed_target(self, func, args, kwargs)
                 if target is not None:
                     # Django asks the routers no second time, on the lane.
@@ -794,7 +797,7 @@ class ConnectionSet:
         # Stock Django, timed for figures and timelines: lane 0, no scheduling.
         # The query's time starts when the request's thread starts the call,
         # not when it was made (it may queue behind the calls before it).
-        if router.routers:
+        if router.routers and sync_thread_above() is not None:
             await self._show_caller()
         target = routed_target(self, func, args, kwargs)
         alias = target.alias if target is not None else ""
