@@ -445,6 +445,13 @@ def _answered_before_routing(
     return False
 
 
+def _ids_read_first(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``in_bulk()``'s ``id_list`` is a queryset Django will run (its
+    rows not read yet) before it names the database of its own rows."""
+    ids = _argument(args, kwargs, "id_list")
+    return isinstance(ids, QuerySet | RawQuerySet) and ids._result_cache is None  # type: ignore[union-attr]
+
+
 def _in_bulk_refused(qs: QuerySet[Any], field_name: Any) -> bool:
     """Whether Django's ``in_bulk(field_name=field_name)`` on *qs* raises
     before it asks the routers: a sliced queryset, (before Django 6.1) a
@@ -552,6 +559,9 @@ def pinned(
     # queryset's own: target.alias is the one answer asked for them, as stock.
     if (target.lane0 or target.scope) and not isinstance(owner, QuerySet | RawQuerySet):
         return func, kwargs
+    if target.lane0 and getattr(func, "__name__", "") == "in_bulk":
+        if _ids_read_first((), kwargs):
+            return func, kwargs  # (Django asks the routers, in its order)
     if target.cursor is not None:
         # aiterator(): pin the queryset its iterable will read, before the
         # generator starts (afterwards it has asked for its database).
@@ -619,6 +629,14 @@ def target_of(
             return None
         if _answered_before_routing(owner, name, args, kwargs):
             return None
+        if name == "in_bulk" and _ids_read_first(args, kwargs):
+            # Django runs a queryset of ids (``not id_list``) before it asks
+            # the routers for its own database: their first answer is the
+            # ids' query's, made as it runs. Asked here, the answers would
+            # come in another order (another replica read with a round-robin
+            # router, the ids of one database looked up in another): it runs
+            # as stock, on lane 0 (inside blocks, on their lane), unpinned.
+            return _anywhere(str(owner._db or DEFAULT_DB_ALIAS))  # type: ignore[attr-defined]
         alias = _queryset_alias(owner, name in _WRITES)
         if (
             name == "in_bulk"

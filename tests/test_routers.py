@@ -1378,6 +1378,41 @@ async def test_in_bulk_by_ids_reads_the_routers_second_answer_as_on_stock(
     assert budget.total == 0
 
 
+async def bulk_read_by_a_queryset_of_ids() -> list[Any]:
+    """In_bulk() by a queryset of ids (run first, by Django), then one read."""
+    found = await Author.objects.ain_bulk(Author.objects.values_list("pk", flat=True))
+    return [sorted(map(str, found.values())), await _first_name(Author.objects.all())]
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+async def test_in_bulk_by_a_queryset_of_ids_asks_in_stocks_order(
+    parallelism: int,
+) -> None:
+    """Django's ``in_bulk(qs)`` runs the queryset of ids first (its router
+    answer first), then asks for its own database twice. With the round-robin
+    router, stock reads the ids on "default" (author 1) and its rows on
+    "default": ["d"]. Was: the set asked for in_bulk's two answers first, as
+    the call was made, and the ids' query asked on the lane after them: the
+    ids of "default" looked up on "other", [] (at parallelism 1 too, when the
+    set records its calls)."""
+    await Author.objects.using("default").acreate(pk=1, name="d")
+    await Author.objects.using("other").acreate(pk=2, name="o")
+    stock_router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock = await bulk_read_by_a_queryset_of_ids()
+            await sync_to_async(connections.close_all)()
+    router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(parallelism) as dbset:
+            dbset.record_stock_calls = True
+            library = await asyncio.wait_for(bulk_read_by_a_queryset_of_ids(), 10)
+    assert stock == [["d"], "o"]
+    assert library == stock
+    assert router.answers == stock_router.answers
+    assert budget.total == 0
+
+
 class PrimaryInTransactionsRouter:
     """A replica router that keeps reads made inside a transaction on the
     primary, where they see its rows: it looks at the connection of the
