@@ -637,6 +637,19 @@ def target_of(
             # router, the ids of one database looked up in another): it runs
             # as stock, on lane 0 (inside blocks, on their lane), unpinned.
             return _anywhere(str(owner._db or DEFAULT_DB_ALIAS))  # type: ignore[attr-defined]
+        if (
+            name == "bulk_create"
+            and not owner._db  # type: ignore[attr-defined]
+            and not owner._for_write  # type: ignore[attr-defined]
+        ):
+            # Django's bulk_create() checks its options against the features
+            # of connections[self.db] before it marks the queryset for
+            # writing: it asks db_for_read once, then db_for_write for its
+            # rows. Both are asked here, in that order (a round-robin replica
+            # router's next read answer is this call's, as on stock).
+            read = _queryset_alias(owner, False)
+            if read not in connections.settings:
+                return Target(read)  # (its lane raises Django's error)
         alias = _queryset_alias(owner, name in _WRITES)
         if (
             name == "in_bulk"

@@ -1413,6 +1413,44 @@ async def test_in_bulk_by_a_queryset_of_ids_asks_in_stocks_order(
     assert budget.total == 0
 
 
+async def bulk_create_then_reads() -> list[Any]:
+    await Author.objects.abulk_create([Author(name="new")])
+    return [await _first_name(Author.objects.order_by("-pk")) for _ in range(2)]
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+async def test_bulk_create_asks_for_a_read_database_first_as_on_stock(
+    parallelism: int,
+) -> None:
+    """Django's ``bulk_create()`` checks its options against
+    ``connections[self.db]`` before it marks the queryset for writing: one
+    ``db_for_read`` answer ("default" here), then the writes'. So the reads
+    after it read "other" then "default". Was: the set asked only
+    ``db_for_write``, and the reads after it read "default" then "other"
+    (each got the answer stock's read before it got)."""
+    for alias in ("default", "other"):
+        await Author.objects.using(alias).acreate(pk=1000, name=alias[0])
+    stock_router = AskedRouter()
+    with override_settings(DATABASE_ROUTERS=[stock_router]):
+        async with ThreadSensitiveContext():
+            stock = await bulk_create_then_reads()
+            await sync_to_async(connections.close_all)()
+    await Author.objects.using("default").filter(name="new").adelete()
+    router = AskedRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(parallelism) as dbset:
+            dbset.record_stock_calls = True
+            library = await asyncio.wait_for(bulk_create_then_reads(), 10)
+    assert stock == ["o", "d"]
+    assert library == stock
+
+    def reads(answers: list[str]) -> list[str]:
+        return [answer for answer in answers if not answer.startswith("write")]
+
+    assert reads(router.answers) == reads(stock_router.answers)
+    assert budget.total == 0
+
+
 class PrimaryInTransactionsRouter:
     """A replica router that keeps reads made inside a transaction on the
     primary, where they see its rows: it looks at the connection of the
