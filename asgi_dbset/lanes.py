@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import threading
 import time
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -456,22 +457,47 @@ def in_transaction(wrappers: list[BaseDatabaseWrapper]) -> frozenset[str]:
 
 #: Execute wrappers found on an extra lane's connection just after its lease
 #: opened it: hooks on every connection (a ``connection_created`` receiver's,
-#: as Scout APM installs), which the extra lanes' queries pass too. Bounded:
-#: hooks made afresh for each connection are never all remembered (each of
-#: them then keeps the calls on lane 0, which is stock's outcome).
-_EVERY_CONNECTION_HOOKS: set[Callable[..., Any]] = set()
+#: as Scout APM installs), which the extra lanes' queries pass too - by kind
+#: (see _kind()), each with the most of that kind one connection had. Bounded
+#: (kinds, not hooks: a receiver making a hook afresh for each connection
+#: adds one kind, and holds nothing of the connections here).
+_EVERY_CONNECTION_HOOKS: dict[Hashable, int] = {}
 _EVERY_CONNECTION_HOOKS_MAX = 256
+
+
+def _kind(hook: Callable[..., Any]) -> Hashable:
+    """What makes a hook on lane 0's connection the one a receiver installed
+    on every connection, though not the same object: a closure or a bound
+    method made afresh for each connection (its code), a callable object
+    (its class; hashable or not), a partial (its function's kind)."""
+    if isinstance(hook, functools.partial):
+        return ("partial", _kind(hook.func))
+    func = getattr(hook, "__func__", hook)  # (a bound method's function)
+    code: types.CodeType | None = getattr(func, "__code__", None)
+    if code is not None:
+        return code
+    kind: type = type(hook)
+    return kind
+
+
+def _kinds(hooks: list[Callable[..., Any]]) -> dict[Hashable, int]:
+    counts: dict[Hashable, int] = {}
+    for hook in hooks:
+        if getattr(hook, "__func__", None) is Job.guard:
+            continue  # (a set's cancel guard: the library's own, on every lane)
+        kind = _kind(hook)
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def remember_every_connection_hooks(wrapper: BaseDatabaseWrapper) -> None:
     """On a lane's thread, after its lease: note *wrapper*'s execute wrappers."""
-    for hook in wrapper.execute_wrappers:
-        if len(_EVERY_CONNECTION_HOOKS) >= _EVERY_CONNECTION_HOOKS_MAX:
-            return
-        try:
-            _EVERY_CONNECTION_HOOKS.add(hook)
-        except TypeError:  # (unhashable: its calls stay on lane 0)
-            pass
+    remembered = _EVERY_CONNECTION_HOOKS
+    for kind, count in _kinds(wrapper.execute_wrappers).items():
+        if count > remembered.get(kind, 0) and (
+            kind in remembered or len(remembered) < _EVERY_CONNECTION_HOOKS_MAX
+        ):
+            remembered[kind] = count
 
 
 def watched(wrappers: list[BaseDatabaseWrapper]) -> frozenset[str]:
@@ -485,21 +511,22 @@ def watched(wrappers: list[BaseDatabaseWrapper]) -> frozenset[str]:
     aliases = _NO_ALIASES
     for w in wrappers:
         # (Two attribute reads per connection when nothing watches.)
-        if w.force_debug_cursor or (
-            w.execute_wrappers
-            and not all(_on_every_connection(hook) for hook in w.execute_wrappers)
-        ):
+        if w.force_debug_cursor or (w.execute_wrappers and _watching(w)):
             aliases = aliases | {w.alias}
     return aliases
 
 
-def _on_every_connection(hook: Callable[..., Any]) -> bool:
-    if getattr(hook, "__func__", None) is Job.guard:
-        return True  # (a set's cancel guard: the library's own, on every lane)
-    try:
-        return hook in _EVERY_CONNECTION_HOOKS
-    except TypeError:  # (unhashable: never remembered)
-        return False
+def _watching(wrapper: BaseDatabaseWrapper) -> bool:
+    # Unwatched only while each kind of hook is on this connection at most as
+    # many times as a leased one had it: the same kind once more (a sync
+    # middleware's own hook, which a receiver also appends to each
+    # connection) sees each query once more on stock Django, where every
+    # query passes this connection - not on an extra lane's.
+    remembered = _EVERY_CONNECTION_HOOKS
+    return any(
+        count > remembered.get(kind, 0)
+        for kind, count in _kinds(wrapper.execute_wrappers).items()
+    )
 
 
 def hand_over_queries(

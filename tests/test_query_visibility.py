@@ -50,8 +50,16 @@ async def one_by_one(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"counts": counts})
 
 
+async def warmed_then_gathered(request: HttpRequest) -> JsonResponse:
+    """One call first (it opens the request's connection, and its receivers
+    install their hooks there), then gathered ones."""
+    await sleeping(0.01).acount()
+    return await gathered(request)
+
+
 urlpatterns = [
     path("gathered/", gathered),
+    path("warmed-then-gathered/", warmed_then_gathered),
     path("one-by-one/", one_by_one),
     path("gathered-4/", db_parallelism(4)(gathered)),
 ]
@@ -315,6 +323,112 @@ async def test_a_receiver_that_appends_on_each_connection_sees_each_query_once()
     # (Before: the lane threads' connection objects kept the hook of each
     # lease, and saw each query once more per lease: [4, 7, 10].)
     assert library == stock
+
+
+def install_a_closure(
+    sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any
+) -> None:
+    # A hook made afresh for each connection (a closure over it, as a tracer
+    # that names the connection in its spans writes).
+    def each_query(
+        execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        if RECORDING and "pg_sleep" in sql:
+            SEEN.append(connection.alias)
+        return execute(sql, params, many, context)
+
+    connection.execute_wrappers.append(each_query)
+
+
+class Tracer:
+    """A callable hook object, unhashable (a dataclass with eq=True)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __call__(
+        self,
+        execute: Callable[..., Any],
+        sql: str,
+        params: Any,
+        many: bool,
+        context: Any,
+    ) -> Any:
+        if RECORDING and "pg_sleep" in sql:
+            SEEN.append(context["connection"].alias)
+        return execute(sql, params, many, context)
+
+
+def install_a_tracer(
+    sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any
+) -> None:
+    connection.execute_wrappers.append(Tracer())
+
+
+@pytest.mark.parametrize("receiver", [install_a_closure, install_a_tracer])
+async def test_a_hook_made_for_each_connection_keeps_calls_in_parallel(
+    receiver: Callable[..., None],
+) -> None:
+    SEEN.clear()
+    RECORDING.append(True)
+    LANES_USED.clear()
+    connection_created.connect(receiver)
+    try:
+        stock = await serve(None, "/warmed-then-gathered/")
+        stock_seen = list(SEEN)
+        SEEN.clear()
+        library = []
+        for _ in range(3):
+            library.append(await serve(4, "/warmed-then-gathered/"))
+            assert SEEN == stock_seen
+            SEEN.clear()
+    finally:
+        connection_created.disconnect(receiver)
+        RECORDING.clear()
+
+    assert stock_seen == ["default"] * 5
+    assert library == [stock] * 3
+    # The hook is on every connection, as its receiver installed it: the
+    # request's connection is not watched. (Before: each request's hook, a
+    # new object, was never one of those remembered from a lease, and kept
+    # every call of every request on lane 0: [1, 1, 1].)
+    assert LANES_USED[0] == 0  # (stock: no set)
+    assert min(LANES_USED[1:]) > 1
+
+
+def watching_with_application_hook(
+    get_response: Callable[..., Any],
+) -> Callable[..., Any]:
+    """A sync middleware installing the hook that a receiver also appends to
+    each connection: on stock Django each query passes it twice."""
+
+    def middleware(request: HttpRequest) -> Any:
+        with connection.execute_wrapper(application_hook):
+            return get_response(request)
+
+    return middleware
+
+
+async def test_a_hook_a_sync_middleware_adds_again_sees_every_query_again() -> None:
+    SEEN.clear()
+    RECORDING.append(True)
+    LANES_USED.clear()
+    connection_created.connect(install_hook_each_time)
+    middleware = [f"{__name__}.watching_with_application_hook"]
+    try:
+        await serve(4, "/warmed-then-gathered/")  # (leases: the hook is known)
+        SEEN.clear()
+        stock = await serve(None, "/warmed-then-gathered/", middleware)
+        stock_seen = list(SEEN)
+        SEEN.clear()
+        library = await serve(4, "/warmed-then-gathered/", middleware)
+    finally:
+        connection_created.disconnect(install_hook_each_time)
+        RECORDING.clear()
+
+    assert len(stock_seen) == 10
+    # (Before: 7 - the gathered calls ran on extra lanes, whose connections
+    # have the receiver's hook only.)
+    assert (library, SEEN) == (stock, stock_seen)
 
 
 @override_settings(ROOT_URLCONF=__name__)
