@@ -95,20 +95,37 @@ def thread_sensitive_context() -> Any:
     return context
 
 
-#: Set on a request's ``ThreadSensitiveContext`` by :func:`release`.
+#: Set on a request's ``ThreadSensitiveContext`` by :func:`release`: True,
+#: or EXITED once the context has exited.
 _RELEASED = "_asgi_dbset_released"
+EXITED = "exited"
 
 
-def release(request_context: object) -> None:
+def release(request_context: object, *, exited: bool = False) -> None:
     """The request of *request_context* is done with its thread (its
-    connections are being returned, or the context has exited): the calls
+    connections are being returned, or the context has *exited*): the calls
     made in that context from now on - by tasks the app started and did not
     await, which kept it in their context variables - run on asgiref's
     shared thread, as without a context (a Starlette app without the
     middleware), not on the request's thread, where they would open a
     pooled connection nobody returns, nor on a new thread asgiref would make
-    for the exited context (the same, once per task)."""
-    setattr(request_context, _RELEASED, True)
+    for the exited context (the same, once per task).
+
+    Once it has exited, a thread asgiref has made for it since - for the
+    same tasks' own ``sync_to_async`` (``transaction.set_autocommit(False)``)
+    - is the one their calls run on from then on: on stock Django both run on
+    that thread, and the ORM calls inside the transaction the task's sync code
+    opened there, never on the shared thread in autocommit. (Nothing is added
+    to asgiref's map: its entries would last as long as the contexts.)"""
+    setattr(request_context, _RELEASED, EXITED if exited else True)
+
+
+def _shared_executor() -> Executor:
+    """asgiref's thread for thread-sensitive code without a context: the
+    loop's sync thread (under ``async_to_sync``), else its one shared thread."""
+    loop = asyncio.get_running_loop()
+    shared: Executor | None = AsyncToSync.loop_thread_executors.get(loop)
+    return shared or SyncToAsync.single_thread_executor
 
 
 def request_thread_executor(outer: object) -> Executor | None:
@@ -129,12 +146,14 @@ def request_thread_executor(outer: object) -> Executor | None:
     context = thread_sensitive_context()
     if context is None or getattr(context, "_exited", False):
         return None
-    if getattr(context, _RELEASED, False):
-        # (See release(): asgiref's choice without a context.)
-        loop = asyncio.get_running_loop()
-        shared: Executor | None = AsyncToSync.loop_thread_executors.get(loop)
-        return shared or SyncToAsync.single_thread_executor
     executors = SyncToAsync.context_to_thread_executor
+    released = getattr(context, _RELEASED, None)
+    if released is not None:
+        # (See release(): asgiref's choice without a context - unless, after
+        # the exit, asgiref's own sync_to_async of these tasks has made the
+        # context a thread, which their transactions are on.)
+        executor = executors.get(context) if released == EXITED else None
+        return executor or _shared_executor()
     executor = executors.get(context)
     if executor is None:
         executor = executors[context] = ThreadPoolExecutor(max_workers=1)

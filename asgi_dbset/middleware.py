@@ -123,8 +123,8 @@ class DBSetMiddleware:
                         await _return_connections(request_thread)
         finally:
             # Calls made in the request's context from now on come from tasks
-            # that outlive it: see release().
-            release(request_thread)
+            # that outlive it: see release(). (The context has exited.)
+            release(request_thread, exited=True)
             # (Failed and cancelled requests too: a timeline that showed only
             # the requests that succeeded would hide the slow ones that failed.)
             if history > 0 and dbset is not None:

@@ -23,6 +23,7 @@ from asgi_dbset import DBSetMiddleware, active_set, connection_set
 from asgi_dbset.budget import budget
 from asgi_dbset.middleware import wait_for_sets_to_close
 from asgi_dbset.types import Message, Receive, Scope, Send
+from tests import views
 from tests.asgi import request
 from tests.helpers import active_sleeps, checked_out, sleeping, timed
 from tests.starlette_app import (
@@ -783,3 +784,35 @@ async def test_the_sibling_of_a_call_that_raised_goes_on_as_on_stock() -> None:
     assert await sync_to_async(_names)("lib") == ["libsibling"]
     assert await asyncio.to_thread(idle_in_transaction) == 0
     assert budget.total == 0
+
+
+async def _rows_of_a_task_outliving_its_request(app: Any, name: str) -> int:
+    """A view starts a task that, after the response, turns autocommit off
+    with sync_to_async, writes a row with an async ORM call, and rolls back:
+    the rows of *name* once it is done."""
+    go_on = asyncio.Event()
+    views.TASKS_GO_ON.append(go_on)
+    response = await asyncio.wait_for(
+        request(app, "/transaction-after-the-response/", f"name={name}"), 20
+    )
+    assert response.json() == {"started": True}
+    go_on.set()
+    await asyncio.wait_for(asyncio.gather(*views.LEFT_RUNNING), 20)
+    views.LEFT_RUNNING.clear()
+    await sync_to_async(connections.close_all)()  # (asgiref's shared thread's)
+    return await Author.objects.filter(name=name).acount()
+
+
+async def test_a_task_outliving_its_request_runs_its_orm_calls_in_its_transaction() -> (
+    None
+):
+    stock = await _rows_of_a_task_outliving_its_request(get_asgi_application(), "stock")
+    lib = await _rows_of_a_task_outliving_its_request(
+        DBSetMiddleware(get_asgi_application()), "lib"
+    )
+    # On stock the task's sync code and its ORM call run on one thread: the
+    # write is inside the transaction, and rolled back. (Before: the ORM call
+    # ran on asgiref's shared thread, in autocommit, while the task's own
+    # sync_to_async ran on a new thread asgiref made for the exited context:
+    # the row was committed, (0, 1).)
+    assert (stock, lib) == (0, 0)

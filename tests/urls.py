@@ -17,5 +17,6 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("stream-atomic/", views.stream_atomic),
     path("stream-sync/", views.stream_sync),
     path("fail/", views.fail),
+    path("transaction-after-the-response/", views.transaction_after_the_response),
     path("replica/", views.replica_reads),
 ]

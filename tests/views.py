@@ -257,3 +257,33 @@ async def stream_sync(request: HttpRequest) -> StreamingHttpResponse:
     return StreamingHttpResponse(
         _sync_rows(_prefix(request), request.GET.get("fail") == "1")
     )
+
+
+# Tasks a view started and did not await, which go on after the response once
+# the test sets TASKS_GO_ON (see tests/test_middleware.py).
+LEFT_RUNNING: list[asyncio.Task[None]] = []
+TASKS_GO_ON: list[asyncio.Event] = []
+
+
+async def _write_then_roll_back(name: str, go_on: asyncio.Event) -> None:
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    await go_on.wait()
+    # Sync code the task runs itself (asgiref's sync_to_async), around an
+    # async ORM call: on stock Django both run on one thread, the one asgiref
+    # makes for the request's exited context, so the write is rolled back.
+    await sync_to_async(transaction.set_autocommit)(False)
+    try:
+        await Author.objects.acreate(name=name)
+    finally:
+        await sync_to_async(transaction.rollback)()
+        await sync_to_async(transaction.set_autocommit)(True)
+        # (That thread's connection goes back: stock Django keeps it for good.)
+        await sync_to_async(connections.close_all)()
+
+
+async def transaction_after_the_response(request: HttpRequest) -> JsonResponse:
+    task = _write_then_roll_back(request.GET["name"], TASKS_GO_ON[-1])
+    LEFT_RUNNING.append(asyncio.create_task(task))
+    return JsonResponse({"started": True})
