@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import Token
 from typing import Any
 
-from django.db import connections, router, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 
 from . import routing, stats
 from .aio import finish_shielded
@@ -39,7 +39,7 @@ from .context import blocks_around, current_block, current_set
 from .cursors import check_cursor
 from .errors import CallNotRunError, SnapshotError
 from .hop import run_as_stock, sync_thread_above, thread_sensitive_context
-from .lanes import Lane, with_statement_timeout
+from .lanes import Lane, in_transaction, thread_wrappers, with_statement_timeout
 from .records import CallRecord, Recorder
 from .scheduler import Scheduler
 from .snapshots import Snapshot
@@ -389,6 +389,16 @@ class ConnectionSet:
             # cancelled, and on stock Django goes on with its next statements
             # (its writes land) - so its running call ends normally here too.
             self._scheduler.stop_running()
+        elif exc_type is not None and await self._asked_lane0_in_transaction():
+            # The owner raised, leaving the request's thread inside a
+            # transaction that code the set does not see opened (sync code
+            # that turned autocommit off, locked rows and raised): a call
+            # still running on an extra lane may wait for its row locks, which
+            # go only when the request's thread returns its connection - after
+            # this close, which would wait for that call for ever. On stock
+            # that call runs on the request's thread, inside the transaction,
+            # which the request's end rolls back: stopped instead.
+            self._scheduler.stop_running()
         try:
             if not self._close_at_once():
                 await self.aclose()
@@ -396,6 +406,40 @@ class ConnectionSet:
             if self._token is not None:
                 current_set.reset(self._token)
                 self._token = None
+
+    async def _asked_lane0_in_transaction(self) -> bool:
+        """:meth:`_lane0_in_transaction`. Cancelled while asking, it stops the
+        calls still running (as on a cancellation), closes the set, and
+        raises the cancellation."""
+        try:
+            return await self._lane0_in_transaction()
+        except BaseException:
+            self._scheduler.stop_running()
+            try:
+                if not self._close_at_once():
+                    await self.aclose()
+            finally:
+                if self._token is not None:
+                    current_set.reset(self._token)
+                    self._token = None
+            raise
+
+    async def _lane0_in_transaction(self) -> bool:
+        """True when calls run on extra lanes and lane 0's thread, asked now,
+        is inside a transaction of any alias."""
+        scheduler = self._scheduler
+        if self._loop is None or self._closed or not scheduler.running_on_extra_lanes():
+            return False
+        ran, inside = await scheduler.run(
+            Target(DEFAULT_DB_ALIAS),
+            _in_transaction_here,
+            (),
+            {},
+            sync_thread_above(),
+            pin=scheduler.lane0,
+            untimed=True,
+        )
+        return bool(ran and inside)
 
     def open(self) -> None:
         """Bind the set to the running loop. Leases nothing: lanes come on demand."""
@@ -871,6 +915,11 @@ async def _run_timed(
     return await run(
         with_statement_timeout(func, alias, timeout_ms, local), *args, **kwargs
     )
+
+
+def _in_transaction_here() -> bool:
+    """On lane 0's thread: is any of its connections inside a transaction?"""
+    return bool(in_transaction(thread_wrappers(DEFAULT_DB_ALIAS)[1]))
 
 
 def _nothing() -> None:

@@ -972,6 +972,10 @@ class Scheduler:
             if on is lane and job.stop_abandoned(alias):
                 self._cancel(job)
 
+    def running_on_extra_lanes(self) -> bool:
+        """True while a call runs on a lane other than lane 0."""
+        return any(on is not self._lane0 for on in self._running.values())
+
     def stop_running(self) -> None:
         """The set closes on a cancellation: nobody needs the calls still
         running; their queries are cancelled on the server and they send no
