@@ -788,6 +788,11 @@ class PooledLane(Lane):
             finally:
                 _thread.lease_timeout = None
             remember_every_connection_hooks(wrapper)
+            # Under DEBUG, what the lease's connection_created receivers sent
+            # (a SET of their own) is logged here: queries of a connection
+            # stock Django never opens (its request has one, whose receivers'
+            # queries connection.queries lists once) - never handed over.
+            wrapper.queries_log.clear()
 
         # The lease opens the connection, so Django's connection_created
         # receivers run in it: in a private copy of the context of the request

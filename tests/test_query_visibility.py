@@ -265,6 +265,47 @@ async def test_connection_queries_under_debug_lists_every_query(
     assert (library, DEBUG_QUERIES[1]) == (stock, DEBUG_QUERIES[0]) == ([0] * 4, 4)
 
 
+def set_up_connection(
+    sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any
+) -> None:
+    # A receiver that sets each new connection up with a query of its own.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 'set up'")
+
+
+#: len(connection.queries) of the receiver's queries, as a sync middleware read it.
+SET_UP_QUERIES: list[int] = []
+
+
+def set_up_queries_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
+    def middleware(request: HttpRequest) -> Any:
+        response = get_response(request)
+        SET_UP_QUERIES.append(
+            sum(1 for query in connection.queries if "set up" in query["sql"])
+        )
+        return response
+
+    return middleware
+
+
+async def test_connection_queries_under_debug_list_a_receivers_query_once() -> None:
+    middleware = [f"{__name__}.set_up_queries_middleware"]
+    SET_UP_QUERIES.clear()
+    LANES_USED.clear()
+    connection_created.connect(set_up_connection)
+    try:
+        with override_settings(DEBUG=True):
+            stock = await serve(None, "/gathered/", middleware)
+            library = await serve(4, "/gathered/", middleware)
+    finally:
+        connection_created.disconnect(set_up_connection)
+
+    assert LANES_USED[-1] > 1
+    # Stock opens one connection for the request. (Before: the query each
+    # extra lane's lease sent was handed to the request's list too: [1, 4].)
+    assert (library, SET_UP_QUERIES) == (stock, [1, 1])
+
+
 async def test_connection_created_receivers_see_the_requests_context() -> None:
     seen: list[str] = []
 
