@@ -523,6 +523,11 @@ def _watching(wrapper: BaseDatabaseWrapper) -> bool:
     # connection) sees each query once more on stock Django, where every
     # query passes this connection - not on an extra lane's.
     remembered = _EVERY_CONNECTION_HOOKS
+    if wrapper.connection is None:
+        # Not open yet: its connection_created receivers have appended
+        # nothing here, so every hook on it is the application's own (one
+        # of a receiver's kind too), which each query passes on stock.
+        remembered = {}
     return any(
         count > remembered.get(kind, 0)
         for kind, count in _kinds(wrapper.execute_wrappers).items()

@@ -472,6 +472,64 @@ async def test_a_hook_a_sync_middleware_adds_again_sees_every_query_again() -> N
     assert (library, SEEN) == (stock, stock_seen)
 
 
+def make_recorder(record: list[str]) -> Callable[..., Any]:
+    """One factory's hooks: each a closure writing to its own record."""
+
+    def each_query(
+        execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        if RECORDING and "pg_sleep" in sql:
+            record.append(context["connection"].alias)
+        return execute(sql, params, many, context)
+
+    return each_query
+
+
+def install_a_recorder(
+    sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any
+) -> None:
+    connection.execute_wrappers.append(make_recorder(SEEN))
+
+
+def recording_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
+    """A sync middleware with a hook from the factory a receiver also uses
+    (one APM's code), writing to a record of its own, added before the
+    request's connection opens."""
+
+    def middleware(request: HttpRequest) -> Any:
+        with connection.execute_wrapper(make_recorder(MIDDLEWARE_SEEN)):
+            return get_response(request)
+
+    return middleware
+
+
+async def test_a_middlewares_hook_of_a_receivers_kind_sees_every_query() -> None:
+    SEEN.clear()
+    MIDDLEWARE_SEEN.clear()
+    RECORDING.append(True)
+    connection_created.connect(install_a_recorder)
+    middleware = [f"{__name__}.recording_middleware"]
+    try:
+        await serve(4, "/gathered/")  # (leases: the receiver's kind is known)
+        SEEN.clear()
+        stock = await serve(None, "/gathered/", middleware)
+        stock_seen = (list(SEEN), list(MIDDLEWARE_SEEN))
+        SEEN.clear()
+        MIDDLEWARE_SEEN.clear()
+        library = await serve(4, "/gathered/", middleware)
+        library_seen = (list(SEEN), list(MIDDLEWARE_SEEN))
+    finally:
+        connection_created.disconnect(install_a_recorder)
+        RECORDING.clear()
+        MIDDLEWARE_SEEN.clear()
+
+    assert stock_seen == (["default"] * 4, ["default"] * 4)
+    # The middleware's hook is one more of its kind than a lease has once the
+    # request's connection opens, but the connection is not open yet when
+    # the gathered calls start.
+    assert (library, library_seen) == (stock, stock_seen)
+
+
 @override_settings(ROOT_URLCONF=__name__)
 class AssertNumQueriesInATransactionTestCase(TransactionTestCase):
     def test_a_decorated_views_gathered_queries_are_counted(self) -> None:
