@@ -438,6 +438,7 @@ class ConnectionSet:
             sync_thread_above(),
             pin=scheduler.lane0,
             untimed=True,
+            unrecorded=True,  # (no call of the program's: in no figure)
         )
         return bool(ran and inside)
 

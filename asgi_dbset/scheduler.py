@@ -74,7 +74,7 @@ from .lanes import (
     guarded,
     leave_thread_snapshots,
 )
-from .records import Recorder
+from .records import Recorder, Unrecorded
 from .snapshots import Snapshot
 from .targets import Target
 from .transactions import CLEAR, CREDIT, REPORT
@@ -97,6 +97,10 @@ _holders_lock = threading.Lock()  # (request threads read them; loops change the
 
 # A set's cursor pins before its first (most sets never have one).
 _NO_CURSORS: Mapping[Any, Lane] = types.MappingProxyType({})
+
+
+#: (See Call.unrecorded.)
+_UNRECORDED = Unrecorded()
 
 
 @dataclass(slots=True, eq=False)
@@ -126,6 +130,9 @@ class Call:
     lost: bool = False
     #: Runs without the set's statement timeout (sync code of a block's).
     untimed: bool = False
+    #: The set's own question, no ORM call of the program's: in no record,
+    #: figure or counter (see ConnectionSet._lane0_in_transaction).
+    unrecorded: bool = False
     #: Made only when the call has to wait (most calls are handed out at once).
     future: asyncio.Future[None] | None = None
 
@@ -511,15 +518,15 @@ class Scheduler:
         reports = self._lane0.reports
         if lane is self._lane0:
             call.generation = reports.next_generation()
-            if how == "behind":
+            if how == "behind" and not call.unrecorded:
                 stats.incr("lane0_queued_calls")
             last = reports.last
-            if last and call.target.alias in last:
+            if last and call.target.alias in last and not call.unrecorded:
                 stats.incr("pinned_calls")  # kept on lane 0 by its transaction
         elif how == CREDIT:
             call.clearance = reports.due
         cursor = call.target.cursor
-        if how == "pinned":
+        if how == "pinned" and not call.unrecorded:
             stats.incr("pinned_calls")
         elif how == "reserve":
             lane.reserved = True
@@ -577,13 +584,19 @@ class Scheduler:
         *,
         pin: Lane | None = None,
         untimed: bool = False,
+        unrecorded: bool = False,
     ) -> tuple[bool, Any]:
         """Run one call on a lane (on *pin*, if given; without the statement
-        timeout, *untimed*): ``(True, result)``; or ``(False, None)`` when the
-        set closed before a lane took it, or had closed when it was made (the
-        caller runs it as stock, or refuses it)."""
+        timeout, *untimed*; counted nowhere, *unrecorded*): ``(True, result)``;
+        or ``(False, None)`` when the set closed before a lane took it, or had
+        closed when it was made (the caller runs it as stock, or refuses it)."""
         call = Call(
-            next(self._seq), target, time.perf_counter(), pin=pin, untimed=untimed
+            next(self._seq),
+            target,
+            time.perf_counter(),
+            pin=pin,
+            untimed=untimed,
+            unrecorded=unrecorded,
         )
         return await self._serve(call, func, args, kwargs, outer)
 
@@ -719,7 +732,8 @@ class Scheduler:
         self._assign()
         while True:
             if call.lane is None and not call.dropped and not call.lost:
-                stats.incr("waits")
+                if not call.unrecorded:
+                    stats.incr("waits")
                 assert self._loop is not None
                 call.future = self._loop.create_future()
                 try:
@@ -850,7 +864,9 @@ class Scheduler:
             # The block's calls set and reset it inside the transaction,
             # which keeps or undoes both.
             timeout_ms = None
-        record = self.recorder.begin(lane.index, alias, func, call.queued)
+        # (The set's own question is in no figure: the program made no call.)
+        recorder = _UNRECORDED if call.unrecorded else self.recorder
+        record = recorder.begin(lane.index, alias, func, call.queued)
         lane.calls += 1
         self._running[job] = lane
         try:
@@ -875,7 +891,7 @@ class Scheduler:
                 untimed=self.transaction_pooled,
             )
         except NotRunError:
-            self.recorder.forget(record)
+            recorder.forget(record)
             lane.calls -= 1
             self._unpin_unopened(call)
             # (No decision here: the call queues again first, in its place.)
@@ -883,7 +899,7 @@ class Scheduler:
             self._running.pop(job, None)
             raise
         except asyncio.CancelledError:
-            self.recorder.end(record, job.started, job.ended)
+            recorder.end(record, job.started, job.ended)
             if job.give_up():
                 # It runs on: its thread frees the lane when it ends, and the
                 # query it runs is cancelled on the server meanwhile - unless
@@ -898,7 +914,7 @@ class Scheduler:
                 self._finish(lane, job)
             raise
         except BaseException:
-            self.recorder.end(record, job.started, job.ended)
+            recorder.end(record, job.started, job.ended)
             if lane is self._lane0:
                 # (If it failed before its report, none will come; a report
                 # already posted stands.)
@@ -906,7 +922,7 @@ class Scheduler:
             self._unpin_closed(call)
             self._finish(lane, job)
             raise
-        self.recorder.end(record, job.started, job.ended)
+        recorder.end(record, job.started, job.ended)
         self._unpin_closed(call)
         self._finish(lane, job)
         return result
