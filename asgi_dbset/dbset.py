@@ -399,6 +399,10 @@ class ConnectionSet:
             # that call runs on the request's thread, inside the transaction,
             # which the request's end rolls back: stopped instead.
             self._scheduler.stop_running()
+        await self._close_and_unbind()
+
+    async def _close_and_unbind(self) -> None:
+        """Close the set, and make it no longer the context's active set."""
         try:
             if not self._close_at_once():
                 await self.aclose()
@@ -415,13 +419,7 @@ class ConnectionSet:
             return await self._lane0_in_transaction()
         except BaseException:
             self._scheduler.stop_running()
-            try:
-                if not self._close_at_once():
-                    await self.aclose()
-            finally:
-                if self._token is not None:
-                    current_set.reset(self._token)
-                    self._token = None
+            await self._close_and_unbind()
             raise
 
     async def _lane0_in_transaction(self) -> bool:
