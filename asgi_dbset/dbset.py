@@ -354,6 +354,16 @@ class ConnectionSet:
         self._token = current_set.set(self)
         return self
 
+    async def _ask_routers(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Target | None:
+        """The call's target, with routers configured: asked on the loop's
+        thread, seeing the transactions stock Django's routers would see there
+        (the sync caller's, the blocks')."""
+        if sync_thread_above() is not None:
+            await self._show_caller()
+        return routed_target(self, func, args, kwargs)
+
     async def _show_caller(self) -> None:
         """Under ``async_to_sync`` with routers: lane 0 is the sync caller's
         thread (a TestCase, a sync view's async helper), whose transaction
@@ -626,9 +636,7 @@ class ConnectionSet:
                 # (No routers: one attribute read; nothing to pin.)
                 target = target_of(func, args, kwargs)
             else:
-                if sync_thread_above() is not None:
-                    await self._show_caller()
-                target = routed_target(self, func, args, kwargs)
+                target = await self._ask_routers(func, args, kwargs)
                 if target is not None:
                     # Django asks the routers no second time, on the lane.
                     func, kwargs = pinned(func, kwargs, target)
@@ -840,9 +848,11 @@ class ConnectionSet:
         # Stock Django, timed for figures and timelines: lane 0, no scheduling.
         # The query's time starts when the request's thread starts the call,
         # not when it was made (it may queue behind the calls before it).
-        if router.routers and sync_thread_above() is not None:
-            await self._show_caller()
-        target = routed_target(self, func, args, kwargs)
+        target = (
+            await self._ask_routers(func, args, kwargs)
+            if router.routers
+            else target_of(func, args, kwargs)
+        )
         alias = target.alias if target is not None else ""
         record = self.recorder.begin(0, alias, func, time.perf_counter())
         if target is not None:

@@ -91,11 +91,9 @@ def routed_target(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Target | None:
-    """:func:`target_of`, for a call of *dbset*: with the routers seeing the
-    transactions stock Django's would (:func:`seen_from_blocks`)."""
-    if not router.routers or (
-        current_block.get() is None and not getattr(dbset, "outer_connections", None)
-    ):
+    """:func:`target_of`, for a call of *dbset*, routers configured: with the
+    routers seeing the transactions stock Django's would (:func:`seen_from_blocks`)."""
+    if current_block.get() is None and not getattr(dbset, "outer_connections", None):
         return target_of(func, args, kwargs)  # (most calls: nothing to show)
     with seen_from_blocks(dbset):
         return target_of(func, args, kwargs)

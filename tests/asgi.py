@@ -50,9 +50,10 @@ async def request(
     *,
     on_chunk: Callable[[bytes], None] | None = None,
     disconnect_after: float | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> Response:
-    """Send one GET; the client disconnects when the response is complete, or
-    after ``disconnect_after`` seconds."""
+    """Send one GET (with *headers* besides ``host``); the client disconnects
+    when the response is complete, or after ``disconnect_after`` seconds."""
     response = Response()
     done = asyncio.Event()
     sent_request = False
@@ -84,5 +85,7 @@ async def request(
             if not message.get("more_body", False):
                 done.set()
 
-    await app(http_scope(path, query), receive, send)
+    scope = http_scope(path, query)
+    scope["headers"] += headers or []
+    await app(scope, receive, send)
     return response

@@ -36,7 +36,7 @@ from django.urls import path
 
 import asgi_dbset
 from asgi_dbset import DBSetMiddleware, connection_set
-from tests.asgi import http_scope
+from tests.asgi import request as asgi_request
 from tests.helpers import sleeping
 from tests.testapp.models import Author, Book, Tag
 
@@ -557,33 +557,10 @@ MIDDLEWARE = [
 
 async def get(app: Any, url: str, cookies: dict[str, str]) -> Any:
     """One GET with the client's cookies; keeps the ones the response sets."""
-    scope = http_scope(url)
-    if cookies:
-        jar = "; ".join(f"{k}={v}" for k, v in cookies.items())
-        scope["headers"].append((b"cookie", jar.encode()))
-    started: dict[str, Any] = {}
-    body: list[bytes] = []
-    done = asyncio.Event()
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            started.update(message)
-        elif message["type"] == "http.response.body":
-            body.append(message.get("body", b""))
-            if not message.get("more_body"):
-                done.set()
-
-    await asyncio.wait_for(app(scope, receive, send), 15)
-    for name, value in started.get("headers", []):
+    jar = "; ".join(f"{k}={v}" for k, v in cookies.items())
+    headers = [(b"cookie", jar.encode())] if cookies else []
+    response = await asyncio.wait_for(asgi_request(app, url, headers=headers), 15)
+    for name, value in response.headers:
         if name.lower() == b"set-cookie":
             key, _, rest = value.decode().partition("=")
             cookie = rest.split(";")[0]
@@ -591,8 +568,7 @@ async def get(app: Any, url: str, cookies: dict[str, str]) -> Any:
                 cookies.pop(key, None)
             else:
                 cookies[key] = cookie
-    data = b"".join(body)
-    return started["status"], (json.loads(data) if started["status"] == 200 else "")
+    return response.status, (response.json() if response.status == 200 else "")
 
 
 async def session_flow(app: Any) -> list[Any]:

@@ -23,9 +23,9 @@ import asyncio
 import contextlib
 import itertools
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 import django
 import pytest
@@ -52,6 +52,8 @@ from asgi_dbset.budget import budget
 from asgi_dbset.checks import check_routers
 from tests.helpers import active_sleeps, checked_out, sleeping
 from tests.testapp.models import Author, Book, Tag
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
@@ -746,6 +748,31 @@ class RoundRobinRouter:
         return True
 
 
+async def on_stock(scenario: Callable[[], Awaitable[T]]) -> tuple[T, RoundRobinRouter]:
+    """*scenario* on stock Django (no set), with a fresh round-robin router:
+    what it returned, and the router (its answers); the thread's connections
+    closed after."""
+    router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with ThreadSensitiveContext():
+            result = await scenario()
+            await sync_to_async(connections.close_all)()
+    return result, router
+
+
+async def on_library(
+    parallelism: int, scenario: Callable[[], Awaitable[T]]
+) -> tuple[T, RoundRobinRouter]:
+    """*scenario* in a request's set at *parallelism*, recording its stock
+    calls, with a fresh round-robin router."""
+    router = RoundRobinRouter()
+    with override_settings(DATABASE_ROUTERS=[router]):
+        async with request_with(parallelism) as dbset:
+            dbset.record_stock_calls = True
+            result = await asyncio.wait_for(scenario(), 10)
+    return result, router
+
+
 def served(answers: list[str]) -> list[str]:
     """The rows the routers' *answers* select: each database's one author."""
     return sorted("d" if answer == "default" else "o" for answer in answers)
@@ -778,11 +805,7 @@ async def test_a_router_answering_differently_each_call_is_asked_once_as_on_stoc
     thread opened, outside the set's budget and the lane's snapshot)."""
     await Author.objects.using("default").acreate(name="d")
     await Author.objects.using("other").acreate(name="o")
-    stock_router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[stock_router]):
-        async with ThreadSensitiveContext():
-            stock = await reads_in_turn()
-            await sync_to_async(connections.close_all)()
+    stock, stock_router = await on_stock(reads_in_turn)
     assert len(stock_router.answers) == 12
     assert sorted(stock) == served(stock_router.answers) == ["d"] * 6 + ["o"] * 6
     before = {alias: checked_out(alias) for alias in ("default", "other")}
@@ -828,11 +851,7 @@ async def test_a_router_answering_differently_each_call_inside_a_block() -> None
             transaction.set_rollback(True, using="other")
         return counts
 
-    stock_router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[stock_router]):
-        async with ThreadSensitiveContext():
-            stock = await sync_to_async(stock_block)()
-            await sync_to_async(connections.close_all)()
+    stock, stock_router = await on_stock(sync_to_async(stock_block))
     assert stock == [1, 2] * 5
     router = RoundRobinRouter()
     with override_settings(DATABASE_ROUTERS=[router]):
@@ -877,11 +896,7 @@ async def test_iterators_and_refreshes_ask_a_changing_router_as_often_as_stock()
     await Author.objects.using("default").acreate(pk=1, name="d")
     await Author.objects.using("default").acreate(pk=2, name="d2")
     await Author.objects.using("other").acreate(pk=1, name="o")
-    stock_router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[stock_router]):
-        async with ThreadSensitiveContext():
-            stock, stock_refreshed = await iterators_and_refreshes()
-            await sync_to_async(connections.close_all)()
+    (stock, stock_refreshed), stock_router = await on_stock(iterators_and_refreshes)
     assert len(stock_router.answers) == 10
     assert stock_refreshed == ["default", "other"]
     router = RoundRobinRouter()
@@ -981,11 +996,7 @@ async def test_a_refresh_from_a_queryset_asks_a_changing_router_once_as_on_stock
     thread: 4 answers for stock's 2.)"""
     await Author.objects.using("default").acreate(pk=1, name="d")
     await Author.objects.using("other").acreate(pk=1, name="o")
-    stock_router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[stock_router]):
-        async with ThreadSensitiveContext():
-            stock = await refreshes_from_a_queryset()
-            await sync_to_async(connections.close_all)()
+    stock, stock_router = await on_stock(refreshes_from_a_queryset)
     assert sorted(stock) == [("d", "default"), ("o", "other")]
     router = RoundRobinRouter()
     with override_settings(DATABASE_ROUTERS=[router]):
@@ -1037,11 +1048,7 @@ async def test_prefetches_ask_a_changing_router_as_on_stock_and_only_on_lane_0(
     for alias in ("default", "other"):
         author = await Author.objects.using(alias).acreate(pk=1, name=alias[0])
         await Book.objects.using(alias).acreate(title=f"b{alias[0]}", author=author)
-    stock_router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[stock_router]):
-        async with ThreadSensitiveContext():
-            stock = await gathered_prefetches(how)
-            await sync_to_async(connections.close_all)()
+    stock, stock_router = await on_stock(lambda: gathered_prefetches(how))
     before = {alias: checked_out(alias) for alias in ("default", "other")}
     router = RoundRobinRouter()
     with override_settings(DATABASE_ROUTERS=[router]):
@@ -1153,11 +1160,7 @@ async def test_calls_answered_from_the_result_cache_ask_no_router_as_on_stock(
     for the record, then Django asked them again for each call."""
     for alias in ("default", "other"):
         await Author.objects.using(alias).acreate(pk=1, name=alias[0])
-    stock_router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[stock_router]):
-        async with ThreadSensitiveContext():
-            stock = await reads_of_a_read_queryset()
-            await sync_to_async(connections.close_all)()
+    stock, stock_router = await on_stock(reads_of_a_read_queryset)
     router = RoundRobinRouter()
     with override_settings(DATABASE_ROUTERS=[router]):
         async with request_with(1 if record else 3) as dbset:
@@ -1327,16 +1330,8 @@ async def test_a_refresh_of_no_field_asks_no_router_as_on_stock(
     "other" where stock read "other" and "default"."""
     for alias in ("default", "other"):
         await Author.objects.using(alias).acreate(pk=1, name=alias[0])
-    stock_router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[stock_router]):
-        async with ThreadSensitiveContext():
-            stock = await refreshes_of_nothing()
-            await sync_to_async(connections.close_all)()
-    router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[router]):
-        async with request_with(parallelism) as dbset:
-            dbset.record_stock_calls = True
-            library = await asyncio.wait_for(refreshes_of_nothing(), 10)
+    stock, stock_router = await on_stock(refreshes_of_nothing)
+    library, router = await on_library(parallelism, refreshes_of_nothing)
     assert stock == ["d", False, "ValueError", "o", "d"]
     assert library == stock
     assert router.answers == stock_router.answers
@@ -1362,16 +1357,8 @@ async def test_in_bulk_by_ids_reads_the_routers_second_answer_as_on_stock(
     answer stock's read before it."""
     for alias in ("default", "other"):
         await Author.objects.using(alias).acreate(pk=1, name=alias[0])
-    stock_router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[stock_router]):
-        async with ThreadSensitiveContext():
-            stock = await bulk_reads_in_turn()
-            await sync_to_async(connections.close_all)()
-    router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[router]):
-        async with request_with(parallelism) as dbset:
-            dbset.record_stock_calls = True
-            library = await asyncio.wait_for(bulk_reads_in_turn(), 10)
+    stock, stock_router = await on_stock(bulk_reads_in_turn)
+    library, router = await on_library(parallelism, bulk_reads_in_turn)
     assert stock == ["o", "o", "o", "o", "d"]
     assert library == stock
     assert router.answers == stock_router.answers
@@ -1397,16 +1384,8 @@ async def test_in_bulk_by_a_queryset_of_ids_asks_in_stocks_order(
     set records its calls)."""
     await Author.objects.using("default").acreate(pk=1, name="d")
     await Author.objects.using("other").acreate(pk=2, name="o")
-    stock_router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[stock_router]):
-        async with ThreadSensitiveContext():
-            stock = await bulk_read_by_a_queryset_of_ids()
-            await sync_to_async(connections.close_all)()
-    router = RoundRobinRouter()
-    with override_settings(DATABASE_ROUTERS=[router]):
-        async with request_with(parallelism) as dbset:
-            dbset.record_stock_calls = True
-            library = await asyncio.wait_for(bulk_read_by_a_queryset_of_ids(), 10)
+    stock, stock_router = await on_stock(bulk_read_by_a_queryset_of_ids)
+    library, router = await on_library(parallelism, bulk_read_by_a_queryset_of_ids)
     assert stock == [["d"], "o"]
     assert library == stock
     assert router.answers == stock_router.answers
