@@ -751,6 +751,12 @@ def previous_results(
     return same_day
 
 
+def _outcome(verdict: str) -> str:
+    """A verdict's outcome - met, missed, or - (no target) - without its
+    detail ("missed (throughput, p99)", "missed at 2 of 8 counts")."""
+    return verdict.split(" ", 1)[0]
+
+
 def previous_run_section(results: dict[str, Any], path: Path | None) -> list[str]:
     """The targets of this run beside those of the previous run (another day,
     another machine state): which verdicts held, and how far each figure moved."""
@@ -762,19 +768,26 @@ def previous_run_section(results: dict[str, Any], path: Path | None) -> list[str
         target: (measured, verdict)
         for target, measured, verdict in all_targets(earlier)
     }
-    rows, same, compared = [], 0, 0
+    rows, same, detail, compared = [], 0, 0, 0
     for target, measured, verdict in all_targets(results):
         if target not in before:
             continue
         old_measured, old_verdict = before[target]
         compared += 1
-        same += old_verdict == verdict
+        if old_verdict == verdict:
+            same += 1
+            held = "same"
+        elif _outcome(old_verdict) == _outcome(verdict):
+            detail += 1
+            held = "same (its detail moved)"
+        else:
+            held = "**changed**"
         rows.append(
             [
                 target,
                 f"{old_measured} - {old_verdict}",
                 f"{measured} - {verdict}",
-                "same" if old_verdict == verdict else "**changed**",
+                held,
             ]
         )
     if not rows:
@@ -789,8 +802,15 @@ def previous_run_section(results: dict[str, Any], path: Path | None) -> list[str
     return [
         f"### Against the previous run ({earlier['date']}, `{name}`)",
         "",
-        f"{same} of {compared} verdicts are the same as in {which}; each row gives "
-        f"both runs' figures, so how far a figure moved {moved} is read off the row.",
+        f"{same + detail} of {compared} verdicts are the same as in {which}"
+        + (
+            f" ({detail} of them with another detail: which part, or how many "
+            "counts, missed)"
+            if detail
+            else ""
+        )
+        + f"; each row gives both runs' figures, so how far a figure moved {moved} "
+        "is read off the row.",
         "",
         table(["target", f"{earlier['date']}", f"{results['date']}", "verdict"], rows),
         "",
