@@ -503,15 +503,24 @@ def remember_every_connection_hooks(wrapper: BaseDatabaseWrapper) -> None:
 def watched(wrappers: list[BaseDatabaseWrapper]) -> frozenset[str]:
     """The aliases whose connection of this thread (*wrappers*) code is
     watching in a way no other connection is: ``CaptureQueriesContext`` and
-    ``assertNumQueries`` (``force_debug_cursor``), or an execute wrapper
+    ``assertNumQueries`` (``force_debug_cursor``), an execute wrapper
     installed on this connection only (``with connection.execute_wrapper():``
-    in a sync middleware, around its ``get_response``). On stock Django every
-    query of the request passes there; a query on an extra lane's connection
-    would not, so the set keeps the calls on this lane while it is watched."""
+    in a sync middleware, around its ``get_response``), or its own
+    ``cursor()`` or ``chunked_cursor()`` replaced on the connection object
+    (django-debug-toolbar's SQL panel records queries so). On
+    stock Django every query of the request passes there; a query on an
+    extra lane's connection would not, so the set keeps the calls on this
+    lane while it is watched."""
     aliases = _NO_ALIASES
     for w in wrappers:
-        # (Two attribute reads per connection when nothing watches.)
-        if w.force_debug_cursor or (w.execute_wrappers and _watching(w)):
+        # (Three attribute reads and two dict lookups per connection when
+        # nothing watches.)
+        if (
+            w.force_debug_cursor
+            or (w.execute_wrappers and _watching(w))
+            or "cursor" in (own := w.__dict__)
+            or "chunked_cursor" in own
+        ):
             aliases = aliases | {w.alias}
     return aliases
 

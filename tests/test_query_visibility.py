@@ -18,6 +18,7 @@ from django.core.asgi import get_asgi_application
 from django.db import connection
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
+from django.db.backends.utils import CursorWrapper
 from django.http import HttpRequest, JsonResponse
 from django.test import Client, TestCase, TransactionTestCase, override_settings
 from django.test.utils import CaptureQueriesContext
@@ -225,6 +226,63 @@ async def test_a_watched_request_keeps_its_calls_on_lane_0(
     # stays on the request's connection, the one the hook is on.
     assert LANES_USED[0] > 1
     assert (LANES_USED[1], recording_only) == (1, ["default"] * 4)
+
+
+#: The pg_sleep queries a cursor-wrapping tool saw, while a test records them.
+CURSOR_SEEN: list[str] = []
+
+
+class SeeingCursor(CursorWrapper):
+    def execute(self, sql: str, params: Any = None) -> Any:
+        if RECORDING and "pg_sleep" in sql:
+            CURSOR_SEEN.append(self.db.alias)
+        return super().execute(sql, params)
+
+
+def cursor_wrapping_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
+    """A tool that sees each query by replacing the request thread's
+    ``connection.cursor`` and ``chunked_cursor`` with its own, as
+    django-debug-toolbar's SQL panel does (``wrap_cursor()`` in
+    ``debug_toolbar.panels.sql.tracking``)."""
+
+    def wrapped(make: Callable[..., Any]) -> Callable[..., Any]:
+        def cursor(*args: Any, **kwargs: Any) -> Any:
+            return SeeingCursor(make(*args, **kwargs).cursor, connection)
+
+        return cursor
+
+    def middleware(request: HttpRequest) -> Any:
+        own = connection.cursor, connection.chunked_cursor
+        connection.cursor = wrapped(own[0])  # type: ignore[method-assign]
+        connection.chunked_cursor = wrapped(own[1])  # type: ignore[method-assign]
+        try:
+            return get_response(request)
+        finally:
+            del connection.cursor, connection.chunked_cursor
+
+    return middleware
+
+
+@pytest.mark.parametrize("view", ["/gathered/", "/one-by-one/"])
+@pytest.mark.parametrize("parallelism", [1, 4])
+async def test_a_tool_that_wraps_the_connections_cursor_sees_every_query(
+    recording_only: list[str], view: str, parallelism: int
+) -> None:
+    middleware = [f"{__name__}.cursor_wrapping_middleware"]
+    CURSOR_SEEN.clear()
+    stock = await serve(None, view, middleware)
+    stock_seen = list(CURSOR_SEEN)
+    CURSOR_SEEN.clear()
+    LANES_USED.clear()
+    library = await serve(parallelism, view, middleware)
+
+    assert stock_seen == ["default"] * 4
+    # (Before: 1 of the 4 gathered queries at parallelism 4; the others ran
+    # on extra lanes' connections, whose cursor() the tool had not replaced.)
+    assert (library, CURSOR_SEEN) == (stock, stock_seen)
+    # (Watched, the gathered calls stay on the request's connection: lane 0.)
+    lanes = {"/gathered/": [0 if parallelism == 1 else 1], "/one-by-one/": []}
+    assert LANES_USED == lanes[view]
 
 
 def count_queries(path: str) -> tuple[int, list[int]]:
