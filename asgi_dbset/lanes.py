@@ -16,6 +16,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import sys
 import threading
 import time
 import types
@@ -518,11 +519,27 @@ def watched(wrappers: list[BaseDatabaseWrapper]) -> frozenset[str]:
         if (
             w.force_debug_cursor
             or (w.execute_wrappers and _watching(w))
-            or "cursor" in (own := w.__dict__)
-            or "chunked_cursor" in own
+            or (
+                ("cursor" in (own := w.__dict__) or "chunked_cursor" in own)
+                and _cursor_watched(own)
+            )
         ):
             aliases = aliases | {w.alias}
     return aliases
+
+
+def _cursor_watched(own: dict[str, Any]) -> bool:
+    # A tool's cursor() on the connection object watches it - unless it is
+    # the stand-in Django's test cases put on the aliases a test may not
+    # use: a refusal on that thread, not a watcher (it must not keep a test's
+    # calls of every alias on lane 0).
+    testcases = sys.modules.get("django.test.testcases")
+    refusal = getattr(testcases, "_DatabaseFailure", None)
+    return any(
+        type(own[name]) is not refusal
+        for name in ("cursor", "chunked_cursor")
+        if name in own
+    )
 
 
 def _watching(wrapper: BaseDatabaseWrapper) -> bool:
