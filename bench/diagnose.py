@@ -51,7 +51,11 @@
         (default budget), stock Django against a view gathering 8 x 20 ms
         lookups under @db_parallelism(8): req/s, p50, p99 and the most server
         connections each server held; the client counts interleaved, the
-        order of the two servers alternating by round. Then W1 written as
+        order of the servers rotating by round. A second stock server runs
+        beside them: its ratio to stock, measured the same way, is how far
+        two identical servers stray apart in this run. Each ratio is the
+        median over rounds of the two servers' ratio at that count in that
+        round (measured one right after the other). Then W1 written as
         sync functions (k of one lookup each): stock's sync_to_async against
         sync_to_lane at p = k, one client. ``make bench`` records it.
 
@@ -750,9 +754,15 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
     from bench.run import Server, http_get, wrk
 
     env = {"BENCH_POOL_MAX_SIZE": str(SWEEP_POOL)}
-    servers = {name: Server(name, env) for name in ("stock", "dbset")}
-    paths = {"stock": "/p1/w1/?k=8", "dbset": "/p8/w1/?k=8"}
+    paths = {
+        "stock": "/p1/w1/?k=8",
+        "dbset": "/p8/w1/?k=8",
+        "stock-twin": "/p1/w1/?k=8",
+    }
+    servers = {name: Server(name, env) for name in paths}
     runs: dict[str, list[dict[str, float]]] = {}
+    # Per client count, each round's ratio to stock of the same round.
+    paired: dict[str, dict[str, list[float]]] = {}
     sync: dict[str, list[float]] = {}
 
     def leased() -> float:
@@ -764,9 +774,13 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
             server.start()
             wrk(f"{server.base}{paths[name]}", SWEEP_POOL, 2)  # grow the pool
             _quiet(f"bench_{name}")
+        names = list(servers)
         for round_no in range(rounds):
-            order = ["stock", "dbset"] if round_no % 2 == 0 else ["dbset", "stock"]
+            # Each server takes each place in the order once every 3 rounds.
+            shift = round_no % len(names)
+            order = names[shift:] + names[:shift]
             for clients in SWEEP_CLIENTS:
+                rps: dict[str, float] = {}
                 for name in order:
                     server = servers[name]
                     before, cpu_before = leased(), server.cpu_seconds()
@@ -777,9 +791,10 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
                     # counted in both, as in the lanes below.)
                     cpu = server.cpu_seconds() - cpu_before
                     n = max(figures["requests"], 1)
+                    rps[name] = figures["requests"] / (figures["duration_us"] / 1e6)
                     runs.setdefault(f"{name} c={clients}", []).append(
                         {
-                            "rps": figures["requests"] / (figures["duration_us"] / 1e6),
+                            "rps": rps[name],
                             "p50_ms": figures["latency_us"]["p50"] / 1000,
                             "p99_ms": figures["latency_us"]["p99"] / 1000,
                             "errors": float(sum(figures["errors"].values())),
@@ -789,6 +804,13 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
                             "lanes_per_request": (leased() - before) / n,
                             "server_cpu_ms_per_request": cpu * 1000 / n,
                         }
+                    )
+                ratios = paired.setdefault(
+                    str(clients), {"dbset": [], "stock-twin": []}
+                )
+                for name, found in ratios.items():
+                    found.append(
+                        round(rps[name] / rps["stock"], 4) if rps["stock"] else 0.0
                     )
             for label, name, path in SYNC_RUNS:
                 figures = wrk(f"{servers[name].base}{path}", 1, max(1, seconds // 2))
@@ -808,6 +830,7 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
             }
             for label, rows in runs.items()
         },
+        "paired": paired,
         "w1sync_mean_ms": {
             label: round(statistics.median(v), 3) for label, v in sync.items()
         },
@@ -824,13 +847,17 @@ def print_sweep(seconds: int, rounds: int) -> None:
     print(
         f"  {'clients':>7} | {'stock req/s':>11} {'p50':>7} {'p99':>7} {'conns':>5} |"
         f" {'dbset req/s':>11} {'p50':>7} {'p99':>7} {'conns':>5} | {'ratio':>5}"
+        f" {'twin':>5}"
     )
     for c in result["clients"]:
         s, d = w6[f"stock c={c}"], w6[f"dbset c={c}"]
+        pair = result["paired"][str(c)]
         print(
             f"  {c:7d} | {s['rps']:11.1f} {s['p50_ms']:7.1f} {s['p99_ms']:7.1f}"
             f" {s['connections']:5.0f} | {d['rps']:11.1f} {d['p50_ms']:7.1f}"
-            f" {d['p99_ms']:7.1f} {d['connections']:5.0f} | {d['rps'] / s['rps']:5.2f}"
+            f" {d['p99_ms']:7.1f} {d['connections']:5.0f}"
+            f" | {statistics.median(pair['dbset']):5.2f}"
+            f" {statistics.median(pair['stock-twin']):5.2f}"
             f" | lanes/request {d['lanes_per_request']:.2f}"
             f" | CPU ms/request {s['server_cpu_ms_per_request']:.2f}"
             f" / {d['server_cpu_ms_per_request']:.2f}"

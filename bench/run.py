@@ -7,8 +7,9 @@
    (another process) runs each point on every variant in turn, A B C ... A B
    C, rounds after rounds, so drift of the machine's load lands on every
    variant alike.
-3. W4: one server at a time, since each fills its pool; rounds rotate the
-   order. W5: W1 again with all servers behind bench/delayproxy.py.
+3. W4: one server at a time, since each fills its pool, every variant on a
+   fresh server of its own; rounds rotate the order. W5: W1 again with all
+   servers behind bench/delayproxy.py.
 4. Writes the results JSON and the report (``bench/report.py``).
 
 Every run is bounded: wrk by ``-d``, every subprocess by a timeout, the whole
@@ -79,6 +80,8 @@ class Plan:
     w3_clients: int = 8
     w4_clients: int = 64
     w4_k: int = 4
+    #: W4's rounds; each variant runs on a fresh server of its own every round.
+    w4_rounds: int = 1
 
 
 FULL = Plan(
@@ -93,6 +96,7 @@ FULL = Plan(
     warm_seconds=1,
     w5_rounds=2,
     w5_ks=(1, 2, 4, 8),
+    w4_rounds=5,
 )
 QUICK = Plan(
     rounds=1,
@@ -128,6 +132,13 @@ SERVERS: dict[str, dict[str, str]] = {
     "dbset": {
         "app": "bench.djsite.asgi:application",
         "BENCH_VARIANT": "dbset",
+        "venv": "main",
+    },
+    # W6's second stock server: stock against stock in the same run measures
+    # how far two identical servers' figures stray apart (the run's resolution).
+    "stock-twin": {
+        "app": "bench.djsite.asgi:application",
+        "BENCH_VARIANT": "stock",
         "venv": "main",
     },
     "ceiling": {"app": "bench.ceiling:app", "venv": "main"},
@@ -669,38 +680,37 @@ class Harness:
             self.together(series, blocks, title="W1-W3", first=True)
 
     def saturation(self, series: list[Series]) -> None:
-        """W4, one server at a time (each fills its pool); rounds rotate them."""
-        by_server: dict[str, list[Series]] = defaultdict(list)
-        for s in series:
-            if s.name not in W1_ONLY_SERIES:
-                by_server[s.server].append(s)
+        """W4, one server at a time (each fills its pool): every variant on a
+        fresh server of its own, warmed with its own view only, so no variant
+        runs on a server that earlier variants' loads have aged; rounds
+        rotate the order."""
+        members = [s for s in series if s.name not in W1_ONLY_SERIES]
         plan = self.plan
-        for round_no in range(plan.rounds):
-            for name in rotate(list(by_server), round_no):
+        for round_no in range(plan.w4_rounds):
+            for s in rotate(members, round_no):
                 if self.out_of_time():
                     self.notes.append(f"deadline reached in W4 round {round_no + 1}")
                     return
-                members = by_server[name]
-                say(f"W4 round {round_no + 1}/{plan.rounds}: server {name}")
-                server = Server(name)
+                say(f"W4 round {round_no + 1}/{plan.w4_rounds}: {s.name}")
+                server = Server(s.server)
                 try:
                     server.start()
                 except RuntimeError as exc:
-                    self.notes.append(f"W4: server {name} did not start: {exc}")
+                    self.notes.append(f"W4: server {s.server} did not start: {exc}")
                     continue
                 try:
-                    self.warm(server, members, plan.w4_clients)
-                    for s in rotate(members, round_no):
-                        self.measure(
-                            server, s, "W4", "w1", k=plan.w4_k,
-                            clients=plan.w4_clients, seconds=plan.w4_seconds,
-                            round_no=round_no, sample=True,
-                        )  # fmt: skip
+                    self.warm(server, [s], plan.w4_clients)
+                    self.measure(
+                        server, s, "W4", "w1", k=plan.w4_k,
+                        clients=plan.w4_clients, seconds=plan.w4_seconds,
+                        round_no=round_no, sample=True,
+                    )  # fmt: skip
                     self.server_stats.append(
                         {
                             "phase": "W4",
                             "round": round_no,
-                            "server": name,
+                            "server": s.server,
+                            "series": s.name,
                             **server.stats(),
                         }
                     )
@@ -953,7 +963,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="one short round (~2 min); writes under bench/.work/",
     )
-    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument(
+        "--rounds", type=int, help="override the number of rounds (W4's too)"
+    )
     parser.add_argument(
         "--workloads", default="W1,W2,W3,W4,W5", help="comma-separated subset"
     )
@@ -994,7 +1006,9 @@ def main(argv: list[str] | None = None) -> None:
 
     plan = QUICK if args.quick else FULL
     if args.rounds:
-        plan = Plan(**{**plan.__dict__, "rounds": args.rounds})
+        plan = Plan(
+            **{**plan.__dict__, "rounds": args.rounds, "w4_rounds": args.rounds}
+        )
     workloads = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
     series = list(ALL_SERIES)
     if args.series:
@@ -1011,7 +1025,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     date = dt.date.today().isoformat()
     if args.out:
-        out = args.out
+        # (Absolute: the harness names it relative to the repository.)
+        out = args.out.resolve()
     elif args.quick:
         out = WORK / "results" / f"{date}-quick.json"
     else:
@@ -1111,7 +1126,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    say(f"wrote {out.relative_to(REPO)} ({results['elapsed_s']} s)")
+    say(f"wrote {os.path.relpath(out, REPO)} ({results['elapsed_s']} s)")
     if not args.no_report:
         from bench import report
 
