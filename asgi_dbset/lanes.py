@@ -516,16 +516,82 @@ def watched(wrappers: list[BaseDatabaseWrapper]) -> frozenset[str]:
     for w in wrappers:
         # (Three attribute reads and two dict lookups per connection when
         # nothing watches.)
-        if (
-            w.force_debug_cursor
-            or (w.execute_wrappers and _watching(w))
-            or (
-                ("cursor" in (own := w.__dict__) or "chunked_cursor" in own)
-                and _cursor_watched(own)
-            )
+        watcher: tuple[str, Hashable]
+        if w.force_debug_cursor:
+            watcher = (_CAPTURE, None)
+        elif w.execute_wrappers and (kind := _watching(w)) is not None:
+            watcher = (_WRAPPER, kind)
+        elif ("cursor" in (own := w.__dict__) or "chunked_cursor" in own) and (
+            _cursor_watched(own)
         ):
-            aliases = aliases | {w.alias}
+            watcher = (_CURSOR, _kind(own.get("cursor") or own["chunked_cursor"]))
+        else:
+            continue
+        aliases = aliases | {w.alias}
+        if watcher not in _TOLD:
+            _tell_watched(w.alias, watcher)
     return aliases
+
+
+# What watches a connection: (_CAPTURE, None) - a query capture - or
+# (_WRAPPER or _CURSOR, the kind of hook: see _kind()).
+_CAPTURE, _WRAPPER, _CURSOR = "capture", "execute wrapper", "cursor"
+#: The watchers _tell_watched() has logged: one line per process each. Bounded.
+_TOLD: set[tuple[str, Hashable]] = set()
+_TOLD_MAX = 64
+_TOLD_LOCK = threading.Lock()
+
+
+def _tell_watched(alias: str, watcher: tuple[str, Hashable]) -> None:
+    """Log, once per process for each watcher, that *alias*'s calls run one
+    at a time and what to do about it: otherwise a view that gathers its
+    queries is only slower than expected, with nothing saying why."""
+    if not logger.isEnabledFor(logging.INFO):
+        return  # (Untold: a logger set to INFO later still hears of it.)
+    with _TOLD_LOCK:
+        # Once, though the lane-0 threads of several requests get here.
+        if watcher in _TOLD or len(_TOLD) >= _TOLD_MAX:
+            return
+        _TOLD.add(watcher)
+    how, kind = watcher
+    if how == _CAPTURE:
+        why = "its queries are captured (CaptureQueriesContext, assertNumQueries)"
+        todo = "A test that counts queries wants them there: nothing to do"
+    elif how == _CURSOR:
+        why = f"its cursor() is replaced on the connection object ({_describe(kind)})"
+        todo = (
+            "A tool that sees each query so (django-debug-toolbar's SQL panel) is "
+            "for development: turn it off where speed matters"
+        )
+    else:
+        why = f"an execute wrapper is on it alone ({_describe(kind)})"
+        todo = (
+            "To let them run in parallel, install the hook from a "
+            "connection_created receiver instead, so that every connection, the "
+            "extra lanes' too, has it"
+        )
+    logger.info(
+        "asgi_dbset: the ORM calls of %r stay on the request's own connection and "
+        "run one at a time, as on stock Django, while %s: every query of the "
+        "request passes there on stock Django, and one on another lane's "
+        "connection would not. %s. (Said once per "
+        "process for each watcher; such calls are counted in "
+        "get_stats()['pinned_calls'].)",
+        alias,
+        why,
+        todo,
+    )
+
+
+def _describe(kind: Hashable) -> str:
+    """A hook's kind (see _kind()) as a person finds it in their code."""
+    if isinstance(kind, tuple):
+        return f"a partial of {_describe(kind[1])}"
+    if isinstance(kind, types.CodeType):
+        return f"{kind.co_qualname} in {kind.co_filename}:{kind.co_firstlineno}"
+    if isinstance(kind, type):
+        return f"an instance of {kind.__module__}.{kind.__qualname__}"
+    return str(kind)
 
 
 def _cursor_watched(own: dict[str, Any]) -> bool:
@@ -542,7 +608,9 @@ def _cursor_watched(own: dict[str, Any]) -> bool:
     )
 
 
-def _watching(wrapper: BaseDatabaseWrapper) -> bool:
+def _watching(wrapper: BaseDatabaseWrapper) -> Hashable | None:
+    """The first kind of hook (see _kind()) by which *wrapper*'s execute
+    wrappers watch it, or None."""
     # Unwatched only while each kind of hook is on this connection at most as
     # many times as a leased one had it: the same kind once more (a sync
     # middleware's own hook, which a receiver also appends to each
@@ -554,10 +622,10 @@ def _watching(wrapper: BaseDatabaseWrapper) -> bool:
         # nothing here, so every hook on it is the application's own (one
         # of a receiver's kind too), which each query passes on stock.
         remembered = {}
-    return any(
-        count > remembered.get(kind, 0)
-        for kind, count in _kinds(wrapper.execute_wrappers).items()
-    )
+    for kind, count in _kinds(wrapper.execute_wrappers).items():
+        if count > remembered.get(kind, 0):
+            return kind
+    return None
 
 
 def hand_over_queries(

@@ -159,7 +159,7 @@ _LIBRARY = (
         "asgi_dbset.calls.pinned",
         "pinned_calls",
         "{call}",
-        "Calls that had to run on one lane (a cursor, a transaction).",
+        "Calls that had to run on one lane (a cursor, a transaction, a watched connection).",
     ),
     (
         "asgi_dbset.calls.queued_on_lane0",

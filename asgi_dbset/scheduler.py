@@ -522,7 +522,8 @@ class Scheduler:
                 stats.incr("lane0_queued_calls")
             last = reports.last
             if last and call.target.alias in last and not call.unrecorded:
-                stats.incr("pinned_calls")  # kept on lane 0 by its transaction
+                # (Kept on lane 0 by its transaction, or by a watcher: lanes.watched.)
+                stats.incr("pinned_calls")
         elif how == CREDIT:
             call.clearance = reports.due
         cursor = call.target.cursor

@@ -18,7 +18,8 @@ COUNTERS = {
     "lease_failures": "extra lanes refused: pool busy past LEASE_TIMEOUT",
     "calls": "ORM calls run through a set",
     "waits": "calls that queued for a lane",
-    "pinned_calls": "calls that had to run on one lane (cursor or transaction)",
+    "pinned_calls": "calls that had to run on one lane (a cursor, a transaction, "
+    "a watched connection)",
     "lane0_queued_calls": "calls queued on lane 0's thread behind its current call: "
     "no other lane could be had",
     "saturated_calls": "calls a set let run as stock Django, with none of its "

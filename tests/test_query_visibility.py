@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,7 +25,7 @@ from django.test import Client, TestCase, TransactionTestCase, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.urls import path
 
-from asgi_dbset import DBSetMiddleware, active_set, db_parallelism
+from asgi_dbset import DBSetMiddleware, active_set, db_parallelism, lanes
 from tests.asgi import request
 from tests.helpers import sleeping
 
@@ -281,8 +282,82 @@ async def test_a_tool_that_wraps_the_connections_cursor_sees_every_query(
     # on extra lanes' connections, whose cursor() the tool had not replaced.)
     assert (library, CURSOR_SEEN) == (stock, stock_seen)
     # (Watched, the gathered calls stay on the request's connection: lane 0.)
-    lanes = {"/gathered/": [0 if parallelism == 1 else 1], "/one-by-one/": []}
-    assert LANES_USED == lanes[view]
+    used = {"/gathered/": [0 if parallelism == 1 else 1], "/one-by-one/": []}
+    assert LANES_USED == used[view]
+
+
+def capturing_middleware(get_response: Callable[..., Any]) -> Callable[..., Any]:
+    """A sync middleware counting the request's queries, as assertNumQueries
+    does (``CaptureQueriesContext`` on the request thread's connection)."""
+
+    def middleware(request: HttpRequest) -> Any:
+        with CaptureQueriesContext(connection):
+            return get_response(request)
+
+    return middleware
+
+
+@pytest.fixture
+def told(
+    caplog: pytest.LogCaptureFixture,
+) -> Iterator[Callable[[], list[logging.LogRecord]]]:
+    """The lines the library has logged about watched connections so far, in
+    a process that had told none yet (it tells each watcher once per
+    process)."""
+    caplog.set_level(logging.INFO, logger="asgi_dbset")
+    saved = set(lanes._TOLD)
+    lanes._TOLD.clear()
+
+    def lines() -> list[logging.LogRecord]:
+        return [
+            r
+            for r in caplog.records
+            if r.name == "asgi_dbset"
+            and "stay on the request's own connection" in r.getMessage()
+        ]
+
+    try:
+        yield lines
+    finally:
+        lanes._TOLD.clear()
+        lanes._TOLD.update(saved)
+
+
+@pytest.mark.parametrize(
+    ("middleware", "named"),
+    [
+        (
+            "watching_middleware",
+            "an execute wrapper is on it alone (middleware_hook in ",
+        ),
+        (
+            "cursor_wrapping_middleware",
+            "its cursor() is replaced on the connection object "
+            "(cursor_wrapping_middleware.<locals>.wrapped.<locals>.cursor in ",
+        ),
+        ("capturing_middleware", "its queries are captured"),
+    ],
+)
+async def test_a_watched_connection_is_named_in_the_log_once(
+    recording_only: list[str],
+    told: Callable[[], list[logging.LogRecord]],
+    middleware: str,
+    named: str,
+) -> None:
+    await serve(4, "/gathered/")
+    unwatched = told()
+    for _ in range(2):
+        await serve(4, "/gathered/", [f"{__name__}.{middleware}"])
+
+    # Nothing to say while nothing watches; then one INFO line for the two
+    # watched requests, which names the alias and what watches it.
+    assert unwatched == []
+    (record,) = told()
+    assert record.levelno == logging.INFO
+    line = record.getMessage()
+    assert "'default'" in line
+    assert named in line
+    assert "pinned_calls" in line
 
 
 def count_queries(path: str) -> tuple[int, list[int]]:
