@@ -51,11 +51,12 @@
         (default budget), stock Django against a view gathering 8 x 20 ms
         lookups under @db_parallelism(8): req/s, p50, p99 and the most server
         connections each server held; the client counts interleaved, the
-        order of the servers rotating by round. A second stock server runs
-        beside them: its ratio to stock, measured the same way, is how far
-        two identical servers stray apart in this run. Each ratio is the
-        median over rounds of the two servers' ratio at that count in that
-        round (measured one right after the other). Then W1 written as
+        stock measured between the other two, their order reversing each
+        round. A second stock server runs beside them: its ratio to stock,
+        measured the same way, is how far two identical servers stray apart
+        in this run. Each ratio is the median over rounds of the two servers'
+        ratio at that count in that round (measured one right after the
+        other; none from a round in which either had errors). Then W1 written as
         sync functions (k of one lookup each): stock's sync_to_async against
         sync_to_lane at p = k, one client. ``make bench`` records it.
 
@@ -693,6 +694,14 @@ SYNC_RUNS = tuple(
 )
 
 
+def _sweep_seconds(seconds: int, clients: int) -> int:
+    """A W6 run's length: twice *seconds* where the pool binds the servers
+    (clients >= its size), whose requests take seconds each at 200 clients:
+    a short run would be mostly its start and end, and its ratio the noise
+    the verdict is judged against."""
+    return seconds if clients < SWEEP_POOL else 2 * seconds
+
+
 def _quiet(app_name: str, limit: float = 20.0) -> None:
     """Wait until no query of *app_name* runs on the server (a closed-loop
     run's last requests drain after wrk stops: they must not overlap the next
@@ -762,7 +771,7 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
     servers = {name: Server(name, env) for name in paths}
     runs: dict[str, list[dict[str, float]]] = {}
     # Per client count, each round's ratio to stock of the same round.
-    paired: dict[str, dict[str, list[float]]] = {}
+    paired: dict[str, dict[str, list[float | None]]] = {}
     sync: dict[str, list[float]] = {}
 
     def leased() -> float:
@@ -774,24 +783,35 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
             server.start()
             wrk(f"{server.base}{paths[name]}", SWEEP_POOL, 2)  # grow the pool
             _quiet(f"bench_{name}")
-        names = list(servers)
         for round_no in range(rounds):
-            # Each server takes each place in the order once every 3 rounds.
-            shift = round_no % len(names)
-            order = names[shift:] + names[:shift]
+            # Stock in the middle: asgi_dbset and the second stock server are
+            # each measured right next to it, before it one round and after
+            # it the next, so an effect of the order cancels over two rounds.
+            order = ["dbset", "stock", "stock-twin"]
+            if round_no % 2:
+                order.reverse()
             for clients in SWEEP_CLIENTS:
                 rps: dict[str, float] = {}
+                failed: dict[str, bool] = {}
                 for name in order:
                     server = servers[name]
                     before, cpu_before = leased(), server.cpu_seconds()
                     with _ActiveSampler() as sampler:
-                        figures = wrk(f"{server.base}{paths[name]}", clients, seconds)
+                        figures = wrk(
+                            f"{server.base}{paths[name]}",
+                            clients,
+                            _sweep_seconds(seconds, clients),
+                        )
                     _quiet(f"bench_{name}")
                     # (After the drain: the requests wrk left in flight are
                     # counted in both, as in the lanes below.)
                     cpu = server.cpu_seconds() - cpu_before
                     n = max(figures["requests"], 1)
                     rps[name] = figures["requests"] / (figures["duration_us"] / 1e6)
+                    # (No ratio from a run that failed: errors, or no request.)
+                    failed[name] = (
+                        bool(sum(figures["errors"].values())) or not rps[name]
+                    )
                     runs.setdefault(f"{name} c={clients}", []).append(
                         {
                             "rps": rps[name],
@@ -809,8 +829,11 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
                     str(clients), {"dbset": [], "stock-twin": []}
                 )
                 for name, found in ratios.items():
+                    # None: either server failed its run this round.
                     found.append(
-                        round(rps[name] / rps["stock"], 4) if rps["stock"] else 0.0
+                        None
+                        if failed["stock"] or failed[name]
+                        else round(rps[name] / rps["stock"], 4)
                     )
             for label, name, path in SYNC_RUNS:
                 figures = wrk(f"{servers[name].base}{path}", 1, max(1, seconds // 2))
@@ -820,6 +843,7 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
             server.stop()
     return {
         "seconds": seconds,
+        "bound_seconds": _sweep_seconds(seconds, SWEEP_POOL),
         "rounds": rounds,
         "pool": SWEEP_POOL,
         "clients": list(SWEEP_CLIENTS),
@@ -835,6 +859,11 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
             label: round(statistics.median(v), 3) for label, v in sync.items()
         },
     }
+
+
+def _median_of(ratios: list[float | None]) -> float:
+    valid = [r for r in ratios if r is not None]
+    return statistics.median(valid) if valid else float("nan")
 
 
 def print_sweep(seconds: int, rounds: int) -> None:
@@ -856,8 +885,8 @@ def print_sweep(seconds: int, rounds: int) -> None:
             f"  {c:7d} | {s['rps']:11.1f} {s['p50_ms']:7.1f} {s['p99_ms']:7.1f}"
             f" {s['connections']:5.0f} | {d['rps']:11.1f} {d['p50_ms']:7.1f}"
             f" {d['p99_ms']:7.1f} {d['connections']:5.0f}"
-            f" | {statistics.median(pair['dbset']):5.2f}"
-            f" {statistics.median(pair['stock-twin']):5.2f}"
+            f" | {_median_of(pair['dbset']):5.2f}"
+            f" {_median_of(pair['stock-twin']):5.2f}"
             f" | lanes/request {d['lanes_per_request']:.2f}"
             f" | CPU ms/request {s['server_cpu_ms_per_request']:.2f}"
             f" / {d['server_cpu_ms_per_request']:.2f}"

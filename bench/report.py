@@ -9,6 +9,7 @@ from a results file without measuring again.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -683,13 +684,14 @@ def w6_ratios(found: dict[str, Any]) -> tuple[dict[int, float], dict[int, float]
     """Per client count, asgi_dbset's throughput over stock's, and the second
     stock server's over stock's (empty in results files before 2026-12-07's
     second run, which had no second stock server): the median over rounds of
-    each round's ratio, two servers measured one right after the other.
-    Without per-round figures, the ratio of the medians."""
+    each round's ratio, two servers measured one right after the other (a
+    count none of whose rounds gave a ratio is left out). Without per-round
+    figures, the ratio of the medians."""
     paired = found.get("paired")
     if paired:
         return (
-            {int(c): statistics.median(r["dbset"]) for c, r in paired.items()},
-            {int(c): statistics.median(r["stock-twin"]) for c, r in paired.items()},
+            _medians(paired, "dbset"),
+            _medians(paired, "stock-twin"),
         )
     w6 = found["w6"]
     ratios = {
@@ -699,17 +701,47 @@ def w6_ratios(found: dict[str, Any]) -> tuple[dict[int, float], dict[int, float]
     return {c: r for c, r in ratios.items() if r is not None}, {}
 
 
-def w6_resolution(twin: dict[int, float], pool: int) -> float:
-    """How far apart two stock servers' throughputs came in the run where the
-    pool binds them (clients >= its size: the counts at which the decorated
-    view runs as stock Django does): the largest gap, either way, between the
-    second stock server's and stock's. A ratio that differs from 1.00 by less
-    than this is not a difference the run can see. (Below the pool's size a
-    few clients' requests, all equally long, end in step: how many of them
-    fit in a run moves by whole requests per client, which is no noise of the
-    server's.)"""
-    bound = [r for c, r in twin.items() if c >= pool] or list(twin.values())
-    return max(abs(1.0 - r) for r in bound)
+def _medians(
+    paired: dict[str, dict[str, list[float | None]]], name: str
+) -> dict[int, float]:
+    medians = {}
+    for c, by_name in paired.items():
+        valid = [r for r in by_name[name] if r is not None]
+        if valid:
+            medians[int(c)] = statistics.median(valid)
+    return medians
+
+
+#: Above this, W6's resolution is too coarse for a verdict: the run was noisy.
+W6_RESOLUTION_LIMIT = 0.05
+
+
+def w6_resolution(found: dict[str, Any]) -> tuple[float, list[float]]:
+    """The run's resolution for one W6 ratio, and the stock-against-stock
+    ratios it comes from: every round's ratio of the second stock server to
+    stock at the client counts where the pool binds them (clients >= its
+    size, where the decorated view runs as stock Django does, so its ratio
+    is expected to be 1.00 - the claim the target tests). Two identical
+    servers' ratios scatter so much round to round (their standard
+    deviation, in logs); a ratio in the table is a median over the rounds,
+    whose standard error is about 1.25 times that over the root of the
+    number of rounds; the resolution is two such standard errors. (Below the
+    pool's size a few clients' requests, all equally long, end in step: how
+    many fit in a run moves by whole requests per client, which is no noise
+    of the server's.)"""
+    pool = int(found["pool"])
+    twins = [
+        r
+        for c, by_name in found["paired"].items()
+        if int(c) >= pool
+        for r in by_name["stock-twin"]
+        if r is not None
+    ]
+    if len(twins) < 3:
+        return float("inf"), twins
+    spread = statistics.stdev(math.log(r) for r in twins)
+    error = 1.2533 * spread / math.sqrt(found["rounds"])
+    return 1.0 - math.exp(-2 * error), twins
 
 
 def w6_targets(found: dict[str, Any] | None) -> list[tuple[str, str, str]]:
@@ -717,11 +749,13 @@ def w6_targets(found: dict[str, Any] | None) -> list[tuple[str, str, str]]:
     and the single request's speed-up kept (about 6x at k=8).
 
     With a second stock server in the run, the first is judged to the run's
-    resolution (:func:`w6_resolution`): at client counts where both servers
-    are bound by the pool's connections, the decorated view runs as stock
-    Django does and the true ratio is 1.00, so a verdict of "at or above
-    1.00" would only say on which side of 1.00 the noise fell that day. The
-    measured column still names every count below 1.00."""
+    resolution (:func:`w6_resolution`): where the pool binds both servers, a
+    verdict of "at or above 1.00" on the medians alone would say on which
+    side of 1.00 the noise fell that day. A count misses when its ratio is
+    below 1.00 by more than the resolution; the measured column and the
+    verdict's detail still name every count below 1.00; and a run whose
+    resolution is wider than W6_RESOLUTION_LIMIT, or that has a count
+    without a ratio, gives no verdict ("inconclusive")."""
     if not found:
         return []
     known, twin = w6_ratios(found)
@@ -735,20 +769,37 @@ def w6_targets(found: dict[str, Any] | None) -> list[tuple[str, str, str]]:
     )
     if twin:
         pool = int(found["pool"])
-        resolution = w6_resolution(twin, pool)
+        resolution, twins = w6_resolution(found)
+        missing = [c for c in found["clients"] if c not in known]
         beyond = [c for c, r in known.items() if r < 1.0 - resolution]
-        bound = [r for c, r in twin.items() if c >= pool]
+        if missing:
+            verdict = "inconclusive (no ratio at " + ", ".join(map(str, missing)) + ")"
+        elif resolution > W6_RESOLUTION_LIMIT:
+            verdict = (
+                f"inconclusive (resolution {resolution:.1%}, wider than "
+                f"{W6_RESOLUTION_LIMIT:.0%})"
+            )
+        elif beyond:
+            verdict = f"missed at {len(beyond)} of {len(known)} counts"
+        elif below:
+            verdict = "met (below 1.00x by less than the resolution at " + (
+                ", ".join(map(str, below)) + ")"
+            )
+        else:
+            verdict = "met"
         rows = [
             (
                 f"W6: throughput >= stock at every client count ({counts}; pool "
-                f"{pool}), to the run's resolution (the widest gap between two stock "
-                "servers in the same run, where the pool binds them)",
+                f"{pool}), to the run's resolution (two standard errors of a "
+                "ratio, from a second stock server against stock)",
                 f"{measured}; stock against stock at {pool}+ clients "
-                f"{min(bound or twin.values()):.2f}x-{max(bound or twin.values()):.2f}x "
-                f"(resolution {resolution:.1%})",
-                "met"
-                if not beyond
-                else f"missed at {len(beyond)} of {len(known)} counts",
+                + (
+                    f"{min(twins):.2f}x-{max(twins):.2f}x over {len(twins)} rounds"
+                    if twins
+                    else "no ratio"
+                )
+                + f", resolution {resolution:.1%}",
+                verdict,
             )
         ]
     else:
@@ -828,8 +879,10 @@ def previous_run_section(results: dict[str, Any], path: Path | None) -> list[str
         for target, measured, verdict in all_targets(earlier)
     }
     rows, same, detail, compared = [], 0, 0, 0
+    uncompared = []
     for target, measured, verdict in all_targets(results):
         if target not in before:
+            uncompared.append(f"{target} ({verdict})")
             continue
         old_measured, old_verdict = before[target]
         compared += 1
@@ -873,6 +926,48 @@ def previous_run_section(results: dict[str, Any], path: Path | None) -> list[str
         "",
         table(["target", f"{earlier['date']}", f"{results['date']}", "verdict"], rows),
         "",
+        *(
+            [
+                "Not compared - new in this run, or judged another way than in the "
+                "earlier one: " + "; ".join(uncompared) + ".",
+                "",
+            ]
+            if uncompared
+            else []
+        ),
+        *(
+            [
+                "The two runs' methods differ: "
+                + "; ".join(changes)
+                + ". A figure measured another way may move for that reason alone.",
+                "",
+            ]
+            if (changes := _method_changes(earlier, results))
+            else []
+        ),
+    ]
+
+
+def _method_changes(earlier: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """What the two runs' plans (and W6's rounds and seconds) set differently."""
+
+    def method(found: dict[str, Any]) -> dict[str, Any]:
+        w6 = found.get("w6") or {}
+        return {
+            **found.get("plan", {}),
+            **{
+                f"w6_{key}": w6[key]
+                for key in ("rounds", "seconds", "bound_seconds")
+                if key in w6
+            },
+            "w6_second_stock_server": bool(w6.get("paired")),
+        }
+
+    before, now = method(earlier), method(results)
+    return [
+        f"{key} {before.get(key, '-')} -> {now.get(key, '-')}"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key)
     ]
 
 
@@ -887,18 +982,30 @@ def w6_section(found: dict[str, Any] | None) -> str:
     known, twin = w6_ratios(found)
     paired = found.get("paired") or {}
     rows = []
+
+    def with_range(median: float | None, name: str, c: int) -> str:
+        found = [r for r in paired.get(str(c), {}).get(name, []) if r is not None]
+        spread = f" ({min(found):.2f}-{max(found):.2f})" if len(found) > 1 else ""
+        return f"{fmt(median, 2)}x{spread}"
+
     for c in found["clients"]:
         s, d = w6[f"stock c={c}"], w6[f"dbset c={c}"]
-        spread = paired.get(str(c), {}).get("dbset")
+        twin_errors = (w6.get(f"stock-twin c={c}") or {}).get("errors", 0)
         rows.append(
             [
                 str(c),
                 fmt(s["rps"]),
                 fmt(d["rps"]),
-                f"{fmt(known.get(c), 2)}x"
-                + (f" ({min(spread):.2f}-{max(spread):.2f})" if spread else ""),
+                with_range(known.get(c), "dbset", c),
             ]
-            + ([f"{fmt(twin.get(c), 2)}x"] if twin else [])
+            + (
+                [
+                    with_range(twin.get(c), "stock-twin", c)
+                    + (f", {twin_errors:.0f} errors" if twin_errors else "")
+                ]
+                if twin
+                else []
+            )
             + [
                 f"{fmt(s['p50_ms'])} / {fmt(d['p50_ms'])}",
                 f"{fmt(s['p99_ms'])} / {fmt(d['p99_ms'])}",
@@ -930,11 +1037,17 @@ def w6_section(found: dict[str, Any] | None) -> str:
         "`@db_parallelism(8)`, at each client count, "
         + (
             "and a second stock server against the first (stock against stock: how "
-            "far two identical servers stray apart in this run). The servers are "
-            "measured one right after the other at each count, their order rotating "
-            "by round; a ratio is the median over rounds of that round's ratio (in "
+            "far two identical servers stray apart in this run). At each count stock "
+            "is measured between the other two, their order reversing each round, so "
+            "each is measured right next to stock; a ratio is the median over rounds "
+            "of that round's ratio (in "
             "brackets, the lowest and highest round's); req/s, p50 and p99 are "
             f"medians of {found['rounds']} rounds of {found['seconds']} s "
+            + (
+                f"({found['bound_seconds']} s from {found['pool']} clients on) "
+                if found.get("bound_seconds", found["seconds"]) != found["seconds"]
+                else ""
+            )
             if twin
             else "the two servers measured one after the other at each count (their "
             "order alternating by round), median of "
@@ -966,10 +1079,29 @@ def w6_section(found: dict[str, Any] | None) -> str:
             + (["CPU per request"] if with_cpu else []),
             rows,
         )
+        + (_w6_verdict_rule(found) if twin else "")
         + "\n\n**W1 as sync functions.** k sync functions of one 20 ms lookup each, "
         "gathered, one client: stock Django through asgiref's `sync_to_async`, asgi_dbset "
         "through `sync_to_lane` at p = k (mean latency, ms).\n\n"
         + table(["k", "stock sync_to_async", "sync_to_lane", "speed-up"], sync_rows)
+    )
+
+
+def _w6_verdict_rule(found: dict[str, Any]) -> str:
+    resolution, twins = w6_resolution(found)
+    return (
+        "\n\nHow the target is judged: from "
+        f"{found['pool']} clients on, the pool binds both servers and the decorated view "
+        "runs as stock Django does, so its ratio is expected to be 1.00 and the "
+        "question is whether it is lower by more than noise. Two identical stock servers' "
+        f"ratio, round by round at {found['pool']}+ clients ({len(twins)} ratios: "
+        + (f"{min(twins):.2f}x-{max(twins):.2f}x" if twins else "none")
+        + "), gives the noise of one round's ratio; a median of "
+        f"{found['rounds']} rounds is known to about {resolution / 2:.1%} (one "
+        f"standard error), so the resolution is {resolution:.1%} (two). A count "
+        "misses when its ratio is below 1.00 by more than that; the verdict names the "
+        "counts below 1.00 by less; a run whose resolution is wider than "
+        f"{W6_RESOLUTION_LIMIT:.0%} gives no verdict."
     )
 
 
@@ -1639,8 +1771,14 @@ def write(
     stats = [s for s in results.get("server_stats", []) if s.get("asgi_dbset")]
     if stats:
         last = stats[-1]["asgi_dbset"]
+        which = stats[-1].get("series")
         out += [
-            "asgi_dbset counters of the last round's dbset server (`get_stats()`): "
+            (
+                f"asgi_dbset counters of W4's last {label(which)} server, after its run "
+                if which
+                else "asgi_dbset counters of the last round's dbset server "
+            )
+            + "(`get_stats()`): "
             + ", ".join(f"{k} {v}" for k, v in last.items() if v)
             + ".",
             "",

@@ -1073,7 +1073,8 @@ def main(argv: list[str] | None = None) -> None:
             1 if args.quick else 3, 1 if args.quick else 3
         )
         say("W6: the client sweep on a pool of 20, and W1 as sync functions")
-        w6 = diagnose.sweep(2 if args.quick else 5, 1 if args.quick else 3)
+        # (An even number of rounds: the servers' order reverses each round.)
+        w6 = diagnose.sweep(2 if args.quick else 5, 2 if args.quick else 4)
     # After the HTTP runs, which it would slow down; counts do not depend on time.
     instructions = None
     if workloads & {"W3", "W4"} and not (args.no_instructions or args.quick):
