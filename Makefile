@@ -13,7 +13,7 @@
 #   make chromium                    install Debian's chromium if absent (browser test)
 #   make pgbouncer                   install Debian's pgbouncer if absent (cell E)
 #   make docs                        build the documentation (mkdocs --strict) into site/
-#   make bench                       benchmarks (~27 min) -> bench/results/, docs/benchmarks.md
+#   make bench                       benchmarks (~36 min) -> bench/results/, docs/benchmarks.md
 #   make bench BENCH_ARGS=--quick    a ~2 min benchmark smoke run, written under bench/.work/
 #   make soak                        the soak tests (-m soak, ~20 min), main cell, figures shown
 #

@@ -963,7 +963,8 @@ def _method_changes(earlier: dict[str, Any], results: dict[str, Any]) -> list[st
             "w6_second_stock_server": bool(w6.get("paired")),
         }
 
-    before, now = method(earlier), method(results)
+    # (Through JSON: a plan's tuples read back from a results file as lists.)
+    before, now = (json.loads(json.dumps(method(r))) for r in (earlier, results))
     return [
         f"{key} {before.get(key, '-')} -> {now.get(key, '-')}"
         for key in sorted(before.keys() | now.keys())
@@ -1799,7 +1800,7 @@ def write(
 
 
 def _minutes(results: dict[str, Any]) -> str:
-    return "26-29" if results.get("mode") == "full" else "1-2"
+    return "34-38" if results.get("mode") == "full" else "1-2"
 
 
 def _wrk_share(results: dict[str, Any]) -> str:
