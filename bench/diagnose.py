@@ -98,6 +98,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import resource
 import shutil
@@ -808,16 +809,15 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
                     cpu = server.cpu_seconds() - cpu_before
                     n = max(figures["requests"], 1)
                     rps[name] = figures["requests"] / (figures["duration_us"] / 1e6)
+                    errors = float(sum(figures["errors"].values()))
                     # (No ratio from a run that failed: errors, or no request.)
-                    failed[name] = (
-                        bool(sum(figures["errors"].values())) or not rps[name]
-                    )
+                    failed[name] = bool(errors) or not rps[name]
                     runs.setdefault(f"{name} c={clients}", []).append(
                         {
                             "rps": rps[name],
                             "p50_ms": figures["latency_us"]["p50"] / 1000,
                             "p99_ms": figures["latency_us"]["p99"] / 1000,
-                            "errors": float(sum(figures["errors"].values())),
+                            "errors": errors,
                             "connections": float(sampler.max.get(f"bench_{name}", 0)),
                             # (Leased by the dbset server; requests drained
                             # after wrk stopped are counted too.)
@@ -861,14 +861,12 @@ def sweep(seconds: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def _median_of(ratios: list[float | None]) -> float:
-    valid = [r for r in ratios if r is not None]
-    return statistics.median(valid) if valid else float("nan")
-
-
 def print_sweep(seconds: int, rounds: int) -> None:
+    from bench.report import w6_ratios
+
     result = sweep(seconds, rounds)
     w6 = result["w6"]
+    ratios, twins = w6_ratios(result)
     print(
         f"W6: 8 x 20 ms lookups per request, pool {result['pool']}, median of "
         f"{rounds} rounds of {seconds} s"
@@ -880,13 +878,11 @@ def print_sweep(seconds: int, rounds: int) -> None:
     )
     for c in result["clients"]:
         s, d = w6[f"stock c={c}"], w6[f"dbset c={c}"]
-        pair = result["paired"][str(c)]
         print(
             f"  {c:7d} | {s['rps']:11.1f} {s['p50_ms']:7.1f} {s['p99_ms']:7.1f}"
             f" {s['connections']:5.0f} | {d['rps']:11.1f} {d['p50_ms']:7.1f}"
             f" {d['p99_ms']:7.1f} {d['connections']:5.0f}"
-            f" | {_median_of(pair['dbset']):5.2f}"
-            f" {_median_of(pair['stock-twin']):5.2f}"
+            f" | {ratios.get(c, math.nan):5.2f} {twins.get(c, math.nan):5.2f}"
             f" | lanes/request {d['lanes_per_request']:.2f}"
             f" | CPU ms/request {s['server_cpu_ms_per_request']:.2f}"
             f" / {d['server_cpu_ms_per_request']:.2f}"

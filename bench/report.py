@@ -701,15 +701,17 @@ def w6_ratios(found: dict[str, Any]) -> tuple[dict[int, float], dict[int, float]
     return {c: r for c, r in ratios.items() if r is not None}, {}
 
 
-def _medians(
-    paired: dict[str, dict[str, list[float | None]]], name: str
-) -> dict[int, float]:
-    medians = {}
-    for c, by_name in paired.items():
-        valid = [r for r in by_name[name] if r is not None]
-        if valid:
-            medians[int(c)] = statistics.median(valid)
-    return medians
+def _valid(paired: dict[str, Any], c: int | str, name: str) -> list[float]:
+    """*name*'s per-round ratios at *c* clients, without the failed rounds'."""
+    return [r for r in paired.get(str(c), {}).get(name, []) if r is not None]
+
+
+def _medians(paired: dict[str, Any], name: str) -> dict[int, float]:
+    return {
+        int(c): statistics.median(valid)
+        for c in paired
+        if (valid := _valid(paired, c, name))
+    }
 
 
 #: Above this, W6's resolution is too coarse for a verdict: the run was noisy.
@@ -730,12 +732,9 @@ def w6_resolution(found: dict[str, Any]) -> tuple[float, list[float]]:
     many fit in a run moves by whole requests per client, which is no noise
     of the server's.)"""
     pool = int(found["pool"])
+    paired = found["paired"]
     twins = [
-        r
-        for c, by_name in found["paired"].items()
-        if int(c) >= pool
-        for r in by_name["stock-twin"]
-        if r is not None
+        r for c in paired if int(c) >= pool for r in _valid(paired, c, "stock-twin")
     ]
     if len(twins) < 3:
         return float("inf"), twins
@@ -794,7 +793,7 @@ def w6_targets(found: dict[str, Any] | None) -> list[tuple[str, str, str]]:
                 "ratio, from a second stock server against stock)",
                 f"{measured}; stock against stock at {pool}+ clients "
                 + (
-                    f"{min(twins):.2f}x-{max(twins):.2f}x over {len(twins)} rounds"
+                    f"{min(twins):.2f}x-{max(twins):.2f}x ({len(twins)} ratios)"
                     if twins
                     else "no ratio"
                 )
@@ -985,8 +984,8 @@ def w6_section(found: dict[str, Any] | None) -> str:
     rows = []
 
     def with_range(median: float | None, name: str, c: int) -> str:
-        found = [r for r in paired.get(str(c), {}).get(name, []) if r is not None]
-        spread = f" ({min(found):.2f}-{max(found):.2f})" if len(found) > 1 else ""
+        rounds = _valid(paired, c, name)
+        spread = f" ({min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
         return f"{fmt(median, 2)}x{spread}"
 
     for c in found["clients"]:
